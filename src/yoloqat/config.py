@@ -1,0 +1,458 @@
+"""Load params.yaml once, validate every value, and hand out typed, frozen configs.
+
+Every stage calls :func:`load_config`; nothing else reads params.yaml.  A bad value raises
+:class:`ConfigError` whose message is one line naming the key, the value and what is allowed,
+so a stage can print it and exit non-zero before it writes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODELS = ("yolo10n", "yolo10s", "yolo10m")
+DATA_SOURCES = ("synthetic", "coco", "yolo")
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+QAT_INITS = ("fp", "scratch")
+GRANULARITIES = ("per_channel", "per_tensor")
+SCALINGS = ("maxabs", "learned")
+EVAL_DEVICES = ("cpu", "cuda")
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params.yaml value that is not allowed; the message is a single line."""
+
+
+# --------------------------------------------------------------------------------------------
+# small validators: each names the dotted key, the bad value and what is allowed
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"params: {key}={value!r} is not allowed; expected {allowed}")
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise _fail(key, value, "one of " + " | ".join(allowed))
+    return str(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, value, "true or false")
+    return value
+
+
+def _int(key: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(key, value, "an integer" + _range_text(lo, hi))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _fail(key, value, "an integer" + _range_text(lo, hi))
+    return value
+
+
+def _float(
+    key: str, value: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = math.isfinite(value)
+        if ok and lo is not None:
+            ok = value > lo if lo_open else value >= lo
+        if ok and hi is not None:
+            ok = value <= hi
+    if not ok:
+        bound = _range_text(lo, hi, lo_open)
+        raise _fail(key, value, "a finite number" + bound)
+    return float(value)
+
+
+def _range_text(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f" in {'(' if lo_open else '['}{lo}, {hi}]"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+def _imgsz(key: str, value: Any) -> int:
+    v = _int(key, value, 32)
+    if v % 32:
+        raise _fail(key, value, "a positive multiple of 32 (YOLOv10's largest stride)")
+    return v
+
+
+def _optional_path(key: str, value: Any, must_exist: bool, root: Path) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise _fail(key, value, "a path string or null")
+    if must_exist and not (root / value).expanduser().exists():
+        raise _fail(key, value, "an existing path (not found)")
+    return value
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    block = raw.get(name, {})
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise _fail(name, block, "a mapping of keys")
+    return block
+
+
+def _no_unknown(name: str, block: dict[str, Any], cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in block:
+        if key not in known:
+            raise ConfigError(
+                f"params: unknown key {name}.{key}; allowed keys are " + ", ".join(sorted(known))
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# the typed configs
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"
+    path: str | None = None  # coco: root with annotations/ + images; yolo: dataset yaml
+    coco_train_json: str = "annotations/instances_train2017.json"
+    coco_train_images: str = "train2017"
+    coco_val_json: str = "annotations/instances_val2017.json"
+    coco_val_images: str = "val2017"
+    keep_negatives: bool = True
+    train_images: int = 480
+    val_images: int = 120
+    calib_images: int = 64
+    imgsz: int = 128
+    num_classes: int = 6
+
+
+@dataclass(frozen=True)
+class FPConfig:
+    epochs: int = 12
+    batch: int = 16
+    optimizer: str = "AdamW"
+    lr0: float = 0.002
+    weight_decay: float = 0.0005
+    warmup_epochs: float = 1.0
+    init_checkpoint: str | None = None
+    workers: int = 0
+    patience: int = 100
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    init: str = "fp"  # fp | scratch | path to a checkpoint
+    epochs: int = 10
+    batch: int = 16
+    optimizer: str = "AdamW"
+    lr0: float = 0.0005
+    weight_decay: float = 0.0005
+    warmup_epochs: float = 0.0
+    amp: bool = False
+    bits: int = 4
+    granularity: str = "per_channel"
+    scaling: str = "maxabs"
+    first_last_bits: int | None = None  # None: same as bits
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    track_every: int = 1
+    workers: int = 0
+
+    @property
+    def edge_bits(self) -> int:
+        return self.bits if self.first_last_bits is None else self.first_last_bits
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    lr: float = 1e-4
+    epochs: int = 1
+    batch: int = 16
+    min_steps: int = 0  # 0: exactly `epochs` passes over the calib split
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 21
+    max_det: int = 300
+    parity_images: int = 8
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    device: str = "cpu"
+    batch: int = 8
+    conf: float = 0.001
+    latency_warmup: int = 5
+    latency_runs: int = 30
+
+
+@dataclass(frozen=True)
+class StabilityConfig:
+    collapse_ratio: float = 0.5  # a point below this fraction of the running best is collapsed
+    recovered_ratio: float = 0.8  # back above this fraction of the running best ends a collapse
+    min_peak: float = 0.02  # a best below this means the run never learned
+    swing_ratio: float = 0.25  # a drawdown this deep counts as a large swing
+    max_swings: int = 2  # more large swings than this without collapse: unstable
+    final_ratio: float = 0.8  # a stable run ends at least this close to its best
+
+
+@dataclass(frozen=True)
+class LadderConfig:
+    min_seeds: int = 3
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "yolo10n"
+    ema: bool = True
+    qc: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    fp: FPConfig = field(default_factory=FPConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    ladder: LadderConfig = field(default_factory=LadderConfig)
+    root: Path = Path(".")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("root")
+        d["ladder"]["seeds"] = list(self.ladder.seeds)
+        return d
+
+    def resolve(self, path: str | Path) -> Path:
+        """A params path, relative to the repo root (not the cwd)."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _data(raw: dict[str, Any], root: Path) -> DataConfig:
+    b = _section(raw, "data")
+    _no_unknown("data", b, DataConfig)
+    d = DataConfig()
+    source = _choice("data.source", b.get("source", d.source), DATA_SOURCES)
+    path = _optional_path("data.path", b.get("path", d.path), must_exist=True, root=root)
+    if source in ("coco", "yolo") and path is None:
+        raise _fail(
+            "data.path", path, f"an existing path when data.source={source}"
+            " (coco: dataset root; yolo: dataset yaml)"
+        )
+    cfg = DataConfig(
+        source=source,
+        path=path,
+        coco_train_json=str(b.get("coco_train_json", d.coco_train_json)),
+        coco_train_images=str(b.get("coco_train_images", d.coco_train_images)),
+        coco_val_json=str(b.get("coco_val_json", d.coco_val_json)),
+        coco_val_images=str(b.get("coco_val_images", d.coco_val_images)),
+        keep_negatives=_bool("data.keep_negatives", b.get("keep_negatives", d.keep_negatives)),
+        train_images=_int("data.train_images", b.get("train_images", d.train_images), 1),
+        val_images=_int("data.val_images", b.get("val_images", d.val_images), 1),
+        calib_images=_int("data.calib_images", b.get("calib_images", d.calib_images), 1),
+        imgsz=_imgsz("data.imgsz", b.get("imgsz", d.imgsz)),
+        num_classes=_int("data.num_classes", b.get("num_classes", d.num_classes), 1, 80),
+    )
+    if source == "synthetic" and cfg.num_classes < 5:
+        raise _fail("data.num_classes", cfg.num_classes, "at least 5 for the synthetic source")
+    return cfg
+
+
+def _fp(raw: dict[str, Any], root: Path) -> FPConfig:
+    b = _section(raw, "fp")
+    _no_unknown("fp", b, FPConfig)
+    d = FPConfig()
+    return FPConfig(
+        epochs=_int("fp.epochs", b.get("epochs", d.epochs), 0),
+        batch=_int("fp.batch", b.get("batch", d.batch), 1),
+        optimizer=_choice("fp.optimizer", b.get("optimizer", d.optimizer), OPTIMIZERS),
+        lr0=_float("fp.lr0", b.get("lr0", d.lr0), 0.0, lo_open=True),
+        weight_decay=_float("fp.weight_decay", b.get("weight_decay", d.weight_decay), 0.0),
+        warmup_epochs=_float("fp.warmup_epochs", b.get("warmup_epochs", d.warmup_epochs), 0.0),
+        init_checkpoint=_optional_path(
+            "fp.init_checkpoint", b.get("init_checkpoint", d.init_checkpoint), True, root
+        ),
+        workers=_int("fp.workers", b.get("workers", d.workers), 0),
+        patience=_int("fp.patience", b.get("patience", d.patience), 1),
+    )
+
+
+def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
+    b = _section(raw, "qat")
+    _no_unknown("qat", b, QATConfig)
+    d = QATConfig()
+    init = b.get("init", d.init)
+    if not isinstance(init, str) or not init:
+        raise _fail("qat.init", init, "fp | scratch | a path to a checkpoint")
+    if init not in QAT_INITS and not (root / init).expanduser().exists():
+        raise _fail("qat.init", init, "fp | scratch | a path to an existing checkpoint")
+    bits = _int("qat.bits", b.get("bits", d.bits), 2, 8)
+    flb = b.get("first_last_bits", d.first_last_bits)
+    return QATConfig(
+        init=init,
+        epochs=_int("qat.epochs", b.get("epochs", d.epochs), 1),
+        batch=_int("qat.batch", b.get("batch", d.batch), 1),
+        optimizer=_choice("qat.optimizer", b.get("optimizer", d.optimizer), OPTIMIZERS),
+        lr0=_float("qat.lr0", b.get("lr0", d.lr0), 0.0, lo_open=True),
+        weight_decay=_float("qat.weight_decay", b.get("weight_decay", d.weight_decay), 0.0),
+        warmup_epochs=_float("qat.warmup_epochs", b.get("warmup_epochs", d.warmup_epochs), 0.0),
+        amp=_bool("qat.amp", b.get("amp", d.amp)),
+        bits=bits,
+        granularity=_choice(
+            "qat.granularity", b.get("granularity", d.granularity), GRANULARITIES
+        ),
+        scaling=_choice("qat.scaling", b.get("scaling", d.scaling), SCALINGS),
+        first_last_bits=None if flb is None else _int("qat.first_last_bits", flb, 2, 8),
+        ema_decay=_float("qat.ema_decay", b.get("ema_decay", d.ema_decay), 0.0, 1.0),
+        ema_tau=_float("qat.ema_tau", b.get("ema_tau", d.ema_tau), 0.0, lo_open=True),
+        track_every=_int("qat.track_every", b.get("track_every", d.track_every), 1),
+        workers=_int("qat.workers", b.get("workers", d.workers), 0),
+    )
+
+
+def _simple(raw: dict[str, Any], name: str, cls: type, checks: dict[str, Any]) -> Any:
+    b = _section(raw, name)
+    _no_unknown(name, b, cls)
+    d = cls()
+    values = {}
+    for f in dataclasses.fields(cls):
+        v = b.get(f.name, getattr(d, f.name))
+        values[f.name] = checks[f.name](f"{name}.{f.name}", v)
+    return cls(**values)
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate params.yaml.  Raises ConfigError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params: file {str(path)!r} not found; expected a params.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"params: {str(path)!r} is not valid YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: {str(path)!r} must hold a mapping of keys")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return config_from_dict(raw, root=path.resolve().parent)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+TOP_LEVEL = {f.name for f in dataclasses.fields(Config)} - {"root"}
+
+
+def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise ConfigError(
+                f"params: unknown key {key}; allowed keys are " + ", ".join(sorted(TOP_LEVEL))
+            )
+    device = raw.get("device", "cpu")
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = str(device)
+    if not isinstance(device, str) or not device:
+        raise _fail("device", device, "cpu, a CUDA index such as 0, or a list such as 0,1")
+    stab = _simple(
+        raw,
+        "stability",
+        StabilityConfig,
+        {
+            "collapse_ratio": lambda k, v: _float(k, v, 0.0, 1.0, lo_open=True),
+            "recovered_ratio": lambda k, v: _float(k, v, 0.0, 1.0, lo_open=True),
+            "min_peak": lambda k, v: _float(k, v, 0.0, 1.0),
+            "swing_ratio": lambda k, v: _float(k, v, 0.0, 1.0, lo_open=True),
+            "max_swings": lambda k, v: _int(k, v, 0),
+            "final_ratio": lambda k, v: _float(k, v, 0.0, 1.0),
+        },
+    )
+    if stab.recovered_ratio <= stab.collapse_ratio:
+        raise _fail(
+            "stability.recovered_ratio",
+            stab.recovered_ratio,
+            f"a value above stability.collapse_ratio ({stab.collapse_ratio})",
+        )
+    ladder_raw = _section(raw, "ladder")
+    _no_unknown("ladder", ladder_raw, LadderConfig)
+    seeds = ladder_raw.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not seeds or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in seeds
+    ):
+        raise _fail("ladder.seeds", seeds, "a non-empty list of integers")
+    return Config(
+        model=_choice("model", raw.get("model", "yolo10n"), MODELS),
+        ema=_bool("ema", raw.get("ema", True)),
+        qc=_bool("qc", raw.get("qc", True)),
+        seed=_int("seed", raw.get("seed", 0), 0),
+        device=device,
+        data=_data(raw, root),
+        fp=_fp(raw, root),
+        qat=_qat(raw, root),
+        correction=_simple(
+            raw,
+            "correction",
+            CorrectionConfig,
+            {
+                "lr": lambda k, v: _float(k, v, 0.0, lo_open=True),
+                "epochs": lambda k, v: _int(k, v, 1),
+                "batch": lambda k, v: _int(k, v, 1),
+                "min_steps": lambda k, v: _int(k, v, 0),
+            },
+        ),
+        export=_simple(
+            raw,
+            "export",
+            ExportConfig,
+            {
+                "opset": lambda k, v: _int(k, v, 21),
+                "max_det": lambda k, v: _int(k, v, 1),
+                "parity_images": lambda k, v: _int(k, v, 1),
+            },
+        ),
+        evaluate=_simple(
+            raw,
+            "evaluate",
+            EvaluateConfig,
+            {
+                "device": lambda k, v: _choice(k, v, EVAL_DEVICES),
+                "batch": lambda k, v: _int(k, v, 1),
+                "conf": lambda k, v: _float(k, v, 0.0, 1.0),
+                "latency_warmup": lambda k, v: _int(k, v, 0),
+                "latency_runs": lambda k, v: _int(k, v, 1),
+            },
+        ),
+        stability=stab,
+        ladder=LadderConfig(
+            min_seeds=_int("ladder.min_seeds", ladder_raw.get("min_seeds", 3), 1),
+            seeds=tuple(seeds),
+        ),
+        root=root,
+    )

@@ -1,0 +1,39 @@
+"""Keep Ultralytics and DVCLive offline and out of the user's global state.
+
+Must run before the first ``import ultralytics``: Ultralytics reads these environment
+variables at import time.  Settings live in ``.yoloqat/ultralytics`` inside the repo, so a
+user's own ``~/.config/Ultralytics`` is neither read nor changed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def configure_offline(state_dir: Path | None = None) -> Path:
+    """Point Ultralytics at a project-owned settings folder and forbid network side effects."""
+    state_dir = Path(state_dir or os.environ.get("YOLOQAT_STATE_DIR") or _REPO_ROOT / ".yoloqat")
+    cfg_dir = state_dir / "ultralytics"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(cfg_dir))
+    os.environ["YOLO_OFFLINE"] = "1"  # no hub, no GitHub asset or font downloads
+    os.environ["YOLO_AUTOINSTALL"] = "false"  # never pip-install at run time
+    os.environ.setdefault("YOLO_VERBOSE", "true")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    import ultralytics.utils as uu  # noqa: E402  (import after the env is set)
+
+    # Ultralytics' own DVCLive callback would write ./dvclive from every stage; the project
+    # logs through its own Live objects instead.  Other integrations are off for the same reason.
+    wanted = {"dvc": False, "sync": False, "tensorboard": False, "wandb": False,
+              "mlflow": False, "clearml": False, "comet": False, "raytune": False,
+              "vscode_msg": False, "openvino_msg": False,
+              "runs_dir": str(state_dir / "runs"), "weights_dir": str(state_dir / "weights"),
+              "datasets_dir": str(state_dir / "datasets")}
+    changes = {k: v for k, v in wanted.items() if k in uu.SETTINGS and uu.SETTINGS[k] != v}
+    if changes:
+        uu.SETTINGS.update(changes)
+    return cfg_dir

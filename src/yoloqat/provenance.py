@@ -1,0 +1,94 @@
+"""What every stage records so a number can be traced back to how it was made."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+PACKAGES = (
+    "yoloqat", "torch", "torchvision", "ultralytics", "brevitas", "dvc", "dvclive", "onnx",
+    "onnxruntime", "onnxruntime-gpu", "numpy", "matplotlib",
+)
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_revision(root: Path) -> dict[str, Any]:
+    def run(*args: str) -> str | None:
+        try:
+            res = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip()
+
+    rev = run("rev-parse", "HEAD")
+    status = run("status", "--porcelain", "--untracked-files=no")
+    return {"commit": rev, "dirty": bool(status) if status is not None else None}
+
+
+def dataset_hash(dataset_dir: Path) -> str | None:
+    manifest = dataset_dir / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("content_hash")
+
+
+def run_metadata(cfg: Any, stage: str, device: str, extra: dict[str, Any] | None = None) -> dict:
+    """Resolved params, seed, git revision, dataset hash, package versions and device."""
+    import torch
+
+    meta = {
+        "stage": stage,
+        "params": cfg.as_dict(),
+        "seed": cfg.seed,
+        "git": git_revision(cfg.root),
+        "dataset_hash": dataset_hash(cfg.resolve("data/prepared")),
+        "packages": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def clean_on_failure(*paths: Path) -> Iterator[None]:
+    """Remove a stage's outputs if it fails, so DVC never caches a half-written result."""
+    try:
+        yield
+    except BaseException:
+        for p in paths:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+        raise

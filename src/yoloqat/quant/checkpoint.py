@@ -1,0 +1,121 @@
+"""QAT checkpoints: rebuildable recipe + state_dict, and a baked plain-Ultralytics copy.
+
+Brevitas modules cannot be pickled, so a QAT checkpoint (``<stem>.qat.pt``) stores the plain
+model's yaml, the quantization recipe and the fake-quant model's state_dict;
+:func:`load_qat_checkpoint` rebuilds the float architecture, replays the recipe and loads the
+weights.  The baked checkpoint (``<stem>.pt``) replaces every quantized conv by a float
+``nn.Conv2d`` holding the dequantized integer weights, in Ultralytics' own format, so
+``ultralytics.YOLO(path)`` loads it with no project code.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from yoloqat.quant.convert import QuantRecipe, quant_convs, quant_weight_value, quantize_model
+
+FORMAT = "yoloqat-qat-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or not the expected kind (one-line message)."""
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model`` whose convs hold the dequantized int weights."""
+    baked = copy.deepcopy(model)
+    for name, q in list(quant_convs(baked)):
+        conv = nn.Conv2d(
+            q.in_channels, q.out_channels, q.kernel_size, stride=q.stride, padding=q.padding,
+            dilation=q.dilation, groups=q.groups, bias=q.bias is not None,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(quant_weight_value(q))
+            if q.bias is not None:
+                conv.bias.copy_(q.bias.detach())
+        parent_name, _, child = name.rpartition(".")
+        parent = baked.get_submodule(parent_name) if parent_name else baked
+        setattr(parent, child, conv)
+    if hasattr(baked, "quant_recipe"):
+        del baked.quant_recipe
+    for attr in ("is_fused",):
+        baked.__dict__.pop(attr, None)
+    return baked
+
+
+def save_qat_checkpoint(
+    model: nn.Module, recipe: QuantRecipe, stem: Path, info: dict[str, Any], names: Any
+) -> tuple[Path, Path]:
+    """Write ``<stem>.qat.pt`` (rebuildable) and ``<stem>.pt`` (baked, Ultralytics format)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    qat_path, baked_path = stem.with_suffix(".qat.pt"), stem.with_suffix(".pt")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "yaml": copy.deepcopy(getattr(model, "yaml", None)),
+        "nc": int(getattr(model, "nc", len(names))),
+        "names": dict(names) if isinstance(names, dict) else list(names),
+        "recipe": recipe.to_dict(),
+        "state_dict": state,
+        "info": info,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    }
+    _atomic_save(payload, qat_path)
+    baked = bake(model).float().cpu().eval()
+    baked.names = payload["names"]
+    for p in baked.parameters():
+        p.requires_grad_(False)
+    if hasattr(baked, "criterion"):
+        baked.criterion = None
+    _atomic_save(
+        {
+            "model": None,
+            "ema": baked,
+            "train_args": getattr(model, "args", {}) if isinstance(getattr(model, "args", {}), dict) else {},
+            "epoch": info.get("epoch", -1),
+            "date": payload["date"],
+            "yoloqat": {"format": FORMAT, "baked_from": recipe.to_dict(), **info},
+        },
+        baked_path,
+    )
+    return qat_path, baked_path
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the fake-quant model saved by :func:`save_qat_checkpoint`."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is unreadable or corrupt ({type(exc).__name__})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a yoloqat QAT checkpoint (expected format {FORMAT})"
+        )
+    model = DetectionModel(copy.deepcopy(payload["yaml"]), nc=payload["nc"], verbose=False)
+    model.names = payload["names"]
+    quantize_model(model, QuantRecipe.from_dict(payload["recipe"]))
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match its recipe ({first})") from None
+    return model.eval(), payload

@@ -1,0 +1,346 @@
+"""Track weight oscillations during QAT (Nagel et al. 2022, Sec. 4.1).
+
+Per quantized weight and tracked step t, with x = w / s the latent weight in units of the scale:
+
+* ``w_int(t) = clamp(round(x), -int_max, int_max)`` and ``delta(t) = w_int(t) - w_int(t-1)``;
+* an oscillation ``o(t) = 1`` happens when ``delta(t) != 0`` and its sign is opposite to the
+  sign of that weight's last non-zero delta;
+* the frequency is an EMA, ``f(t) = m * o(t) + (1 - m) * f(t-1)``, and a weight counts as
+  oscillating when ``f > threshold`` (Nagel: m = 0.01, threshold = 0.005).
+
+Companions: the flip rate (fraction of weights whose integer changed this step), the fraction
+sitting on a rounding boundary (``|x - round(x)| > 0.5 - boundary``) and how far the scales
+moved since tracking began.
+
+:class:`LayerOscillationState` holds one layer's state and does a handful of whole-tensor ops
+per update (int8 for the integer state, counts kept as device tensors so a GPU is never
+synchronised until the stats are read).  :class:`OscillationTracker` finds the quantized convs
+of a live model and feeds every layer's ``w / s`` to its state after optimizer steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from brevitas.nn import QuantConv2d
+from torch import nn
+
+from yoloqat.quant.convert import FastQuantConv2d
+
+SUMMARY_KEYS = (
+    "osc/frac_oscillating",
+    "osc/flip_rate",
+    "osc/osc_rate",
+    "osc/frac_near_boundary",
+    "osc/scale_drift",
+    "osc/mean_freq",
+)
+
+LAYER_COLUMNS = (
+    "name",
+    "bits",
+    "weights",
+    "frac_oscillating",
+    "mean_freq",
+    "flip_rate",
+    "frac_near_boundary",
+    "scale_drift",
+)
+
+
+class LayerOscillationState:
+    """Oscillation state of one quantized weight tensor.
+
+    ``update(x, scale)`` takes ``x = w / s`` (float, any shape) and the scale it was computed
+    with.  The first call only initialises; every later call produces one delta per weight.
+    Statistics accumulate until :meth:`pop_stats`; the whole-run totals are kept as well.
+    ``x`` is not modified and not kept.
+    """
+
+    def __init__(
+        self,
+        int_max: int,
+        momentum: float = 0.01,
+        threshold: float = 0.005,
+        boundary: float = 0.05,
+    ) -> None:
+        if int_max < 1:
+            raise ValueError(f"int_max must be >= 1, got {int_max}")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.int_max = int(int_max)
+        # int8 holds every delta (|delta| <= 2 * int_max) up to 7 bits; wider ranges use int16.
+        self.int_dtype = torch.int8 if 2 * self.int_max <= 127 else torch.int16
+        self.momentum = float(momentum)
+        self.threshold = float(threshold)
+        self.boundary = float(boundary)
+        self.numel = 0
+        self.prev_int: torch.Tensor | None = None  # int8 (int16 above 7 bits), last integers
+        self.last_sign: torch.Tensor | None = None  # {-1, 0, 1}, sign of the last non-zero delta
+        self.freq: torch.Tensor | None = None  # float32 EMA of oscillations
+        self.scale0: torch.Tensor | None = None  # float32 scale at the first update
+        self.scale: torch.Tensor | None = None  # float32 latest scale
+        self._x: torch.Tensor | None = None  # clamped copy of the latest x (own allocation)
+        # Window accumulators (0-d int64 tensors on the weight's device) and run totals.
+        self._n = 0
+        self._flips: torch.Tensor | None = None
+        self._oscs: torch.Tensor | None = None
+        self._run_n = 0
+        self._run_flips = 0
+        self._run_oscs = 0
+
+    @property
+    def initialised(self) -> bool:
+        return self.prev_int is not None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """One tracked step.  ``x`` is neither modified nor kept; ``scale`` is kept by
+        reference until the next update (pass a fresh tensor, as the tracker does)."""
+        # round(clamp(x)) == clamp(round(x)) for integer bounds.  The clamped x is kept for the
+        # near-boundary statistic (a weight clamped at the range edge cannot flip there).
+        xc = x.detach().to(torch.float32).clamp(-self.int_max, self.int_max)
+        w_int = torch.round(xc).to(self.int_dtype)
+        self._x = xc
+        if scale is not None:
+            self.scale = scale.detach()
+            if self.scale0 is None:
+                self.scale0 = scale.detach().to(torch.float32).clone()
+        if self.prev_int is None:
+            self.numel = w_int.numel()
+            self.prev_int = w_int
+            self.last_sign = torch.zeros_like(w_int)
+            self.freq = torch.zeros(w_int.shape, dtype=torch.float32, device=w_int.device)
+            self._flips = torch.zeros((), dtype=torch.int64, device=w_int.device)
+            self._oscs = torch.zeros((), dtype=torch.int64, device=w_int.device)
+            return
+        if w_int.shape != self.prev_int.shape:
+            raise ValueError(f"shape changed: {tuple(self.prev_int.shape)} -> {tuple(w_int.shape)}")
+        assert self.last_sign is not None and self.freq is not None
+        assert self._flips is not None and self._oscs is not None
+        # Integer arithmetic only (comparisons to bool and torch.where are several times slower
+        # on CPU).  sign in {-1, 0, 1}; sign * last_sign == -1 exactly when the weight moved
+        # against its last move (last_sign == 0, never moved, gives 0).
+        sign = torch.sub(w_int, self.prev_int).sign_()
+        neg_osc = torch.mul(sign, self.last_sign).clamp_(max=0)  # -1 where oscillating, else 0
+        # Keep the last non-zero sign: clamp(2 * sign + last, -1, 1) is sign if sign != 0.
+        self.last_sign.add_(sign, alpha=2).clamp_(-1, 1)
+        # f = m * o + (1 - m) * f
+        self.freq.mul_(1.0 - self.momentum).sub_(neg_osc, alpha=self.momentum)
+        self._flips += torch.count_nonzero(sign)
+        self._oscs += torch.count_nonzero(neg_osc)
+        self._n += 1
+        self.prev_int = w_int
+
+    # ---------------------------------------------------------------------------------------
+    # reading
+
+    def _latest(self) -> dict[str, float]:
+        """Statistics of the current state (not windowed)."""
+        if self.freq is None or self._x is None or self.prev_int is None:
+            return {
+                "frac_oscillating": 0.0,
+                "mean_freq": 0.0,
+                "frac_near_boundary": 0.0,
+                "scale_drift": math.nan,
+            }
+        n = float(self.numel)
+        # prev_int == round(clamped x) of the latest update
+        near = torch.count_nonzero((self._x - self.prev_int).abs_() > 0.5 - self.boundary)
+        frac_osc = torch.count_nonzero(self.freq > self.threshold)
+        return {
+            "frac_oscillating": frac_osc.item() / n,
+            "mean_freq": self.freq.double().mean().item(),
+            "frac_near_boundary": near.item() / n,
+            "scale_drift": self.scale_drift(),
+        }
+
+    def scale_drift(self) -> float:
+        """Mean over channels of ``|s_now - s_first| / s_first`` (nan when no scale was given)."""
+        if self.scale is None or self.scale0 is None:
+            return math.nan
+        s0 = self.scale0.double().reshape(-1)
+        s = self.scale.detach().to(device=s0.device, dtype=torch.float64).reshape(-1)
+        return ((s - s0).abs() / s0.clamp_min(1e-30)).mean().item()
+
+    def _window(self) -> tuple[int, int, int]:
+        if self._n == 0 or self._flips is None or self._oscs is None:
+            return 0, 0, 0
+        return self._n, int(self._flips.item()), int(self._oscs.item())
+
+    def _rates(self, n: int, flips: int, oscs: int) -> dict[str, float]:
+        denom = float(n * self.numel)
+        return {
+            "updates": n,
+            "weights": self.numel,
+            "flip_rate": flips / denom if denom else 0.0,
+            "osc_rate": oscs / denom if denom else 0.0,
+        }
+
+    def pop_stats(self) -> dict[str, float]:
+        """Stats since the last pop; resets the window.
+
+        ``updates`` counts the updates that produced deltas (the initialising one does not),
+        ``flip_rate`` / ``osc_rate`` are means over those updates (0.0 if there were none);
+        ``frac_oscillating``, ``mean_freq``, ``frac_near_boundary`` and ``scale_drift`` describe
+        the latest state.
+        """
+        n, flips, oscs = self._window()
+        out: dict[str, Any] = self._rates(n, flips, oscs)
+        out.update(self._latest())
+        self._run_n += n
+        self._run_flips += flips
+        self._run_oscs += oscs
+        self._n = 0
+        if self._flips is not None and self._oscs is not None:
+            self._flips.zero_()
+            self._oscs.zero_()
+        return out
+
+    def run_stats(self) -> dict[str, float]:
+        """Like :meth:`pop_stats` but over the whole run, without resetting anything."""
+        n, flips, oscs = self._window()
+        out: dict[str, Any] = self._rates(
+            self._run_n + n, self._run_flips + flips, self._run_oscs + oscs
+        )
+        out.update(self._latest())
+        return out
+
+
+# -------------------------------------------------------------------------------------------
+# model-level tracking
+
+
+@torch.no_grad()
+def latent_and_scale(q: QuantConv2d) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(w / s, s, bits)`` for one quantized conv, without autograd.
+
+    FastQuantConv2d: the arithmetic of ``convert.fake_quant_maxabs`` (max-abs / int_max,
+    clamped at 1e-10).  Any other QuantConv2d: Brevitas' own ``quant_weight()`` scale.
+    """
+    w = q.weight.detach()
+    if isinstance(q, FastQuantConv2d):
+        bits = int(q.fast_bits)
+        int_max = float(2 ** (bits - 1) - 1)
+        # abs + amax: a dim-wise aminmax is ~10x slower on CPU
+        if q.fast_per_channel:
+            absmax = w.reshape(w.shape[0], -1).abs().amax(dim=1, keepdim=True)
+            scale = (absmax.clamp_min(1e-10) / int_max).reshape(-1, *([1] * (w.dim() - 1)))
+        else:
+            scale = (w.abs().amax().clamp_min(1e-10) / int_max).reshape(())
+        return w / scale, scale, bits
+    qt = q.quant_weight()
+    scale = qt.scale.detach().clone()
+    bits = int(qt.bit_width.item())
+    return w / scale, scale, bits
+
+
+class OscillationTracker:
+    """Oscillation statistics of every quantized conv of a live model.
+
+    Call :meth:`step` after every optimizer step; it does work on every ``every``-th call
+    (calls ``every``, ``2 * every``, ...).  The modules are held by reference, so pass the model
+    that is really being optimized (with Ultralytics, ``trainer.model``, not the EMA copy).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        momentum: float = 0.01,
+        threshold: float = 0.005,
+        boundary: float = 0.05,
+        every: int = 1,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = int(every)
+        self.calls = 0
+        self.updates = 0
+        self.layers: list[tuple[str, QuantConv2d, int, LayerOscillationState]] = []
+        for name, m in model.named_modules():
+            if isinstance(m, QuantConv2d):
+                bits = _bits_of(m)
+                state = LayerOscillationState(2 ** (bits - 1) - 1, momentum, threshold, boundary)
+                state.numel = m.weight.numel()
+                self.layers.append((name, m, bits, state))
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Count one optimizer step; returns True when the states were updated."""
+        self.calls += 1
+        if self.calls % self.every:
+            return False
+        for _, m, _, state in self.layers:
+            x, scale, _ = latent_and_scale(m)
+            state.update(x, scale)
+        self.updates += 1
+        return True
+
+    def epoch_summary(self) -> dict[str, float]:
+        """Model-level stats since the last call (resets the window), weighted by weights."""
+        return _aggregate([state.pop_stats() for _, _, _, state in self.layers])
+
+    def summary(self) -> dict[str, float]:
+        """Model-level stats of the latest state, rates averaged over the whole run."""
+        return _aggregate([state.run_stats() for _, _, _, state in self.layers])
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, _, bits, state in self.layers:
+            s = state.run_stats()
+            rows.append({
+                "name": name,
+                "bits": bits,
+                "weights": int(s["weights"]),
+                "frac_oscillating": s["frac_oscillating"],
+                "mean_freq": s["mean_freq"],
+                "flip_rate": s["flip_rate"],
+                "frac_near_boundary": s["frac_near_boundary"],
+                "scale_drift": s["scale_drift"],
+            })
+        return rows
+
+    def write_layer_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(LAYER_COLUMNS))
+            writer.writeheader()
+            writer.writerows(self.layer_table())
+        return path
+
+
+def _bits_of(m: QuantConv2d) -> int:
+    if isinstance(m, FastQuantConv2d):
+        return int(m.fast_bits)
+    with torch.no_grad():
+        return int(m.quant_weight().bit_width.item())
+
+
+def _aggregate(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Weight-weighted means; rates weighted by weights x updates (i.e. pooled counts)."""
+    out = dict.fromkeys(SUMMARY_KEYS, 0.0)
+    w_total = sum(s["weights"] for s in stats)
+    wu_total = sum(s["weights"] * s["updates"] for s in stats)
+    if wu_total:
+        for key, col in (("osc/flip_rate", "flip_rate"), ("osc/osc_rate", "osc_rate")):
+            out[key] = sum(s[col] * s["weights"] * s["updates"] for s in stats) / wu_total
+    if w_total:
+        for key, col in (
+            ("osc/frac_oscillating", "frac_oscillating"),
+            ("osc/frac_near_boundary", "frac_near_boundary"),
+            ("osc/mean_freq", "mean_freq"),
+        ):
+            out[key] = sum(s[col] * s["weights"] for s in stats) / w_total
+        drift = [(s["scale_drift"], s["weights"]) for s in stats]
+        drift = [(d, w) for d, w in drift if not math.isnan(d)]
+        dw = sum(w for _, w in drift)
+        out["osc/scale_drift"] = sum(d * w for d, w in drift) / dw if dw else 0.0
+    return out

@@ -1,0 +1,250 @@
+"""The stability verdict for one training run, judged on its whole validation curve.
+
+Pure functions, no I/O.  :func:`classify_run` takes the per-epoch validation mAP50-95
+curve (and optionally per-epoch training losses and a run status) and returns a
+:class:`Verdict`; :func:`summarize_group` condenses the verdicts of several seeds.
+
+Why the whole curve: the failure this project validates (YOLOv10m, W4A16 QAT) peaked,
+collapsed, partly recovered and collapsed again several times.  A test on the last point
+alone ("final / best < 0.5") passes such a run whenever it happens to end on a recovery.
+
+Definitions (thresholds come from :class:`yoloqat.config.StabilityConfig`; ``rb`` is the
+running best, the maximum of the finite curve values up to and including the epoch):
+
+* ``best`` / ``best_epoch``: the maximum finite value and its 1-based epoch (first one
+  on ties); ``final``: the last value; ``final_over_best``: ``final / best``.
+* ``max_drawdown``: the largest ``(rb - value) / rb`` over the curve, in ``[0, 1]``
+  (0 while ``rb <= 0``).
+* The curve is *armed* once ``rb >= min_peak``; before that nothing counts as a drop.
+* A **collapse event** starts at an armed epoch whose value is ``< collapse_ratio * rb``
+  and ends at the first later epoch whose value is ``>= recovered_ratio * rb``
+  (hysteresis: wobbling around the collapse line is one event, not many).
+  ``epochs_collapsed`` counts the armed epochs whose value is ``< collapse_ratio * rb``.
+  The run *ends collapsed* when the last event has not ended by the last epoch.
+* A **swing** is counted the same way with the entry line ``(1 - swing_ratio) * rb``
+  (a drawdown deeper than ``swing_ratio``); it ends at ``recovered_ratio * rb`` when that
+  line lies above the entry line (the defaults), else half-way back,
+  ``(1 - swing_ratio / 2) * rb``.  Every collapse is also a swing.
+* Non-finite curve values are ignored by the statistics above.
+
+Labels, first rule that applies:
+
+1. ``diverged``: ``status == "diverged"``, or any curve value or loss is NaN or inf.
+2. ``no_learning``: ``best < min_peak`` (also: an empty curve).
+3. ``collapsed``: ``collapse_events >= 1`` and (the run ends collapsed, or
+   ``final < final_ratio * best``, or ``collapse_events >= 2``).  So the label never
+   depends on the last epoch alone: two collapses are "collapsed" even when the run ends
+   on a full recovery.
+4. ``unstable``: a single collapse that recovered and ends within ``final_ratio`` of best;
+   or ``swings > max_swings``; or ``final < final_ratio * best``.
+5. ``stable``: everything else.  A noisy plateau (a few percent either way) and a slow
+   late decline of a few percent are stable.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from yoloqat.config import StabilityConfig
+
+LABELS = ("stable", "collapsed", "unstable", "diverged", "no_learning")
+DEFAULT_STABILITY = StabilityConfig()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    label: str
+    epochs: int
+    best: float
+    best_epoch: int  # 1-based; 0 when the curve has no finite value
+    final: float
+    final_over_best: float
+    max_drawdown: float
+    collapse_events: int
+    epochs_collapsed: int
+    swings: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly values: NaN and inf become None."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                v = None
+            out[f.name] = v
+        return out
+
+
+@dataclass
+class _Hysteresis:
+    """Counts distinct excursions below an entry line that end above an exit line."""
+
+    enter: float  # fraction of the running best
+    exit: float
+    events: int = 0
+    below: int = 0  # epochs strictly below the entry line
+    active: bool = False
+
+    def step(self, value: float, rb: float) -> None:
+        if value < self.enter * rb:
+            self.below += 1
+            if not self.active:
+                self.active = True
+                self.events += 1
+        elif self.active and value >= self.exit * rb:
+            self.active = False
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except TypeError:
+        return False
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.0f}%"
+
+
+def classify_run(
+    curve: Sequence[float],
+    losses: Sequence[float] | None = None,
+    cfg: StabilityConfig = DEFAULT_STABILITY,
+    status: str | None = None,
+) -> Verdict:
+    """Label one run from its per-epoch validation curve; see the module docstring."""
+    values = [float(v) for v in curve]
+    loss_values = [float(v) for v in losses] if losses is not None else []
+    epochs = len(values)
+
+    swing_enter = 1.0 - cfg.swing_ratio
+    swing_exit = cfg.recovered_ratio
+    if swing_exit <= swing_enter:
+        swing_exit = 1.0 - cfg.swing_ratio / 2
+    collapse = _Hysteresis(cfg.collapse_ratio, cfg.recovered_ratio)
+    swing = _Hysteresis(swing_enter, swing_exit)
+
+    best = -math.inf
+    best_epoch = 0
+    max_dd = 0.0
+    for i, v in enumerate(values):
+        if not _finite(v):
+            continue
+        if v > best:
+            best, best_epoch = v, i + 1
+        rb = best
+        if rb > 0:
+            max_dd = max(max_dd, (rb - v) / rb)
+        if rb >= cfg.min_peak:
+            collapse.step(v, rb)
+            swing.step(v, rb)
+
+    if best_epoch == 0:
+        best = math.nan
+    final = values[-1] if values else math.nan
+    final_over_best = final / best if _finite(best) and best > 0 and _finite(final) else math.nan
+    max_dd = min(max(max_dd, 0.0), 1.0)
+
+    bad_curve = [i + 1 for i, v in enumerate(values) if not _finite(v)]
+    bad_loss = [i + 1 for i, v in enumerate(loss_values) if not _finite(v)]
+    events = collapse.events
+    ends_low = _finite(final) and _finite(best) and final < cfg.final_ratio * best
+
+    if status == "diverged" or bad_curve or bad_loss:
+        if bad_curve:
+            reason = f"validation metric is NaN/inf from epoch {bad_curve[0]}"
+        elif bad_loss:
+            reason = f"training loss is NaN/inf at epoch {bad_loss[0]}"
+        else:
+            reason = "training reported status 'diverged'"
+        label = "diverged"
+    elif epochs == 0:
+        label, reason = "no_learning", "the curve has no epochs"
+    elif best < cfg.min_peak:
+        label = "no_learning"
+        reason = f"best {best:.4f} never reached min_peak {cfg.min_peak:g}"
+    elif events >= 1 and (collapse.active or ends_low or events >= 2):
+        if collapse.active:
+            ending = f"ends collapsed at {_pct(final_over_best)} of best"
+        elif ends_low:
+            ending = f"ends at {_pct(final_over_best)} of best"
+        else:
+            ending = f"ends on a recovery at {_pct(final_over_best)} of best"
+        label = "collapsed"
+        reason = (
+            f"collapsed {events} time(s) below {_pct(cfg.collapse_ratio)} of the running best "
+            f"for {collapse.below} epoch(s); best {best:.4f} at epoch {best_epoch}; {ending}"
+        )
+    elif events == 1:
+        label = "unstable"
+        reason = (
+            f"one brief collapse ({collapse.below} epoch(s)) that recovered; "
+            f"ends at {_pct(final_over_best)} of best"
+        )
+    elif swing.events > cfg.max_swings:
+        label = "unstable"
+        reason = (
+            f"{swing.events} drawdowns deeper than {_pct(cfg.swing_ratio)} "
+            f"(more than max_swings={cfg.max_swings})"
+        )
+    elif ends_low:
+        label = "unstable"
+        reason = (
+            f"ends at {_pct(final_over_best)} of best {best:.4f} "
+            f"(below final_ratio {cfg.final_ratio:g}) without collapsing"
+        )
+    else:
+        label = "stable"
+        reason = (
+            f"best {best:.4f} at epoch {best_epoch}, ends at {_pct(final_over_best)} of best, "
+            f"max drawdown {_pct(max_dd)}"
+        )
+
+    return Verdict(
+        label=label,
+        epochs=epochs,
+        best=best,
+        best_epoch=best_epoch,
+        final=final,
+        final_over_best=final_over_best,
+        max_drawdown=max_dd,
+        collapse_events=events,
+        epochs_collapsed=collapse.below,
+        swings=swing.events,
+        reason=reason,
+    )
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    mean = statistics.fmean(xs)
+    std = statistics.stdev(xs) if len(xs) >= 2 else None
+    return mean, std
+
+
+def summarize_group(verdicts: Sequence[Verdict]) -> dict[str, Any]:
+    """Condense several runs (e.g. seeds of one method): counts per label and the mean and
+    sample standard deviation (n - 1; None below two runs) of the finite best and final
+    values.  ``all_stable`` is true only for a non-empty group whose runs are all stable."""
+    counts = {label: 0 for label in LABELS}
+    for v in verdicts:
+        counts[v.label] = counts.get(v.label, 0) + 1
+    bests = [v.best for v in verdicts if _finite(v.best)]
+    finals = [v.final for v in verdicts if _finite(v.final)]
+    best_mean, best_std = _mean_std(bests)
+    final_mean, final_std = _mean_std(finals)
+    return {
+        "runs": len(verdicts),
+        "counts": counts,
+        "all_stable": bool(verdicts) and counts["stable"] == len(verdicts),
+        "best_mean": best_mean,
+        "best_std": best_std,
+        "final_mean": final_mean,
+        "final_std": final_std,
+    }

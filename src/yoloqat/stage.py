@@ -1,0 +1,64 @@
+"""What every DVC stage entry does around its one job: config, offline setup, clean errors.
+
+A stage that fails prints one line ``<stage>: error: <message>`` to stderr, removes the
+outputs it owns (so DVC never caches a half-written result) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from yoloqat.config import Config, ConfigError, load_config
+from yoloqat.provenance import clean_on_failure
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The error types a stage reports as one line (bad input), not as a traceback."""
+    from yoloqat.data.errors import DataError
+    from yoloqat.quant.checkpoint import CheckpointError
+
+    extra: list[type[BaseException]] = [DataError, CheckpointError]
+    try:
+        from yoloqat.export import ExportError
+
+        extra.append(ExportError)
+    except ImportError:
+        pass
+    try:
+        from yoloqat.evaluate import EvaluateError
+
+        extra.append(EvaluateError)
+    except ImportError:
+        pass
+    return (ConfigError, *extra)
+
+
+def run_stage(
+    name: str, job: Callable[[Config], None], outputs: Callable[[Config], list[Path]]
+) -> int:
+    parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"DVC stage {name}")
+    parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.params)
+    except ConfigError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    os.chdir(cfg.root)
+    from yoloqat.offline import configure_offline
+
+    configure_offline()
+    try:
+        with clean_on_failure(*outputs(cfg)):
+            job(cfg)
+    except expected_errors() as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{name}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,157 @@
+"""Ultralytics trainer subclasses for the FP baseline and W4A16 QAT.
+
+This module must stay importable on its own: Ultralytics' DDP launcher pickles the trainer
+*class* by reference and re-creates it in each worker, where ``get_model`` builds (and for
+QAT quantizes) the model.  Nothing Brevitas is ever pickled across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from copy import deepcopy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import RANK
+from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
+
+from yoloqat.quant.convert import QuantRecipe, quant_convs, quantize_model
+from yoloqat.quant.ema import make_ema
+
+SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
+
+
+@dataclass(frozen=True)
+class QATSettings:
+    """What the QAT trainer needs beyond Ultralytics' own args.
+
+    Ultralytics rejects unknown keys in its args, and DDP workers rebuild the trainer from those
+    args alone, so these travel through an environment variable that child processes inherit.
+    """
+
+    recipe: dict[str, Any]
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    track_every: int = 1
+    out_dir: str = "models/qat"
+
+    def to_env(self) -> None:
+        os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "QATSettings":
+        raw = os.environ.get(SETTINGS_ENV)
+        if not raw:
+            raise RuntimeError(f"{SETTINGS_ENV} is not set; construct QATTrainer with settings=")
+        return cls(**json.loads(raw))
+
+
+def loss_is_finite(trainer: Any) -> bool:
+    return trainer.loss is None or bool(torch.isfinite(trainer.loss).all())
+
+
+class FPTrainer(DetectionTrainer):
+    """The float baseline: Ultralytics' detection trainer plus divergence bookkeeping."""
+
+    diverged: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback("on_train_batch_end", _stop_on_nonfinite_loss)
+
+    def _handle_nan_recovery(self, epoch: int) -> bool:
+        # Ultralytics would reload last.pt and retry; here a diverged run is a result to record,
+        # so training stops and the stage reports status=diverged.
+        if not loss_is_finite(self) or (self.fitness is not None and not math.isfinite(self.fitness)):
+            self.diverged = True
+            self.stop = True
+        return False
+
+
+def _stop_on_nonfinite_loss(trainer: Any) -> None:
+    if not loss_is_finite(trainer):
+        trainer.diverged = True
+        trainer.stop = True
+
+
+def _install_ema(trainer: Any) -> None:
+    """Replace Ultralytics' always-on EMA with the one the experiment asks for."""
+    s: QATSettings = trainer.qat_settings
+    trainer.ema = make_ema(trainer.model, enabled=s.ema, decay=s.ema_decay, tau=s.ema_tau)
+
+
+class QATTrainer(FPTrainer):
+    """W4A16 QAT: quantize in ``get_model``, explicit EMA, oscillation tracking, Brevitas-safe saves."""
+
+    def __init__(self, *args: Any, settings: QATSettings | None = None, **kwargs: Any) -> None:
+        if settings is not None:
+            settings.to_env()
+        self.qat_settings = settings or QATSettings.from_env()
+        self.recipe = QuantRecipe.from_dict(self.qat_settings.recipe)
+        self.tracker: Any = None
+        self.saved_epochs: list[int] = []
+        super().__init__(*args, **kwargs)
+        self.add_callback("on_pretrain_routine_end", _install_ema)
+        self.add_callback("on_pretrain_routine_end", _install_tracker)
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        return quantize_model(model, self.recipe)
+
+    def optimizer_step(self) -> None:
+        super().optimizer_step()
+        if self.tracker is not None:
+            self.tracker.step()
+
+    def save_model(self) -> bool:
+        """Save recipe + state_dict (Brevitas modules cannot be pickled) and a baked checkpoint."""
+        from yoloqat.quant.checkpoint import save_qat_checkpoint
+
+        if self.diverged:
+            return False
+        out = Path(self.qat_settings.out_dir)
+        ema_model = self.ema.ema
+        is_best = self.best_fitness == self.fitness
+        info = {"epoch": self.epoch + 1, "fitness": _float(self.fitness)}
+        save_qat_checkpoint(ema_model, self.recipe, out / "last", info=info, names=self.data["names"])
+        if is_best:
+            save_qat_checkpoint(ema_model, self.recipe, out / "best", info=info, names=self.data["names"])
+        self.saved_epochs.append(self.epoch + 1)
+        return True
+
+    def final_eval(self) -> None:
+        # Ultralytics' final_eval reloads best.pt and rewrites it in fp16; the QAT checkpoints
+        # are Brevitas state_dicts, evaluated by the qc/evaluate stages instead.
+        return None
+
+
+def _install_tracker(trainer: QATTrainer) -> None:
+    from yoloqat.quant.oscillation import OscillationTracker
+
+    if RANK in {-1, 0}:
+        trainer.tracker = OscillationTracker(
+            unwrap_model(trainer.model), every=trainer.qat_settings.track_every
+        )
+
+
+def _float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def ema_model_of(trainer: Any) -> nn.Module:
+    ema: ModelEMA | None = trainer.ema
+    return ema.ema if ema is not None else deepcopy(unwrap_model(trainer.model))
+
+
+__all__ = ["FPTrainer", "QATTrainer", "QATSettings", "quant_convs", "ema_model_of"]

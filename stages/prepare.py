@@ -1,0 +1,18 @@
+"""DVC stage prepare: params.data -> data/prepared (YOLO layout + manifest)."""
+
+from pathlib import Path
+
+from yoloqat.stage import run_stage
+
+
+def job(cfg):
+    from yoloqat.data import prepare_dataset
+
+    manifest = prepare_dataset(cfg.data, cfg.seed, Path("data/prepared"), cfg.root)
+    counts = {s: c.get("images") for s, c in manifest.get("splits", {}).items()}
+    print(f"prepare: {manifest.get('source')} dataset, images per split {counts}, "
+          f"hash {str(manifest.get('content_hash'))[:12]}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage("prepare", job, lambda cfg: []))

@@ -1,0 +1,196 @@
+"""prepare_dataset: atomic replacement, one-line errors, a manifest, a cwd-independent yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from yoloqat.config import DataConfig
+from yoloqat.data import DataError, content_hash, prepare_dataset
+from yoloqat.data import prepare as prepare_mod
+
+SMALL = DataConfig(train_images=12, val_images=4, calib_images=3, imgsz=64, num_classes=5)
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_synthetic_prepare_writes_dataset_and_manifest(tmp_path: Path) -> None:
+    out = tmp_path / "data" / "dataset"
+    manifest = prepare_dataset(SMALL, 5, out, tmp_path)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["source"] == "synthetic" and manifest["seed"] == 5
+    assert manifest["params"]["num_classes"] == 5 and manifest["params"]["difficulty"] == 1.0
+    assert {s: v["images"] for s, v in manifest["splits"].items()} == {
+        "train": 12,
+        "val": 4,
+        "calib": 3,
+    }
+    train = manifest["splits"]["train"]
+    assert sum(manifest["instances_per_class"]["train"].values()) == train["instances"]
+    assert set(manifest["instances_per_class"]["train"]) == set(manifest["names"].values())
+    assert set(manifest["skipped"]) >= {
+        "unreadable_images",
+        "malformed_label_lines",
+        "degenerate_boxes",
+        "crowd_boxes",
+    }
+    assert manifest["content_hash"] == content_hash(out)
+    assert _leftovers(out.parent) == []
+
+
+def test_same_seed_same_hash_and_rerun_replaces(tmp_path: Path) -> None:
+    a = prepare_dataset(SMALL, 1, tmp_path / "a", tmp_path)
+    b = prepare_dataset(SMALL, 1, tmp_path / "b", tmp_path)
+    assert a["content_hash"] == b["content_hash"]
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (
+        tmp_path / "b" / "manifest.json"
+    ).read_bytes()
+    (tmp_path / "a" / "stale.txt").write_text("from an older run")
+    c = prepare_dataset(SMALL, 2, tmp_path / "a", tmp_path)
+    assert c["content_hash"] != a["content_hash"]
+    assert not (tmp_path / "a" / "stale.txt").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_leaves_out_dir_untouched_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "dataset"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous dataset")
+
+    def half_written(out_dir: Path, **_: object) -> dict:
+        (Path(out_dir) / "images" / "train").mkdir(parents=True)
+        (Path(out_dir) / "images" / "train" / "x.jpg").write_bytes(b"partial")
+        raise RuntimeError("disk full\nsecond line")
+
+    monkeypatch.setattr(prepare_mod, "generate_synthetic", half_written)
+    with pytest.raises(DataError) as info:
+        prepare_dataset(SMALL, 0, out, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "RuntimeError: disk full" in message
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_failing_source_creates_nothing(tmp_path: Path) -> None:
+    cfg = DataConfig(source="yolo", path="missing/data.yaml")
+    with pytest.raises(DataError, match="not found"):
+        prepare_dataset(cfg, 0, tmp_path / "dataset", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _coco_source(root: Path) -> None:
+    images = root / "coco" / "train2017"
+    images.mkdir(parents=True)
+    (images / "a.jpg").write_bytes(b"not a jpeg")
+    (images / "b.jpg").write_bytes(b"")
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 10, "height": 10},
+            {"id": 2, "file_name": "b.jpg", "width": 10, "height": 10},
+        ],
+        "annotations": [{"image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5]}],
+        "categories": [{"id": 3, "name": "car"}],
+    }
+    (root / "coco" / "annotations").mkdir()
+    (root / "coco" / "annotations" / "train.json").write_text(json.dumps(data))
+
+
+@pytest.mark.filterwarnings("ignore::yoloqat.data.errors.DataWarning")
+def test_zero_usable_training_images_names_the_source(tmp_path: Path) -> None:
+    _coco_source(tmp_path)
+    cfg = DataConfig(
+        source="coco",
+        path="coco",
+        coco_train_json="annotations/train.json",
+        coco_val_json="annotations/train.json",
+    )
+    with pytest.raises(DataError) as info:
+        prepare_dataset(cfg, 0, tmp_path / "dataset", tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "zero usable train images" in message
+    assert "annotations/train.json" in message and "unreadable_images=2" in message
+    assert not (tmp_path / "dataset").exists() and _leftovers(tmp_path) == []
+
+
+def test_coco_prepare_shares_mapping_and_samples_calib(tmp_path: Path) -> None:
+    base = tmp_path / "coco"
+    for split in ("train2017", "val2017"):
+        (base / split).mkdir(parents=True)
+    train_images, val_images = [], []
+    for i in range(6):
+        Image.new("RGB", (20, 20), (i * 30, 0, 0)).save(base / "train2017" / f"{i}.jpg")
+        train_images.append({"id": i, "file_name": f"{i}.jpg", "width": 20, "height": 20})
+    Image.new("RGB", (20, 20)).save(base / "val2017" / "v.jpg")
+    val_images.append({"id": 1, "file_name": "v.jpg", "width": 20, "height": 20})
+    cats = [{"id": 9, "name": "dog"}, {"id": 2, "name": "cat"}]
+    train = {
+        "images": train_images,
+        "annotations": [
+            {"image_id": i, "category_id": 9 if i % 2 else 2, "bbox": [2, 2, 10, 10]}
+            for i in range(6)
+        ],
+        "categories": cats,
+    }
+    # val lists only one category; the index must still come from the train mapping
+    val = {
+        "images": val_images,
+        "annotations": [{"image_id": 1, "category_id": 9, "bbox": [0, 0, 20, 20]}],
+        "categories": [{"id": 9, "name": "dog"}],
+    }
+    (base / "annotations").mkdir()
+    (base / "annotations" / "t.json").write_text(json.dumps(train))
+    (base / "annotations" / "v.json").write_text(json.dumps(val))
+    cfg = DataConfig(
+        source="coco",
+        path="coco",
+        coco_train_json="annotations/t.json",
+        coco_val_json="annotations/v.json",
+        train_images=5,
+        calib_images=2,
+    )
+    out = tmp_path / "dataset"
+    manifest = prepare_dataset(cfg, 0, out, tmp_path)
+    assert manifest["names"] == {"0": "cat", "1": "dog"}
+    assert (out / "labels" / "val" / "v.txt").read_text().split()[0] == "1"
+    assert [manifest["splits"][s]["images"] for s in ("train", "val", "calib")] == [5, 1, 2]
+    calib = {p.name for p in (out / "images" / "calib").iterdir()}
+    assert calib <= {p.name for p in (out / "images" / "train").iterdir()}
+    for name in calib:
+        stem = Path(name).stem
+        assert (out / "labels" / "calib" / f"{stem}.txt").read_text() == (
+            out / "labels" / "train" / f"{stem}.txt"
+        ).read_text()
+
+
+def test_dataset_yaml_resolves_from_any_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "repo" / "data" / "dataset"
+    prepare_dataset(SMALL, 0, out, tmp_path / "repo")
+    doc = yaml.safe_load((out / "dataset.yaml").read_text())
+    assert "path" not in doc and doc["train"] == "images/train"
+
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "yolo_cfg"))
+    from ultralytics.data import utils as yolo_utils
+
+    # Fonts have nothing to do with path resolution, and fetching one would need the network.
+    monkeypatch.setattr(yolo_utils, "check_font", lambda *a, **k: None)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = yolo_utils.check_det_dataset(str(out / "dataset.yaml"))
+    assert Path(data["train"]) == (out / "images" / "train").resolve()
+    assert Path(data["train"]).is_dir() and Path(data["val"]).is_dir()
+    assert data["nc"] == 5
+    assert os.getcwd() == str(elsewhere)

@@ -1,0 +1,270 @@
+"""The stability verdict: one test per shape of curve, plus exact counts on a hand-made curve."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from yoloqat.config import StabilityConfig
+from yoloqat.stability import LABELS, Verdict, classify_run, summarize_group
+
+# The seed's real failure (YOLOv10m, W4A16 QAT on COCO), per-epoch anchors from
+# method.md; epochs in between are linearly interpolated, epoch 1 is a guess.
+SEED_ANCHORS = [
+    (1, 0.010),
+    (13, 0.204),
+    (16, 0.025),
+    (29, 0.226),
+    (33, 0.014),
+    (49, 0.097),
+    (55, 0.001),
+    (76, 0.012),
+]
+
+
+def seed_curve(last_epoch: int = 76) -> list[float]:
+    ep, val = zip(*SEED_ANCHORS, strict=True)
+    return [float(v) for v in np.interp(np.arange(1, last_epoch + 1), ep, val)]
+
+
+# --------------------------------------------------------------------------------------------
+# stable shapes
+
+
+def test_monotonic_rise_is_stable():
+    v = classify_run(list(np.linspace(0.02, 0.35, 30)))
+    assert v.label == "stable"
+    assert v.best_epoch == 30
+    assert v.max_drawdown == 0.0
+    assert v.collapse_events == 0 and v.swings == 0 and v.epochs_collapsed == 0
+    assert v.final_over_best == pytest.approx(1.0)
+
+
+def test_noisy_plateau_is_stable():
+    rng = np.random.default_rng(0)
+    rise = list(np.linspace(0.05, 0.30, 10))
+    plateau = list(0.30 * (1.0 + rng.uniform(-0.05, 0.05, 40)))
+    v = classify_run(rise + plateau)
+    assert v.label == "stable", v.reason
+    assert v.collapse_events == 0 and v.swings == 0
+    assert v.max_drawdown < 0.11
+
+
+def test_slow_late_decline_is_stable():
+    curve = list(np.linspace(0.05, 0.30, 30)) + list(np.linspace(0.299, 0.285, 20))
+    v = classify_run(curve)
+    assert v.label == "stable", v.reason
+    assert v.best == pytest.approx(0.30) and v.best_epoch == 30
+    assert v.final_over_best == pytest.approx(0.95)
+    assert v.max_drawdown == pytest.approx(0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# collapses
+
+
+def test_seed_failure_curve_is_collapsed():
+    v = classify_run(seed_curve())
+    assert v.label == "collapsed"
+    assert v.best == pytest.approx(0.226) and v.best_epoch == 29
+    assert v.final == pytest.approx(0.012)
+    assert v.collapse_events == 2  # after epoch 13 and after epoch 29
+    assert v.max_drawdown == pytest.approx(1 - 0.001 / 0.226)
+
+
+@pytest.mark.parametrize("last_epoch", [49, 50, 30])
+def test_seed_failure_truncated_on_a_recovery_is_still_collapsed(last_epoch):
+    # 49/50: ends on the partial recovery towards 0.097 (still below the recovered line);
+    # 30: one epoch after its best, at 77% of best, after a collapse to 12% at epoch 16
+    v = classify_run(seed_curve(last_epoch))
+    assert v.label == "collapsed", v.reason
+    assert v.collapse_events >= 1
+
+
+def test_seed_failure_truncated_at_its_best_is_not_stable():
+    # one collapse (epochs 15-20) that fully recovered to a new best: never "stable"
+    v = classify_run(seed_curve(29))
+    assert v.collapse_events == 1
+    assert v.label == "unstable", v.reason
+
+
+def test_early_peak_then_collapse():
+    curve = list(np.linspace(0.05, 0.25, 8)) + list(np.linspace(0.2, 0.01, 20))
+    v = classify_run(curve)
+    assert v.label == "collapsed"
+    assert v.best_epoch == 8
+    assert v.collapse_events == 1
+    assert "ends collapsed" in v.reason
+
+
+def test_repeated_collapse_ending_on_partial_recovery_is_collapsed():
+    # two collapses, then it climbs back to 70% of best: above the collapse line,
+    # below final_ratio; a last-epoch test (final/best >= 0.5) would pass it
+    curve = [0.1, 0.2, 0.3, 0.05, 0.28, 0.3, 0.04, 0.1, 0.2, 0.21]
+    v = classify_run(curve)
+    assert v.label == "collapsed"
+    assert v.collapse_events == 2
+    assert v.final_over_best == pytest.approx(0.7)
+
+
+def test_repeated_collapse_ending_near_best_is_still_collapsed():
+    curve = [0.1, 0.2, 0.3, 0.05, 0.29, 0.3, 0.04, 0.28, 0.29]
+    v = classify_run(curve)
+    assert v.final_over_best > 0.9
+    assert v.label == "collapsed"
+    assert v.collapse_events == 2
+    assert "ends on a recovery" in v.reason
+
+
+def test_single_brief_recovered_collapse_is_unstable():
+    curve = [0.1, 0.2, 0.3, 0.1, 0.28, 0.3, 0.31, 0.3]
+    v = classify_run(curve)
+    assert v.label == "unstable"
+    assert v.collapse_events == 1 and v.epochs_collapsed == 1
+
+
+def test_single_collapse_that_ends_low_is_collapsed():
+    # recovered above the recovered line once, then drifted to 60% of best
+    curve = [0.1, 0.2, 0.3, 0.1, 0.26, 0.22, 0.18]
+    v = classify_run(curve)
+    assert v.label == "collapsed"
+    assert v.collapse_events == 1
+
+
+def test_many_large_swings_without_collapse_is_unstable():
+    curve = [0.2, 0.4, 0.28, 0.4, 0.28, 0.4, 0.28, 0.4]  # three 30% drawdowns
+    v = classify_run(curve)
+    assert v.collapse_events == 0
+    assert v.swings == 3
+    assert v.label == "unstable"
+    assert "max_swings" in v.reason
+    assert classify_run(curve, cfg=StabilityConfig(max_swings=3)).label == "stable"
+
+
+def test_ending_well_below_best_without_collapse_is_unstable():
+    v = classify_run([0.1, 0.2, 0.4, 0.35, 0.3, 0.3])
+    assert v.collapse_events == 0
+    assert v.label == "unstable"
+    assert v.final_over_best == pytest.approx(0.75)
+
+
+def test_hand_made_curve_exact_numbers():
+    # running best:  .1  .2  .4  .4  .4  .4  .4  .45 .45 .45 .45
+    # collapse line (50%): .2 while rb=.4, .225 while rb=.45; recovered line (80%): .32 / .36
+    curve = [0.10, 0.20, 0.40, 0.15, 0.10, 0.25, 0.35, 0.45, 0.20, 0.42, 0.40]
+    v = classify_run(curve)
+    assert v.epochs == 11
+    assert v.best == pytest.approx(0.45) and v.best_epoch == 8
+    assert v.final == pytest.approx(0.40)
+    assert v.max_drawdown == pytest.approx(0.75)  # epoch 5: (0.4 - 0.1) / 0.4
+    # event 1: epochs 4-5 below .2, epoch 6 (.25) is above the line but not recovered,
+    # epoch 7 (.35) recovers; event 2: epoch 9 (.20 < .225), epoch 10 recovers
+    assert v.collapse_events == 2
+    assert v.epochs_collapsed == 3
+    assert v.swings == 2  # the same two drawdowns; none other is deeper than 25%
+    assert v.label == "collapsed"  # two collapses, though it ends at 89% of best
+
+
+def test_wobbling_around_the_collapse_line_is_one_event():
+    curve = [0.4, 0.19, 0.21, 0.19, 0.21, 0.19, 0.33, 0.4]
+    v = classify_run(curve)
+    assert v.collapse_events == 1
+    assert v.epochs_collapsed == 3
+    assert v.label == "unstable"
+
+
+def test_thresholds_come_from_the_config():
+    curve = [0.1, 0.2, 0.3, 0.1, 0.28, 0.3, 0.31, 0.3]  # one dip to 33% of best
+    assert classify_run(curve).collapse_events == 1
+    v = classify_run(curve, cfg=StabilityConfig(collapse_ratio=0.3, recovered_ratio=0.8))
+    assert v.collapse_events == 0
+    assert v.label == "stable"  # one swing <= max_swings, ends near best
+
+
+def test_drops_before_min_peak_do_not_count():
+    curve = [0.005, 0.001, 0.006, 0.0, 0.05, 0.1, 0.2, 0.3]
+    v = classify_run(curve)
+    assert v.collapse_events == 0 and v.swings == 0
+    assert v.label == "stable"
+
+
+# --------------------------------------------------------------------------------------------
+# diverged and no_learning
+
+
+def test_nan_in_curve_is_diverged():
+    v = classify_run([0.1, 0.2, float("nan"), float("nan")])
+    assert v.label == "diverged"
+    assert "epoch 3" in v.reason
+    assert v.best == pytest.approx(0.2)
+    d = v.as_dict()
+    assert d["final"] is None and d["final_over_best"] is None
+    json.dumps(d, allow_nan=False)
+
+
+def test_nan_or_inf_in_losses_is_diverged():
+    curve = list(np.linspace(0.05, 0.3, 5))
+    assert classify_run(curve, losses=[3.0, 2.0, float("nan"), 1.0, 1.0]).label == "diverged"
+    assert classify_run(curve, losses=[3.0, float("inf"), 1, 1, 1]).label == "diverged"
+    assert classify_run(curve, losses=[3.0, 2.0, 1.5, 1.2, 1.0]).label == "stable"
+
+
+def test_status_diverged_wins():
+    assert classify_run([0.1, 0.2, 0.3], status="diverged").label == "diverged"
+    assert classify_run([0.1, 0.2, 0.3], status="finished").label == "stable"
+
+
+def test_flat_zero_is_no_learning():
+    v = classify_run([0.0] * 20)
+    assert v.label == "no_learning"
+    assert v.collapse_events == 0 and v.max_drawdown == 0.0
+    assert v.final_over_best is not None and math.isnan(v.final_over_best)
+    assert v.as_dict()["final_over_best"] is None
+
+
+def test_empty_curve_is_no_learning():
+    v = classify_run([])
+    assert v.label == "no_learning"
+    assert v.epochs == 0 and v.best_epoch == 0
+    json.dumps(v.as_dict(), allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_verdict_is_frozen_and_as_dict_is_json():
+    v = classify_run(seed_curve())
+    assert isinstance(v, Verdict)
+    with pytest.raises(AttributeError):
+        v.label = "stable"  # type: ignore[misc]
+    d = json.loads(json.dumps(v.as_dict(), allow_nan=False))
+    assert d["label"] == "collapsed" and d["best_epoch"] == 29
+    assert set(d) >= {
+        "label", "epochs", "best", "best_epoch", "final", "final_over_best",
+        "max_drawdown", "collapse_events", "epochs_collapsed", "swings", "reason",
+    }
+
+
+def test_summarize_group():
+    vs = [
+        classify_run([0.1, 0.2, 0.3]),
+        classify_run([0.1, 0.2, 0.5]),
+        classify_run(seed_curve()),
+    ]
+    s = summarize_group(vs)
+    assert s["runs"] == 3
+    assert set(s["counts"]) == set(LABELS)
+    assert s["counts"]["stable"] == 2 and s["counts"]["collapsed"] == 1
+    assert s["all_stable"] is False
+    assert s["best_mean"] == pytest.approx((0.3 + 0.5 + 0.226) / 3)
+    assert s["best_std"] == pytest.approx(float(np.std([0.3, 0.5, 0.226], ddof=1)))
+    assert s["final_mean"] == pytest.approx((0.3 + 0.5 + 0.012) / 3)
+    json.dumps(s, allow_nan=False)
+
+    one = summarize_group(vs[:1])
+    assert one["all_stable"] is True and one["best_std"] is None
+    empty = summarize_group([])
+    assert empty["runs"] == 0 and empty["all_stable"] is False and empty["best_mean"] is None
