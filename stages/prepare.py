@@ -8,7 +8,9 @@ from yoloqat.stage import run_stage
 def job(cfg):
     from yoloqat.data import prepare_dataset
 
-    manifest = prepare_dataset(cfg.data, cfg.seed, Path("data/prepared"), cfg.root)
+    manifest = prepare_dataset(
+        cfg.data, cfg.seed, Path("data/prepared"), cfg.root, difficulty=cfg.data.difficulty
+    )
     counts = {s: c.get("images") for s, c in manifest.get("splits", {}).items()}
     print(f"prepare: {manifest.get('source')} dataset, images per split {counts}, "
           f"hash {str(manifest.get('content_hash'))[:12]}")

@@ -138,6 +138,7 @@ class DataConfig:
     calib_images: int = 64
     imgsz: int = 128
     num_classes: int = 6
+    difficulty: float = 1.0  # synthetic only: scales clutter, occlusion and small objects
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,7 @@ def _data(raw: dict[str, Any], root: Path) -> DataConfig:
         calib_images=_int("data.calib_images", b.get("calib_images", d.calib_images), 1),
         imgsz=_imgsz("data.imgsz", b.get("imgsz", d.imgsz)),
         num_classes=_int("data.num_classes", b.get("num_classes", d.num_classes), 1, 80),
+        difficulty=_float("data.difficulty", b.get("difficulty", d.difficulty), 0.0, 2.0),
     )
     if source == "synthetic" and cfg.num_classes < 5:
         raise _fail("data.num_classes", cfg.num_classes, "at least 5 for the synthetic source")

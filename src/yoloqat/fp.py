@@ -38,6 +38,9 @@ def ultralytics_overrides(
         "epochs": epochs,
         "imgsz": cfg.data.imgsz,
         "batch": batch,
+        # Ultralytics accumulates gradients up to a nominal batch of 64; on a few hundred
+        # images that leaves a handful of optimizer steps per epoch.  One step per batch.
+        "nbs": batch,
         "device": cfg.device,
         "workers": workers,
         "seed": cfg.seed,

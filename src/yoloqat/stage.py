@@ -23,7 +23,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from yoloqat.data.errors import DataError
     from yoloqat.quant.checkpoint import CheckpointError
 
-    extra: list[type[BaseException]] = [DataError, CheckpointError]
+    from yoloqat.qc import CorrectionError
+
+    extra: list[type[BaseException]] = [DataError, CheckpointError, CorrectionError]
     try:
         from yoloqat.export import ExportError
 

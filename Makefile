@@ -1,0 +1,50 @@
+# yoloqat: the README's two commands.
+#   make run   set up (venv, git, DVC) and run the whole pipeline on the embedded dataset
+#   make test  set up and run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.yoloqat-installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+# DVC commits experiments; give it an identity only when none is configured, through the
+# environment, so the user's global git config is never touched.
+ifeq ($(shell git config user.name 2>/dev/null),)
+export GIT_AUTHOR_NAME ?= yoloqat
+export GIT_COMMITTER_NAME ?= yoloqat
+endif
+ifeq ($(shell git config user.email 2>/dev/null),)
+export GIT_AUTHOR_EMAIL ?= yoloqat@localhost
+export GIT_COMMITTER_EMAIL ?= yoloqat@localhost
+endif
+
+.PHONY: setup repo run test lint bench clean-results
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+# dvc exp run needs a git repository with at least one commit and an initialised DVC.
+repo:
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || git init -q
+	@test -d .dvc || $(VENV)/bin/dvc init -q
+	@git rev-parse --verify -q HEAD >/dev/null || { git add -A && git commit -q -m "yoloqat: initial commit"; }
+
+run: setup repo
+	dvc exp run
+	@dvc exp show --no-pager --drop '.*' \
+	  --keep 'Experiment|Created|^model$$|^ema$$|^qc$$|^seed$$|train_fp/metrics.json:best$$|qat/metrics.json:(best|final|status)$$|verdict/metrics.json:(label|final_over_best)$$|evaluate/metrics.json:(w4a16_mAP50-95|fp32_mAP50-95|size_ratio|latency_ratio)$$'
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src stages tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/qat_step_time.py

@@ -1,0 +1,166 @@
+"""Quantization Correction (Gupta & Asthana, Sec. 4.2): insert, train, fold.
+
+After QAT, each quantized conv that feeds a BatchNorm gets a per-output-channel affine map
+``h' = gamma * h + beta`` (gamma = 1, beta = 0 at start).  Everything else is frozen (BN in
+eval mode); gamma and beta are trained with Adam on the calibration split with the ordinary
+detection loss, then folded into the BN so the deployed graph has no extra op and the
+integer weights are untouched.
+
+Convs without a BN (the detect heads' final 1x1 output convs) get no correction: with max-abs
+scaling their scale is derived from the weights, so gamma could only be folded by rewriting
+the weights, which could move integers across a rounding boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from brevitas.nn import QuantConv2d
+from torch import nn
+
+
+class ChannelAffine(nn.Module):
+    """gamma * x + beta, one pair per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1)
+
+
+class CorrectedConv(nn.Module):
+    """A quantized conv followed by its correction; removed again by :func:`fold_qc_into_bn`."""
+
+    def __init__(self, conv: QuantConv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        self.correction = ChannelAffine(conv.out_channels).to(conv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.correction(self.conv(x))
+
+
+def _conv_bn_pairs(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Ultralytics ``Conv`` blocks (conv -> bn -> act) whose conv is quantized."""
+    for name, m in model.named_modules():
+        conv, bn = getattr(m, "conv", None), getattr(m, "bn", None)
+        if isinstance(bn, nn.BatchNorm2d) and isinstance(conv, (QuantConv2d, CorrectedConv)):
+            yield name, m
+
+
+def insert_correction(model: nn.Module) -> list[ChannelAffine]:
+    """Wrap every quantized conv that feeds a BN; returns the new affine modules."""
+    added = []
+    for _, block in _conv_bn_pairs(model):
+        if isinstance(block.conv, QuantConv2d):
+            block.conv = CorrectedConv(block.conv)
+            added.append(block.conv.correction)
+    return added
+
+
+def correction_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, ChannelAffine) for p in m.parameters()]
+
+
+def freeze_for_correction(model: nn.Module) -> list[nn.Parameter]:
+    """Only gamma/beta train; train mode for the head's raw outputs, BN frozen in eval mode."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = correction_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return params
+
+
+@torch.no_grad()
+def fold_affine_into_bn(bn: nn.BatchNorm2d, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+    """BN(gamma*y + beta) as one BN with the same running mean and variance.
+
+    With BN(y) = g (y - mu) / sigma + b:  g' = g * gamma,  b' = b + g (beta - mu + gamma mu) / sigma.
+    """
+    sigma = torch.sqrt(bn.running_var + bn.eps)
+    g = bn.weight if bn.affine else torch.ones_like(sigma)
+    b = bn.bias if bn.affine else torch.zeros_like(sigma)
+    new_b = b + g * (beta - bn.running_mean + gamma * bn.running_mean) / sigma
+    new_g = g * gamma
+    if bn.affine:
+        bn.weight.copy_(new_g)
+        bn.bias.copy_(new_b)
+    else:  # pragma: no cover - Ultralytics BNs are affine
+        raise ValueError("cannot fold a correction into a BatchNorm without affine parameters")
+
+
+def fold_qc_into_bn(model: nn.Module) -> int:
+    """Fold every correction into its BN and unwrap the conv; returns how many were folded."""
+    n = 0
+    for _, block in list(_conv_bn_pairs(model)):
+        if isinstance(block.conv, CorrectedConv):
+            aff = block.conv.correction
+            fold_affine_into_bn(block.bn, aff.gamma.detach(), aff.beta.detach())
+            block.conv = block.conv.conv
+            n += 1
+    return n
+
+
+@dataclass
+class CorrectionStats:
+    layers: int
+    steps: int
+    gamma_mean_abs_change: float
+    gamma_max_abs_change: float
+    beta_mean_abs: float
+    beta_max_abs: float
+    final_loss: float | None
+
+
+def correction_stats(model: nn.Module, steps: int, final_loss: float | None) -> CorrectionStats:
+    affs = [m for m in model.modules() if isinstance(m, ChannelAffine)]
+    if not affs:
+        return CorrectionStats(0, steps, 0.0, 0.0, 0.0, 0.0, final_loss)
+    g = torch.cat([a.gamma.detach().flatten() for a in affs]) - 1.0
+    b = torch.cat([a.beta.detach().flatten() for a in affs])
+    return CorrectionStats(
+        layers=len(affs), steps=steps,
+        gamma_mean_abs_change=float(g.abs().mean()), gamma_max_abs_change=float(g.abs().max()),
+        beta_mean_abs=float(b.abs().mean()), beta_max_abs=float(b.abs().max()),
+        final_loss=final_loss,
+    )
+
+
+def train_correction(
+    model: nn.Module, batches: Any, lr: float, steps: int, device: torch.device
+) -> tuple[int, float | None]:
+    """Adam on gamma/beta only, ``steps`` optimizer steps cycling over ``batches``.
+
+    ``batches`` is an iterable of Ultralytics detection batches (dicts with img, cls, bboxes,
+    batch_idx); re-iterated as often as needed.
+    """
+    params = freeze_for_correction(model)
+    opt = torch.optim.Adam(params, lr=lr)
+    done, last = 0, None
+    while done < steps:
+        for batch in batches:
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            batch["img"] = batch["img"].float() / 255
+            loss, _ = model.loss(batch)
+            loss = loss.sum()
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss while training the correction")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            last = float(loss.detach())
+            if done >= steps:
+                break
+    model.eval()
+    return done, last

@@ -1,0 +1,107 @@
+"""The qat stage: W4A16 quantization-aware training with EMA on or off, oscillations tracked."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from yoloqat.config import Config
+from yoloqat.fp import FP_DIR, MODEL_YAML, require_dataset, ultralytics_overrides
+from yoloqat.provenance import run_metadata, write_json
+from yoloqat.quant.checkpoint import CheckpointError, save_qat_checkpoint
+from yoloqat.quant.convert import QuantRecipe
+from yoloqat.quant.ema import averaging_window, ema_decay_at
+from yoloqat.train.live import EpochLogger, curve_summary
+
+QAT_DIR = Path("models/qat")
+QAT_LIVE = Path("results/qat")
+LAYER_CSV = QAT_LIVE / "oscillation_layers.csv"
+
+
+def recipe_of(cfg: Config) -> QuantRecipe:
+    q = cfg.qat
+    return QuantRecipe(bits=q.bits, granularity=q.granularity, scaling=q.scaling, edge_bits=q.edge_bits)
+
+
+def init_model_arg(cfg: Config) -> str:
+    """What the trainer starts from: the FP checkpoint, the bare yaml, or a user checkpoint."""
+    if cfg.qat.init == "fp":
+        best = FP_DIR / "best.pt"
+        if not best.is_file():
+            raise CheckpointError(f"qat.init=fp needs {best}; run the train_fp stage first")
+        return str(best.resolve())
+    if cfg.qat.init == "scratch":
+        return MODEL_YAML[cfg.model]
+    return str(cfg.resolve(cfg.qat.init).resolve())
+
+
+def train_qat(cfg: Config) -> dict[str, Any]:
+    from yoloqat.train.trainer import QATSettings, QATTrainer
+
+    require_dataset()
+    for p in (QAT_DIR, QAT_LIVE):
+        shutil.rmtree(p, ignore_errors=True)
+    QAT_DIR.mkdir(parents=True)
+    t0 = time.time()
+    recipe = recipe_of(cfg)
+    settings = QATSettings(
+        recipe=recipe.to_dict(), ema=cfg.ema, ema_decay=cfg.qat.ema_decay, ema_tau=cfg.qat.ema_tau,
+        track_every=cfg.qat.track_every, out_dir=str(QAT_DIR.resolve()),
+    )
+    logger = EpochLogger(QAT_LIVE, extra=lambda tr: tr.tracker.epoch_summary() if tr.tracker else {})
+    with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
+        overrides = ultralytics_overrides(
+            cfg, model=init_model_arg(cfg), epochs=cfg.qat.epochs, batch=cfg.qat.batch,
+            optimizer=cfg.qat.optimizer, lr0=cfg.qat.lr0, weight_decay=cfg.qat.weight_decay,
+            warmup_epochs=cfg.qat.warmup_epochs, workers=cfg.qat.workers, project=runs,
+            name="qat", amp=cfg.qat.amp,
+        )
+        trainer = QATTrainer(overrides=overrides, settings=settings)
+        trainer.add_callback("on_fit_epoch_end", logger.on_fit_epoch_end)
+        trainer.train()
+    if not (QAT_DIR / "best.qat.pt").is_file():
+        # Diverged before the first save: keep the (non-finite) model so the DAG's outputs exist;
+        # downstream stages read status=diverged and pass it on instead of evaluating it.
+        names = trainer.data["names"]
+        for stem in ("last", "best"):
+            save_qat_checkpoint(trainer.ema.ema, recipe, QAT_DIR / stem, {"epoch": 0}, names)
+    tracker = trainer.tracker
+    LAYER_CSV.parent.mkdir(parents=True, exist_ok=True)
+    if tracker is not None:
+        tracker.write_layer_csv(LAYER_CSV)
+    steps = int(trainer.ema.updates) if trainer.ema is not None else 0
+    curve = logger.curve()
+    curve50 = logger.curve("val/mAP50")
+    status = "diverged" if trainer.diverged or any(not math.isfinite(v) for v in curve) else "completed"
+    summary: dict[str, Any] = {
+        "status": status,
+        "epochs": len(curve),
+        **curve_summary(curve),
+        **curve_summary(curve50, prefix="mAP50_"),
+        "steps": steps,
+        "ema": cfg.ema,
+        "ema_decay_final": ema_decay_at(steps, cfg.qat.ema_decay, cfg.qat.ema_tau) if cfg.ema else 0.0,
+        "ema_window_steps": averaging_window(steps, cfg.qat.ema_decay, cfg.qat.ema_tau)
+        if cfg.ema else 1.0,
+        "bits": recipe.bits,
+        "edge_bits": recipe.edge_bits,
+        "init": cfg.qat.init,
+    }
+    if tracker is not None:
+        summary.update(tracker.summary())
+    summary["seconds"] = round(time.time() - t0, 1)
+    logger.finish(summary)
+    write_json(
+        QAT_DIR / "metadata.json",
+        run_metadata(cfg, "qat", cfg.device, {"summary": summary, "recipe": recipe.to_dict()}),
+    )
+    print(
+        f"qat: {cfg.model} W{recipe.bits}A16 ema={cfg.ema} status={status} "
+        f"best mAP50-95={summary.get('best')} (epoch {summary.get('best_epoch')}) "
+        f"final={summary.get('final')} in {summary['seconds']} s"
+    )
+    return summary

@@ -1,0 +1,135 @@
+"""The qc stage: Quantization Correction on the QAT model, folded for deployment."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yoloqat.config import Config
+from yoloqat.correction import (
+    correction_stats,
+    fold_qc_into_bn,
+    insert_correction,
+    train_correction,
+)
+from yoloqat.fp import require_dataset
+from yoloqat.provenance import run_metadata, write_json
+from yoloqat.qat import QAT_DIR, QAT_LIVE
+from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint
+from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs
+from yoloqat.validation import calibration_batches, validate_model
+
+QC_DIR = Path("models/qc")
+QC_RESULTS = Path("results/qc")
+FOLD_TOLERANCE = 1e-4
+
+
+class CorrectionError(ValueError):
+    """The folded model does not reproduce the corrected one, or integers moved."""
+
+
+def qat_status() -> str:
+    path = QAT_LIVE / "metrics.json"
+    if not path.is_file():
+        return "unknown"
+    return str(json.loads(path.read_text()).get("status", "unknown"))
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    while isinstance(out, (list, tuple)):
+        out = out[0]
+    if isinstance(out, dict):
+        return _first_tensor(next(iter(out.values())))
+    return out
+
+
+@torch.no_grad()
+def check_fold(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Fold the corrections and return max |folded - unfolded| on ``images``; integers must not move."""
+    model.eval()
+    before_ints = {id(q): int_weight(q).integers.clone() for _, q in quant_convs(model)}
+    unfolded = _first_tensor(model(images)).clone()
+    fold_qc_into_bn(model)
+    folded = _first_tensor(model(images))
+    diff = float((folded - unfolded).abs().max())
+    for n, q in quant_convs(model):
+        if not torch.equal(int_weight(q).integers, before_ints[id(q)]):
+            raise CorrectionError(f"qc: folding changed the integer weights of {n}")
+    if not diff <= FOLD_TOLERANCE:
+        raise CorrectionError(f"qc: folded model differs from the corrected one by {diff:.3g} (> {FOLD_TOLERANCE})")
+    return diff
+
+
+def run_qc(cfg: Config) -> dict[str, Any]:
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils import DEFAULT_CFG
+    from ultralytics.utils.torch_utils import select_device
+
+    data_yaml = str(require_dataset().resolve())
+    source = QAT_DIR / "last.qat.pt"
+    model, payload = load_qat_checkpoint(source)
+    recipe = QuantRecipe.from_dict(payload["recipe"])
+    for p in (QC_DIR, QC_RESULTS):
+        shutil.rmtree(p, ignore_errors=True)
+    QC_DIR.mkdir(parents=True)
+    t0 = time.time()
+    status = qat_status()
+    summary: dict[str, Any] = {"qc": cfg.qc, "source": str(source), "qat_status": status}
+    if status == "diverged" or not _finite(model):
+        summary.update(status="skipped_diverged", applied=False)
+        save_qat_checkpoint(model, recipe, QC_DIR / "best", payload.get("info", {}), payload["names"])
+        return _finish(cfg, summary, t0)
+
+    device = select_device(cfg.device, verbose=False)
+    model.to(device)
+    val = lambda m: validate_model(m, data_yaml, cfg.data.imgsz, cfg.evaluate.batch, cfg.device)  # noqa: E731
+    before = val(model)
+    summary.update({"before_mAP50-95": before["mAP50-95"], "before_mAP50": before["mAP50"]})
+    if not cfg.qc:
+        summary.update(status="passed_through", applied=False, steps=0,
+                       **{"after_mAP50-95": before["mAP50-95"], "after_mAP50": before["mAP50"]})
+    else:
+        model.args = get_cfg(DEFAULT_CFG)  # the detection loss reads its gains from model.args
+        layers = insert_correction(model)
+        loader = calibration_batches(data_yaml, cfg.data.imgsz, cfg.correction.batch)
+        steps = max(cfg.correction.epochs * len(loader), cfg.correction.min_steps)
+        done, last_loss = train_correction(model, loader, cfg.correction.lr, steps, device)
+        stats = correction_stats(model, done, last_loss)
+        images = next(iter(loader))["img"][: cfg.export.parity_images].to(device).float() / 255
+        fold_diff = check_fold(model, images)
+        after = val(model)
+        summary.update(
+            status="applied", applied=True, layers=len(layers), steps=done, lr=cfg.correction.lr,
+            calib_images=len(loader.dataset), final_loss=last_loss,
+            gamma_mean_abs_change=stats.gamma_mean_abs_change,
+            gamma_max_abs_change=stats.gamma_max_abs_change,
+            beta_mean_abs=stats.beta_mean_abs, beta_max_abs=stats.beta_max_abs,
+            fold_max_abs_diff=fold_diff,
+            **{"after_mAP50-95": after["mAP50-95"], "after_mAP50": after["mAP50"]},
+        )
+    summary["delta_mAP50-95"] = summary["after_mAP50-95"] - summary["before_mAP50-95"]
+    info = {**payload.get("info", {}), "qc": summary["status"]}
+    save_qat_checkpoint(model.cpu(), recipe, QC_DIR / "best", info, payload["names"])
+    return _finish(cfg, summary, t0)
+
+
+def _finish(cfg: Config, summary: dict[str, Any], t0: float) -> dict[str, Any]:
+    summary["seconds"] = round(time.time() - t0, 1)
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+    write_json(QC_RESULTS / "metrics.json", clean)
+    write_json(QC_DIR / "metadata.json", run_metadata(cfg, "qc", cfg.device, {"summary": clean}))
+    print(
+        f"qc: {clean['status']} mAP50-95 before={clean.get('before_mAP50-95')} "
+        f"after={clean.get('after_mAP50-95')} steps={clean.get('steps')} in {clean['seconds']} s"
+    )
+    return clean

@@ -1,0 +1,70 @@
+"""PyTorch-side validation of a (possibly fake-quant) model with Ultralytics' own validator."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def fusion_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Make Ultralytics' ``fuse()`` a no-op for this model instance.
+
+    Standalone validation wraps the model in AutoBackend, which fuses Conv+BN and re-parameterizes
+    RepVGGDW.  On a fake-quant model that would replace the quantized convs by float ones, so
+    the validator would measure a different network.
+    """
+    had = "is_fused" in model.__dict__
+    old = model.__dict__.get("is_fused")
+    model.is_fused = lambda *a, **k: True  # type: ignore[method-assign]
+    try:
+        yield model
+    finally:
+        if had:
+            model.is_fused = old  # type: ignore[method-assign]
+        else:
+            del model.is_fused
+
+
+def validate_model(
+    model: nn.Module, data_yaml: str, imgsz: int, batch: int, device: str, split: str = "val"
+) -> dict[str, float]:
+    """mAP50-95 and mAP50 of ``model`` on a split, as Ultralytics computes them."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.models.yolo.detect import DetectionValidator
+    from ultralytics.utils import DEFAULT_CFG
+
+    args = get_cfg(DEFAULT_CFG, {
+        "data": data_yaml, "imgsz": imgsz, "batch": batch, "device": device, "split": split,
+        "plots": False, "verbose": False, "save_json": False, "half": False,
+        "project": tempfile.mkdtemp(prefix="yoloqat-val-"), "name": "val",
+    })
+    validator = DetectionValidator(args=args)
+    model = model.float().eval()
+    with fusion_disabled(model), torch.no_grad():
+        stats = validator(model=model)
+    return {"mAP50-95": float(stats["metrics/mAP50-95(B)"]), "mAP50": float(stats["metrics/mAP50(B)"])}
+
+
+def calibration_batches(data_yaml: str, imgsz: int, batch: int, split: str = "calib") -> Any:
+    """A deterministic, augmentation-free dataloader over a split, yielding detection batches."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.utils import DEFAULT_CFG
+
+    data = check_det_dataset(data_yaml)
+    if split not in data:
+        raise ValueError(f"dataset {data_yaml} has no {split!r} split")
+    # check_det_dataset resolves only train/val/test against the yaml's folder, not "calib"
+    images = Path(data[split])
+    if not images.is_absolute():
+        images = Path(data["path"]) / images
+    cfg = get_cfg(DEFAULT_CFG, {"imgsz": imgsz, "batch": batch})
+    ds = build_yolo_dataset(cfg, str(images), batch, data, mode="val", rect=False, stride=32)
+    return build_dataloader(ds, batch, workers=0, shuffle=False, pin_memory=False)
