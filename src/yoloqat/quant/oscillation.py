@@ -58,7 +58,7 @@ class LayerOscillationState:
     ``update(x, scale)`` takes ``x = w / s`` (float, any shape) and the scale it was computed
     with.  The first call only initialises; every later call produces one delta per weight.
     Statistics accumulate until :meth:`pop_stats`; the whole-run totals are kept as well.
-    ``x`` is not modified and not kept.
+    ``x`` is neither modified nor kept; ``scale`` is kept by reference until the next update.
     """
 
     def __init__(
@@ -83,7 +83,7 @@ class LayerOscillationState:
         self.last_sign: torch.Tensor | None = None  # {-1, 0, 1}, sign of the last non-zero delta
         self.freq: torch.Tensor | None = None  # float32 EMA of oscillations
         self.scale0: torch.Tensor | None = None  # float32 scale at the first update
-        self.scale: torch.Tensor | None = None  # float32 latest scale
+        self.scale: torch.Tensor | None = None  # latest scale (reference, read lazily)
         self._x: torch.Tensor | None = None  # clamped copy of the latest x (own allocation)
         # Window accumulators (0-d int64 tensors on the weight's device) and run totals.
         self._n = 0

@@ -51,8 +51,8 @@ class EpochLogger:
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         epoch = int(trainer.epoch) + 1
-        if epoch in self._logged_epochs:  # final_eval re-fires this event for best.pt
-            return
+        if getattr(trainer, "in_final_eval", False) or epoch in self._logged_epochs:
+            return  # final_eval re-fires this event for best.pt; it is not an epoch
         self._logged_epochs.add(epoch)
         row: dict[str, float | None] = {"epoch": float(epoch)}
         if trainer.tloss is not None:

@@ -61,10 +61,20 @@ class FPTrainer(DetectionTrainer):
     """The float baseline: Ultralytics' detection trainer plus divergence bookkeeping."""
 
     diverged: bool = False
+    in_final_eval: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_callback("on_train_batch_end", _stop_on_nonfinite_loss)
+
+    def final_eval(self) -> None:
+        # Ultralytics re-validates best.pt and fires on_fit_epoch_end once more; the flag lets
+        # the epoch logger keep that extra row out of the per-epoch curve.
+        self.in_final_eval = True
+        try:
+            super().final_eval()
+        finally:
+            self.in_final_eval = False
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
         # Ultralytics would reload last.pt and retry; here a diverged run is a result to record,

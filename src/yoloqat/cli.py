@@ -1,0 +1,136 @@
+"""The ``yoloqat`` console script.
+
+* ``yoloqat judge PATH... [--json] [--params P]``: verdicts of training curves
+  (:mod:`yoloqat.judge`).
+* ``yoloqat ladder [--json] [--queue-next] [--dry-run] [--from-json FILE] [--params P]
+  [--no-report]``: this repo's DVC experiments grouped by model and method, the rung
+  decision for yolo10n -> yolo10s -> yolo10m, reports under ``reports/ladder/``, and
+  optionally the next rung's grid queued with ``dvc exp run --queue``.
+
+Errors are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from yoloqat.config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _ladder_parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="yoloqat ladder",
+        description="Group this repo's DVC experiments by model and method, decide which rung "
+        "of yolo10n -> yolo10s -> yolo10m is next, and write reports/ladder/.",
+    )
+    ap.add_argument("--json", action="store_true", help="print the table and decision as JSON")
+    ap.add_argument("--queue-next", action="store_true",
+                    help="queue the next rung's ema x qc x seed grid with dvc exp run --queue")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="with --queue-next: print the dvc command instead of running it")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="read a saved `dvc exp show --json` instead of running dvc")
+    ap.add_argument("--params", default="params.yaml",
+                    help="params file with the ladder block (default: params.yaml)")
+    ap.add_argument("--no-report", action="store_true", help="do not write reports/ladder/")
+    ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
+    ap.add_argument("--out", default=None,
+                    help="report folder (default: <repo>/reports/ladder)")
+    ap.add_argument("--head-only", action="store_true",
+                    help="only experiments of HEAD (default: of every commit, dvc exp show -A)")
+    return ap
+
+
+def ladder_main(argv: list[str]) -> int:
+    from yoloqat.experiments import ExperimentsError, read_experiments
+    from yoloqat.ladder import (
+        LadderError,
+        decide,
+        format_table,
+        group_rows,
+        ladder_json,
+        ladder_settings,
+        queue_next,
+    )
+
+    args = _ladder_parser().parse_args(argv)
+    repo = Path(args.repo)
+    params = Path(args.params)
+    if not params.is_absolute() and not params.is_file() and (repo / params).is_file():
+        params = repo / params
+    quiet = args.json  # keep stdout pure JSON
+    messages: list[str] = []
+    try:
+        ladder_cfg, init = ladder_settings(params)
+        records = read_experiments(repo, args.from_json, all_commits=not args.head_only)
+        rows = group_rows(records)
+        decision = decide(rows, ladder_cfg, init)
+        if args.json:
+            print(json.dumps(ladder_json(rows, decision), indent=2))
+        else:
+            print(format_table(rows) if rows else "no runs found")
+            print()
+            print("\n".join(decision.lines()))
+        if not args.no_report:
+            from yoloqat.report import write_reports
+
+            out = Path(args.out) if args.out else repo / "reports" / "ladder"
+            written = write_reports(rows, decision, out, repo=repo)
+            messages.append(f"reports: {len(written)} files in {out}")
+        if args.queue_next:
+            queue_next(decision, repo, dry_run=args.dry_run,
+                       echo=(messages.append if quiet else print))
+    except (ConfigError, ExperimentsError, LadderError, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"yoloqat ladder: error: {msg}", file=sys.stderr)
+        return 2
+    for m in messages:
+        print(m, file=sys.stderr if quiet else sys.stdout)
+    return 0
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="yoloqat",
+        description="EMA + Quantization Correction for W4A16 QAT of YOLOv10: stability tools.",
+    )
+    sub = ap.add_subparsers(dest="command", metavar="{judge,ladder}")
+    sub.add_parser("judge", help="label training curves stable / collapsed / ... "
+                   "(yoloqat judge -h for its options)", add_help=False)
+    sub.add_parser("ladder", help="group experiments, decide the next rung, write reports "
+                   "(yoloqat ladder -h)", add_help=False)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "judge":
+            from yoloqat.judge import judge_main
+
+            return judge_main(argv[1:])
+        if argv and argv[0] == "ladder":
+            return ladder_main(argv[1:])
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    ap = _main_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        ap.print_help(sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    print(f"yoloqat: error: unknown command {argv[0]!r}; expected judge or ladder",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,17 @@
+"""Shared test set-up: offline Ultralytics in a throwaway settings folder, DVCLive test mode."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_STATE = Path(tempfile.mkdtemp(prefix="yoloqat-tests-"))
+os.environ.setdefault("YOLOQAT_STATE_DIR", str(_STATE))
+os.environ.setdefault("YOLO_CONFIG_DIR", str(_STATE / "ultralytics"))
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ["YOLO_AUTOINSTALL"] = "false"
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,66 @@
+"""Small builders shared by the slower tests: a tiny params file and a repo copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "data": {"train_images": 24, "val_images": 8, "calib_images": 8, "imgsz": 64},
+    "fp": {"epochs": 1, "batch": 8},
+    "qat": {"epochs": 2, "batch": 8},
+    "correction": {"batch": 4, "min_steps": 2},
+    "export": {"parity_images": 2},
+    "evaluate": {"latency_warmup": 1, "latency_runs": 2, "batch": 4},
+}
+
+
+def tiny_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for block, values in {**TINY, **(overrides or {})}.items():
+        if isinstance(values, dict):
+            raw.setdefault(block, {}).update(values)
+        else:
+            raw[block] = values
+    return raw
+
+
+def env_with_venv() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("GIT_AUTHOR_NAME", "yoloqat-test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@yoloqat.local")
+    env.setdefault("GIT_COMMITTER_NAME", "yoloqat-test")
+    env.setdefault("GIT_COMMITTER_EMAIL", "test@yoloqat.local")
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def copy_repo(dst: Path, params: dict[str, Any]) -> Path:
+    """A fresh git + DVC repo holding this project's pipeline with ``params``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in ("dvc.yaml", "stages", "src", "pyproject.toml", ".dvcignore"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst / item)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = env_with_venv()
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q", "--force"],
+                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "test repo"]):
+        subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True, timeout=120)
+    return dst
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env_with_venv(), capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,105 @@
+"""params.yaml validation: every bad value is one line naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from yoloqat.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path: Path, **changes) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_repo_params_load_with_documented_defaults():
+    cfg = load_config(REPO / "params.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.model == "yolo10n" and cfg.ema is True and cfg.qc is True and cfg.seed == 0
+    assert cfg.data.source == "synthetic" and cfg.data.imgsz % 32 == 0
+    assert cfg.qat.bits == 4 and cfg.qat.edge_bits == 4
+    assert cfg.root == REPO
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"model": "yolo10x"}, "model='yolo10x'"),
+        ({"ema": "yes"}, "ema='yes'"),
+        ({"seed": -1}, "seed=-1"),
+        ({"data__imgsz": 100}, "data.imgsz=100"),
+        ({"data__imgsz": 0}, "data.imgsz=0"),
+        ({"data__source": "voc"}, "data.source='voc'"),
+        ({"data__source": "coco", "data__path": None}, "data.path=None"),
+        ({"data__source": "yolo", "data__path": "nowhere/data.yaml"}, "data.path='nowhere/data.yaml'"),
+        ({"fp__epochs": -1}, "fp.epochs=-1"),
+        ({"fp__batch": 0}, "fp.batch=0"),
+        ({"qat__epochs": 0}, "qat.epochs=0"),
+        ({"qat__batch": 0}, "qat.batch=0"),
+        ({"qat__bits": 1}, "qat.bits=1"),
+        ({"qat__bits": 9}, "qat.bits=9"),
+        ({"qat__granularity": "per_group"}, "qat.granularity='per_group'"),
+        ({"qat__scaling": "mse"}, "qat.scaling='mse'"),
+        ({"qat__init": "missing.pt"}, "qat.init='missing.pt'"),
+        ({"qat__ema_decay": 1.5}, "qat.ema_decay=1.5"),
+        ({"qat__lr0": 0}, "qat.lr0=0"),
+        ({"correction__lr": -1.0}, "correction.lr=-1.0"),
+        ({"export__opset": 17}, "export.opset=17"),
+        ({"evaluate__device": "tpu"}, "evaluate.device='tpu'"),
+        ({"stability__collapse_ratio": 0.9}, "stability.recovered_ratio=0.8"),
+        ({"fp__init_checkpoint": "no/such.pt"}, "fp.init_checkpoint='no/such.pt'"),
+    ],
+)
+def test_invalid_values_name_key_value_and_allowed(tmp_path, change, needle):
+    path = write_params(tmp_path, **change)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert needle in msg
+    assert "expected" in msg
+
+
+def test_unknown_keys_are_rejected(tmp_path):
+    path = write_params(tmp_path, qat__bitz=4)
+    with pytest.raises(ConfigError, match=r"unknown key qat\.bitz; allowed keys are"):
+        load_config(path)
+
+
+def test_cli_override_shape_matches_dvc_exp_run(tmp_path):
+    path = write_params(tmp_path, model="yolo10s", ema=False, qc=True, seed=1)
+    cfg = load_config(path)
+    assert (cfg.model, cfg.ema, cfg.qc, cfg.seed) == ("yolo10s", False, True, 1)
+
+
+def test_stage_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
+    path = write_params(tmp_path, data__imgsz=100)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "prepare.py"), "--params", str(path)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines == ["prepare: error: params: data.imgsz=100 is not allowed; expected a positive "
+                     "multiple of 32 (YOLOv10's largest stride)"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,251 @@
+"""The export stage: a yolov10n-shaped random QAT model -> INT4 ONNX, checked against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from yoloqat.offline import configure_offline
+
+configure_offline()
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+from yoloqat.config import Config, DataConfig, ExportConfig  # noqa: E402
+from yoloqat.data import generate_synthetic  # noqa: E402
+from yoloqat.export import (  # noqa: E402
+    ExportError,
+    compare_end2end,
+    export_models,
+    prepare_end2end,
+    torch_end2end_dense,
+)
+from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint  # noqa: E402
+from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model  # noqa: E402
+
+IMGSZ = 128  # >= 300 anchors (16x16 + 8x8 + 4x4 = 336), so the head keeps all 300 rows
+NAMES = {i: f"c{i}" for i in range(6)}
+
+
+def randomize_bn(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial BN statistics and affine terms (some negative gains) so folding is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(1 + 0.5 * torch.randn(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.3 + torch.rand(n, generator=g))
+
+
+def make_inputs(root: Path, imgsz: int = IMGSZ, qat: bool = True) -> None:
+    """data/prepared, models/fp/best.pt and models/qc/best.qat.pt as the upstream stages make them."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    generate_synthetic(root / "data/prepared", seed=0, train_images=1, val_images=3,
+                       calib_images=1, imgsz=imgsz, num_classes=6)
+    fp = DetectionModel("yolov10n.yaml", nc=6, verbose=False)
+    randomize_bn(fp, 1)
+    fp.names = NAMES
+    (root / "models/fp").mkdir(parents=True)
+    torch.save({"model": None, "ema": fp.eval()}, root / "models/fp/best.pt")
+    if qat:
+        model = DetectionModel("yolov10n.yaml", nc=6, verbose=False)
+        quantize_model(model, QuantRecipe())
+        randomize_bn(model, 2)
+        save_qat_checkpoint(model, QuantRecipe(), root / "models/qc/best", info={}, names=NAMES)
+
+
+def config(root: Path, imgsz: int = IMGSZ) -> Config:
+    return Config(root=root, data=DataConfig(imgsz=imgsz), export=ExportConfig(parity_images=2))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    make_inputs(root)
+    metrics = export_models(config(root))
+    fq, _ = load_qat_checkpoint(root / "models/qc/best.qat.pt")
+    return root, metrics, fq
+
+
+def dq_weights(proto: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, np.ndarray, np.ndarray]]:
+    """{module name: (int initializer, integers, scale)} for every DequantizeLinear Conv weight."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear":
+            q, s = inits[node.input[0]], inits[node.input[1]]
+            assert node.output[0].endswith(".weight")
+            out[node.output[0][: -len(".weight")]] = (
+                q, numpy_helper.to_array(q).astype(np.int8), numpy_helper.to_array(s),
+            )
+    return out
+
+
+def exported_quant_convs(fq: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The fake-quant convs that survive into the end-to-end graph (one-to-many head dropped)."""
+    head = f"model.{len(fq.model) - 1}."
+    return {
+        n: q for n, q in quant_convs(fq)
+        if not (n.startswith(head + "cv2.") or n.startswith(head + "cv3."))
+    }
+
+
+def test_int4_weights_reproduce_the_fake_quant_weights_exactly(exported):
+    root, metrics, fq = exported
+    proto = onnx.load(root / "models/onnx/w4a16.onnx")
+    dq = dq_weights(proto)
+    convs = exported_quant_convs(fq)
+    assert set(dq) == set(convs)
+    assert metrics["int4_convs"] == len(convs) == sum(
+        t.data_type == onnx.TensorProto.INT4 for t in proto.graph.initializer
+    )
+    modules = dict(fq.named_modules())
+    flipped = 0
+    for name, q in convs.items():
+        tensor, ints, scale = dq[name]
+        assert tensor.data_type == onnx.TensorProto.INT4
+        assert len(tensor.raw_data) == (ints.size + 1) // 2  # two int4 values per byte
+        iw = int_weight(q)
+        trained = iw.integers.numpy()
+        # The integers are the trained ones (a negative BN gain flips a channel's sign, exactly).
+        same = (ints == trained).reshape(len(ints), -1).all(1)
+        neg = (ints == -trained).reshape(len(ints), -1).all(1)
+        assert np.all(same | neg), name
+        sign = np.where(same, 1, -1)
+        flipped += int((~same).sum())
+        assert np.all(scale >= 0)
+        # integers * scale == fake-quant weight * BN gain (per channel).
+        parent = modules[name.rpartition(".")[0]]
+        w = iw.value.double()
+        gain = torch.ones(w.shape[0], dtype=torch.float64)
+        if name.endswith(".conv") and isinstance(getattr(parent, "bn", None), torch.nn.BatchNorm2d):
+            bn = parent.bn
+            gain = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        expected = (w * gain.view(-1, 1, 1, 1)).numpy()
+        got = ints.astype(np.float64) * scale.reshape(-1, 1, 1, 1)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(scale * sign, (iw.scale.double().reshape(-1) * gain).numpy(),
+                                   rtol=1e-6)
+    assert metrics["sign_flipped_channels"] == flipped > 0  # randomize_bn makes some gains negative
+    assert metrics["int_weights_exact"] is True
+
+
+def test_graphs_pass_the_checker_and_have_a_dynamic_batch(exported):
+    root, metrics, _ = exported
+    for name in ("w4a16.onnx", "fp32.onnx"):
+        path = root / "models/onnx" / name
+        proto = onnx.load(path)
+        onnx.checker.check_model(proto, full_check=True)
+        assert proto.opset_import[0].version >= 21
+        out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+        assert out_dims[0].dim_param and [d.dim_value for d in out_dims[1:]] == [300, 6]
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for n in (1, 3):
+            x = np.random.default_rng(n).random((n, 3, IMGSZ, IMGSZ), dtype=np.float32)
+            y = sess.run(None, {"images": x})[0]
+            assert y.shape == (n, 300, 6)
+            assert np.all(np.isfinite(y))
+            assert np.all(np.diff(y[..., 4], axis=1) <= 0)  # sorted by score
+    assert metrics["opset"] == 21 and metrics["max_det"] == 300
+
+
+def test_onnxruntime_matches_the_fake_quant_model(exported):
+    root, metrics, fq = exported
+    assert metrics["parity_max_abs_diff"] < 1e-3
+    assert metrics["fp32_parity_max_abs_diff"] < 1e-3
+    x = np.random.default_rng(7).random((2, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    sess = ort.InferenceSession(str(root / "models/onnx/w4a16.onnx"),
+                                providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"images": x})[0]
+    ref, dense = torch_end2end_dense(prepare_end2end(fq, IMGSZ, 300, export=False),
+                                     torch.from_numpy(x))
+    parity = compare_end2end(out, ref, dense)
+    assert parity["max_abs_diff"] < 1e-3, parity
+
+
+def test_compare_end2end_catches_a_wrong_row_but_not_a_reorder():
+    rng = np.random.default_rng(0)
+    dense = np.concatenate([rng.random((1, 10, 4)) * 100, rng.random((1, 10, 3))], -1)
+    rows = []
+    for a in range(10):
+        for c in range(3):
+            rows.append([*dense[0, a, :4], dense[0, a, 4 + c], c])
+    rows = np.array(sorted(rows, key=lambda r: -r[4])[:5])[None]
+    swapped = rows[:, [1, 0, 2, 3, 4]]
+    assert compare_end2end(swapped, rows, dense)["max_abs_diff"] == 0.0
+    assert compare_end2end(swapped, rows, dense)["raw"] > 0
+    wrong = rows.copy()
+    wrong[0, 2, 0] += 5.0
+    assert compare_end2end(wrong, rows, dense)["max_abs_diff"] == pytest.approx(5.0)
+
+
+def test_repvggdw_branches_stay_separate_int4_convs(exported):
+    root, _, fq = exported
+    from ultralytics.nn.modules.block import RepVGGDW
+
+    reps = [n for n, m in fq.named_modules() if isinstance(m, RepVGGDW)]
+    assert reps
+    w4 = onnx.load(root / "models/onnx/w4a16.onnx")
+    dq = dq_weights(w4)
+    conv_weights = {n.input[1] for n in w4.graph.node if n.op_type == "Conv"}
+    fp_inits = {t.name for t in onnx.load(root / "models/onnx/fp32.onnx").graph.initializer}
+    for rep in reps:
+        k7, k3 = dq[f"{rep}.conv.conv"][1], dq[f"{rep}.conv1.conv"][1]
+        assert k7.shape[2:] == (7, 7) and k3.shape[2:] == (3, 3)
+        assert np.abs(k7).max() <= 7 and np.abs(k3).max() <= 7
+        assert {f"{rep}.conv.conv.weight", f"{rep}.conv1.conv.weight"} <= conv_weights
+        # the float baseline may re-parameterize: its 3x3 branch is merged away
+        assert f"{rep}.conv1.conv.weight" not in fp_inits
+
+
+def test_metrics_report_sizes_and_counts(exported):
+    root, metrics, _ = exported
+    on_disk = json.loads((root / "results/export/metrics.json").read_text())
+    assert on_disk["status"] == "exported"
+    assert on_disk["w4a16_file_bytes"] == (root / "models/onnx/w4a16.onnx").stat().st_size
+    assert on_disk["fp32_file_bytes"] == (root / "models/onnx/fp32.onnx").stat().st_size
+    assert 0 < on_disk["size_ratio"] < 0.2
+    assert on_disk["w4a16_weight_bytes"] < on_disk["fp32_weight_bytes"] / 5
+    assert on_disk["float_convs"] == 1  # the DFL conv
+    assert on_disk["int8_convs"] == 0
+    assert on_disk["bn_folded_convs"] == on_disk["int4_convs"] - 6  # the 6 one2one output convs
+
+
+def test_missing_or_corrupt_inputs_raise_one_line_errors(exported, tmp_path):
+    root, _, _ = exported
+    with pytest.raises(ExportError, match="FP checkpoint .* not found"):
+        export_models(config(tmp_path))
+    shutil.copytree(root / "models/fp", tmp_path / "models/fp")
+    with pytest.raises(ExportError, match="best.qat.pt.* not found"):
+        export_models(config(tmp_path))
+    (tmp_path / "models/qc").mkdir(parents=True)
+    (tmp_path / "models/qc/best.qat.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ExportError, match="unreadable or corrupt") as err:
+        export_models(config(tmp_path))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "models/onnx").exists()
+
+
+def test_diverged_qat_exports_fp32_only(exported, tmp_path):
+    root, _, _ = exported
+    shutil.copytree(root / "models/fp", tmp_path / "models/fp")
+    shutil.copytree(root / "data", tmp_path / "data")
+    (tmp_path / "results/qat").mkdir(parents=True)
+    (tmp_path / "results/qat/metrics.json").write_text(json.dumps({"status": "diverged"}))
+    metrics = export_models(config(tmp_path))
+    assert metrics["status"] == "skipped_diverged"
+    assert (tmp_path / "models/onnx/fp32.onnx").is_file()
+    assert not (tmp_path / "models/onnx/w4a16.onnx").exists()
+    on_disk = json.loads((tmp_path / "results/export/metrics.json").read_text())
+    assert on_disk["status"] == "skipped_diverged"

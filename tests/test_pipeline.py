@@ -1,0 +1,35 @@
+"""dvc repro of prepare + train_fp on a tiny config, then again: DVC must re-run nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.helpers import copy_repo, run, tiny_params
+
+
+def test_dvc_repro_prepare_and_train_fp_then_nothing_to_do(tmp_path):
+    repo = copy_repo(tmp_path / "repo", tiny_params())
+    dvc = [sys.executable, "-m", "dvc"]
+    first = run([*dvc, "repro", "train_fp"], repo)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (repo / "data/prepared/dataset.yaml").is_file()
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    assert manifest["splits"]["train"]["images"] == 24
+    assert (repo / "models/fp/best.pt").is_file()
+    meta = json.loads((repo / "models/fp/metadata.json").read_text())
+    assert meta["seed"] == 0 and meta["dataset_hash"] == manifest["content_hash"]
+    assert meta["git"]["commit"] and "torch" in meta["packages"] and meta["params"]["fp"]["epochs"] == 1
+    metrics = json.loads((repo / "results/train_fp/metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 1
+    assert 0.0 <= metrics["best"] <= 1.0
+    tsv = repo / "results/train_fp/plots/metrics/val/mAP50-95.tsv"
+    assert tsv.read_text().splitlines()[0].split("\t") == ["step", "mAP50-95"]
+    assert (repo / "results/train_fp/plots/metrics/train/box_loss.tsv").is_file()
+
+    status = run([*dvc, "status", "train_fp"], repo)
+    assert "up to date" in status.stdout, status.stdout
+    second = run([*dvc, "repro", "train_fp"], repo)
+    assert second.returncode == 0
+    assert "Running stage" not in second.stdout, second.stdout
+    assert "didn't change, skipping" in second.stdout

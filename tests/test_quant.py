@@ -1,0 +1,179 @@
+"""Brevitas conversion: the int grid, the fast path's equality with Brevitas, baking, EMA."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from brevitas.nn import QuantConv2d
+from torch import nn
+
+from yoloqat.offline import configure_offline
+
+configure_offline()
+
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+
+from yoloqat.quant.checkpoint import (  # noqa: E402
+    CheckpointError,
+    bake,
+    load_qat_checkpoint,
+    save_qat_checkpoint,
+)
+from yoloqat.quant.convert import (  # noqa: E402
+    FastQuantConv2d,
+    QuantRecipe,
+    edge_conv_names,
+    fake_quant_maxabs,
+    int_weight,
+    quant_convs,
+    quant_weight_value,
+    quantize_model,
+)
+from yoloqat.quant.ema import averaging_window, ema_decay_at, make_ema  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def yolo_fp():
+    torch.manual_seed(0)
+    return DetectionModel("yolov10n.yaml", nc=6, verbose=False).eval()
+
+
+def _grid_ok(q: QuantConv2d, bits: int, per_channel: bool) -> None:
+    iw = int_weight(q)
+    value = quant_weight_value(q)
+    assert torch.equal(iw.value, value)  # integer * scale, exactly
+    lim = 2 ** (bits - 1) - 1
+    assert int(iw.integers.abs().max()) <= lim
+    rows = value.reshape(value.shape[0], -1) if per_channel else value.reshape(1, -1)
+    for row in rows:
+        assert row.unique().numel() <= 2**bits - 1
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+@pytest.mark.parametrize("scaling", ["maxabs", "learned"])
+def test_every_conv_is_on_the_int4_grid(yolo_fp, granularity, scaling):
+    recipe = QuantRecipe(bits=4, granularity=granularity, scaling=scaling, edge_bits=4)
+    model = quantize_model(copy.deepcopy(yolo_fp), recipe)
+    convs = dict(quant_convs(model))
+    plain = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    assert plain == ["model.23.dfl.conv"]  # only the fixed DFL conv stays float
+    assert len(convs) == sum(1 for m in yolo_fp.modules() if type(m) is nn.Conv2d) - 1
+    for q in convs.values():
+        _grid_ok(q, 4, granularity == "per_channel")
+
+
+def test_first_last_bits_apply_to_stem_and_head_outputs(yolo_fp):
+    model = quantize_model(copy.deepcopy(yolo_fp), QuantRecipe(bits=4, edge_bits=8))
+    edges = edge_conv_names(yolo_fp)
+    assert "model.0.conv" in edges and "model.23.cv3.0.2" in edges and "model.23.one2one_cv2.2.2" in edges
+    assert len(edges) == 13
+    for name, q in quant_convs(model):
+        assert int_weight(q).bits == (8 if name in edges else 4), name
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_fast_path_matches_brevitas_forward_and_gradient(per_channel, bits):
+    torch.manual_seed(1)
+    host = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 8, 3), nn.Conv2d(8, 2, 1))
+    recipe = QuantRecipe(bits=bits, granularity="per_channel" if per_channel else "per_tensor",
+                         edge_bits=bits)
+    q = quantize_model(host, recipe)[1]
+    assert isinstance(q, FastQuantConv2d)
+    g = torch.randn_like(q.weight)
+    ref = QuantConv2d.quant_weight(q).value  # Brevitas' own quantizer
+    (ref * g).sum().backward()
+    ref_grad = q.weight.grad.clone()
+    w = q.weight.detach().clone().requires_grad_(True)
+    fast = fake_quant_maxabs(w, bits, per_channel)
+    (fast * g).sum().backward()
+    assert torch.equal(fast, ref)
+    torch.testing.assert_close(w.grad, ref_grad, rtol=0, atol=1e-5)
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(q(x), nn.functional.conv2d(x, ref, q.bias), rtol=0, atol=1e-6)
+
+
+def test_baked_checkpoint_loads_in_ultralytics_and_matches(tmp_path, yolo_fp):
+    from ultralytics import YOLO
+
+    model = quantize_model(copy.deepcopy(yolo_fp), QuantRecipe())
+    model.eval()
+    names = {i: f"c{i}" for i in range(6)}
+    qat_path, baked_path = save_qat_checkpoint(model, QuantRecipe(), tmp_path / "best", {"epoch": 3}, names)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)[0]
+        baked_out = bake(model).eval()(x)[0]
+        yolo = YOLO(str(baked_path))
+        loaded = yolo.model.float().eval()
+        assert not any(isinstance(m, QuantConv2d) for m in loaded.modules())
+        loaded_out = loaded(x)[0]
+    assert (baked_out - ref).abs().max() <= 1e-4
+    assert (loaded_out - ref).abs().max() <= 1e-4
+    rebuilt, payload = load_qat_checkpoint(qat_path)
+    assert payload["info"]["epoch"] == 3
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x)[0], ref)
+
+
+def test_corrupt_and_foreign_checkpoints_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.qat.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable or corrupt"):
+        load_qat_checkpoint(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"model": None}, other)
+    with pytest.raises(CheckpointError, match="not a yoloqat QAT checkpoint"):
+        load_qat_checkpoint(other)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_qat_checkpoint(tmp_path / "missing.qat.pt")
+
+
+def test_ema_decay_ramp_and_window():
+    assert ema_decay_at(0, 0.9999, 2000) == 0.0
+    assert ema_decay_at(128, 0.9999, 2000) == pytest.approx(0.9999 * (1 - math.exp(-128 / 2000)))
+    assert averaging_window(10**9, 0.99, 1.0) == pytest.approx(100.0)
+
+
+def _tiny_quant_model(scaling: str) -> nn.Module:
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Conv2d(3, 3, 1), nn.Conv2d(3, 1, 1))
+    return quantize_model(host, QuantRecipe(scaling=scaling))
+
+
+@pytest.mark.parametrize("scaling", ["maxabs", "learned"])
+def test_ema_on_matches_hand_computed_average(scaling):
+    model = _tiny_quant_model(scaling)
+    decay, tau = 0.9, 2.0
+    ema = make_ema(model, enabled=True, decay=decay, tau=tau)
+    keys = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point]
+    if scaling == "learned":
+        assert any("scaling_impl.value" in k for k in keys)  # learned scales are averaged too
+    expected = {k: model.state_dict()[k].clone() for k in keys}
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * step)
+        ema.update(model)
+        a = decay * (1 - math.exp(-step / tau))
+        for k in keys:
+            expected[k] = a * expected[k] + (1 - a) * model.state_dict()[k]
+    got = ema.ema.state_dict()
+    for k in keys:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
+
+
+def test_ema_off_mirrors_the_live_weights_exactly():
+    model = _tiny_quant_model("learned")
+    ema = make_ema(model, enabled=False, decay=0.9999, tau=2000)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5).add_(0.25)
+        ema.update(model)
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                assert torch.equal(ema.ema.state_dict()[k], v), k

@@ -1,0 +1,155 @@
+"""The verdict stage: DVCLive outputs of the qat stage -> results/verdict/metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from yoloqat.config import config_from_dict
+from yoloqat.verdict import VERDICT_METRICS, VerdictError, judge_qat_run
+
+STABLE = [0.05, 0.12, 0.2, 0.25, 0.27, 0.28, 0.275, 0.28]
+COLLAPSE = [0.05, 0.15, 0.226, 0.014, 0.097, 0.001, 0.01, 0.012]
+
+
+def write_tsv(path: Path, name: str, values: list[float]) -> None:
+    """A DVCLive metric TSV (timestamp, step, value)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"timestamp\tstep\t{name}"]
+    lines += [f"{1764290000000 + 1000 * i}\t{i}\t{v}" for i, v in enumerate(values)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_qat(
+    root: Path, curve: list[float] | None, status: str = "completed",
+    losses: dict[str, list[float]] | None = None,
+) -> None:
+    live = root / "results/qat"
+    if curve is not None:
+        write_tsv(live / "plots/metrics/val/mAP50-95.tsv", "mAP50-95", curve)
+    n = len(curve or [])
+    for name, values in (losses or {"box_loss": [1.5] * n, "cls_loss": [2.0] * n}).items():
+        write_tsv(live / f"plots/metrics/train/{name}.tsv", name, values)
+    write_tsv(live / "plots/metrics/val/box_loss.tsv", "box_loss", [9.0] * n)  # not training loss
+    (live / "metrics.json").write_text(json.dumps({"status": status, "epochs": n, "step": n - 1}))
+
+
+def make_cfg(root: Path, **top):
+    raw = {"model": "yolo10s", "ema": False, "qc": True, "seed": 2, "qat": {"bits": 4}}
+    raw.update(top)
+    return config_from_dict(raw, root=root)
+
+
+def test_stable_run_writes_the_verdict_and_run_params(tmp_path):
+    write_qat(tmp_path, STABLE)
+    out = judge_qat_run(make_cfg(tmp_path))
+    written = json.loads((tmp_path / VERDICT_METRICS).read_text())
+    assert written == out
+    assert out["label"] == "stable"
+    assert out["best"] == 0.28 and out["best_epoch"] == 6 and out["final"] == 0.28
+    assert out["final_over_best"] == 1.0
+    assert out["collapse_events"] == 0 and out["epochs_collapsed"] == 0 and out["swings"] == 0
+    assert out["max_drawdown"] == pytest.approx((0.28 - 0.275) / 0.28)
+    assert out["status"] == "completed"
+    assert {k: out[k] for k in ("model", "ema", "qc", "seed", "bits", "init")} == {
+        "model": "yolo10s", "ema": False, "qc": True, "seed": 2, "bits": 4, "init": "fp",
+    }
+    assert "reason" in out and isinstance(out["reason"], str)
+    for key in ("fp_best", "gap_to_fp", "gap_mAP50-95", "w4a16_mAP50-95", "fp32_mAP50-95"):
+        assert key not in out  # no evaluate / train_fp outputs here
+
+
+def test_collapse_curve_is_collapsed(tmp_path):
+    write_qat(tmp_path, COLLAPSE)
+    out = judge_qat_run(make_cfg(tmp_path))
+    assert out["label"] == "collapsed"
+    assert out["best"] == 0.226 and out["best_epoch"] == 3
+    assert out["collapse_events"] == 1  # 0.097 never gets back above 80 % of 0.226
+    assert out["epochs_collapsed"] == 5
+    assert out["max_drawdown"] == pytest.approx((0.226 - 0.001) / 0.226)
+
+
+def test_diverged_status_wins_over_a_good_curve(tmp_path):
+    write_qat(tmp_path, STABLE, status="diverged")
+    out = judge_qat_run(make_cfg(tmp_path))
+    assert out["label"] == "diverged"
+    assert "diverged" in out["reason"]
+
+
+def test_diverged_before_the_first_validation_has_no_curve(tmp_path):
+    write_qat(tmp_path, None, status="diverged", losses={})
+    out = judge_qat_run(make_cfg(tmp_path))
+    assert out["label"] == "diverged"
+    assert out["best"] is None and out["final"] is None and out["epochs"] == 0
+
+
+def test_nan_training_loss_is_diverged(tmp_path):
+    write_qat(tmp_path, STABLE, losses={"box_loss": [1.0] * 7 + [math.nan]})
+    out = judge_qat_run(make_cfg(tmp_path))
+    assert out["label"] == "diverged"
+    assert "loss" in out["reason"]
+
+
+def test_evaluate_and_fp_numbers_are_copied(tmp_path):
+    write_qat(tmp_path, STABLE)
+    ev = {"status": "completed", "w4a16_mAP50-95": 0.26, "fp32_mAP50-95": 0.31,
+          "gap_mAP50-95": 0.05, "size_ratio": 0.16}
+    (tmp_path / "results/evaluate").mkdir(parents=True)
+    (tmp_path / "results/evaluate/metrics.json").write_text(json.dumps(ev))
+    (tmp_path / "results/train_fp").mkdir(parents=True)
+    (tmp_path / "results/train_fp/metrics.json").write_text(json.dumps({"best": 0.33}))
+    out = judge_qat_run(make_cfg(tmp_path))
+    assert out["w4a16_mAP50-95"] == 0.26
+    assert out["fp32_mAP50-95"] == 0.31
+    assert out["gap_mAP50-95"] == 0.05
+    assert "size_ratio" not in out
+    assert out["fp_best"] == 0.33
+    assert out["gap_to_fp"] == pytest.approx(0.33 - 0.28)
+
+
+def test_fp_best_falls_back_to_the_fp_curve(tmp_path):
+    write_qat(tmp_path, STABLE)
+    fp = tmp_path / "results/train_fp"
+    write_tsv(fp / "plots/metrics/val/mAP50-95.tsv", "mAP50-95", [0.1, 0.34, 0.3])
+    (fp / "metrics.json").write_text(json.dumps({"val": {"mAP50-95": 0.3}, "step": 2}))
+    out = judge_qat_run(make_cfg(tmp_path))
+    assert out["fp_best"] == 0.34
+    assert out["gap_to_fp"] == pytest.approx(0.06)
+
+
+def test_thresholds_come_from_the_stability_block(tmp_path):
+    write_qat(tmp_path, [0.1, 0.2, 0.3, 0.2, 0.3, 0.3])
+    assert judge_qat_run(make_cfg(tmp_path))["label"] != "collapsed"
+    strict = make_cfg(tmp_path, stability={"collapse_ratio": 0.7, "recovered_ratio": 0.9})
+    assert judge_qat_run(strict)["label"] == "unstable"  # one collapse that recovered
+
+
+def test_missing_qat_metrics_is_a_one_line_error(tmp_path):
+    with pytest.raises(VerdictError, match="results/qat/metrics.json not found") as err:
+        judge_qat_run(make_cfg(tmp_path))
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert not (tmp_path / VERDICT_METRICS).exists()
+
+
+def test_completed_run_without_a_curve_is_an_error(tmp_path):
+    write_qat(tmp_path, None)
+    with pytest.raises(VerdictError, match="mAP50-95.tsv not found"):
+        judge_qat_run(make_cfg(tmp_path))
+
+
+def test_metrics_without_status_is_an_error(tmp_path):
+    write_qat(tmp_path, STABLE)
+    (tmp_path / "results/qat/metrics.json").write_text(json.dumps({"best": 0.2}))
+    with pytest.raises(VerdictError, match="no status"):
+        judge_qat_run(make_cfg(tmp_path))
+
+
+def test_broken_curve_is_a_verdict_error(tmp_path):
+    write_qat(tmp_path, STABLE)
+    (tmp_path / "results/qat/plots/metrics/val/mAP50-95.tsv").write_text("step\tmAP50-95\n0\tx\n")
+    with pytest.raises(VerdictError, match="expected a number"):
+        judge_qat_run(make_cfg(tmp_path))
