@@ -2,8 +2,8 @@
 
 Times, side by side in one run, a forward + backward + SGD step (random input, loss = sum of
 squares of every output tensor) with and without ``OscillationTracker.step()`` after it.  The
-two variants alternate within each repetition so that load on a shared machine hits both alike;
-medians are reported.
+two variants alternate (AB, BA, ...) so that load on a shared machine hits both alike; medians
+are reported, and the tracker's own time per call next to them.
 
     .venv/bin/python benchmarks/oscillation_overhead.py [--reps 15] [--batch 16] [--imgsz 160]
 """
@@ -72,21 +72,32 @@ def main() -> None:
         opt.step()
         return float(loss.detach())
 
-    plain, tracked, track_only = [], [], []
-    for rep in range(args.warmup + args.reps):
+    def plain_step() -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        loss = train_step()
+        return time.perf_counter() - t0, 0.0, loss
+
+    def tracked_step() -> tuple[float, float, float]:
         t0 = time.perf_counter()
         loss = train_step()
         t1 = time.perf_counter()
-        train_step()
-        t2 = time.perf_counter()
         tracker.step()
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
+        return t2 - t0, t2 - t1, loss
+
+    plain, tracked, track_only = [], [], []
+    loss = 0.0
+    for rep in range(args.warmup + args.reps):
+        # alternate the order (AB, BA, ...) so that drifts in machine load cancel
+        first, second = (plain_step, tracked_step) if rep % 2 == 0 else (tracked_step, plain_step)
+        r1, r2 = first(), second()
+        (tp, _, loss), (tt, to, _) = (r1, r2) if rep % 2 == 0 else (r2, r1)
         if args.verbose:
-            print(f"rep {rep}: loss {loss:.4g} plain {t1 - t0:.3f}s tracked {t3 - t1:.3f}s")
+            print(f"rep {rep}: loss {loss:.4g} plain {tp:.3f}s tracked {tt:.3f}s (tracker {to:.4f}s)")
         if rep >= args.warmup:
-            plain.append(t1 - t0)
-            tracked.append(t3 - t1)
-            track_only.append(t3 - t2)
+            plain.append(tp)
+            tracked.append(tt)
+            track_only.append(to)
     if not torch.isfinite(torch.tensor(loss)):
         raise SystemExit(f"loss went non-finite ({loss}); timings are not representative")
 

@@ -7,28 +7,27 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+import torch
+from onnx import numpy_helper
 
-from yoloqat.offline import configure_offline
-
-configure_offline()
-
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
-
-from yoloqat.config import Config, DataConfig, ExportConfig  # noqa: E402
-from yoloqat.data import generate_synthetic  # noqa: E402
-from yoloqat.export import (  # noqa: E402
+from yoloqat.config import Config, DataConfig, ExportConfig
+from yoloqat.data import generate_synthetic
+from yoloqat.export import (
     ExportError,
     compare_end2end,
     export_models,
     prepare_end2end,
     torch_end2end_dense,
 )
-from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint  # noqa: E402
-from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model  # noqa: E402
+from yoloqat.offline import configure_offline
+from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint
+from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model
+
+# Before anything imports ultralytics (the modules above import it lazily, inside functions).
+configure_offline()
 
 IMGSZ = 128  # >= 300 anchors (16x16 + 8x8 + 4x4 = 336), so the head keeps all 300 rows
 NAMES = {i: f"c{i}" for i in range(6)}
@@ -48,11 +47,18 @@ def randomize_bn(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_inputs(root: Path, imgsz: int = IMGSZ, qat: bool = True) -> None:
-    """data/prepared, models/fp/best.pt and models/qc/best.qat.pt as the upstream stages make them."""
+    """data/prepared, models/fp/best.pt and models/qc/best.qat.pt, as upstream stages make them."""
     from ultralytics.nn.tasks import DetectionModel
 
-    generate_synthetic(root / "data/prepared", seed=0, train_images=1, val_images=3,
-                       calib_images=1, imgsz=imgsz, num_classes=6)
+    generate_synthetic(
+        root / "data/prepared",
+        seed=0,
+        train_images=1,
+        val_images=3,
+        calib_images=1,
+        imgsz=imgsz,
+        num_classes=6,
+    )
     fp = DetectionModel("yolov10n.yaml", nc=6, verbose=False)
     randomize_bn(fp, 1)
     fp.names = NAMES
@@ -78,7 +84,9 @@ def exported(tmp_path_factory):
     return root, metrics, fq
 
 
-def dq_weights(proto: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, np.ndarray, np.ndarray]]:
+def dq_weights(
+    proto: onnx.ModelProto,
+) -> dict[str, tuple[onnx.TensorProto, np.ndarray, np.ndarray]]:
     """{module name: (int initializer, integers, scale)} for every DequantizeLinear Conv weight."""
     inits = {t.name: t for t in proto.graph.initializer}
     out = {}
@@ -87,7 +95,9 @@ def dq_weights(proto: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, np.n
             q, s = inits[node.input[0]], inits[node.input[1]]
             assert node.output[0].endswith(".weight")
             out[node.output[0][: -len(".weight")]] = (
-                q, numpy_helper.to_array(q).astype(np.int8), numpy_helper.to_array(s),
+                q,
+                numpy_helper.to_array(q).astype(np.int8),
+                numpy_helper.to_array(s),
             )
     return out
 
@@ -95,10 +105,7 @@ def dq_weights(proto: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, np.n
 def exported_quant_convs(fq: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The fake-quant convs that survive into the end-to-end graph (one-to-many head dropped)."""
     head = f"model.{len(fq.model) - 1}."
-    return {
-        n: q for n, q in quant_convs(fq)
-        if not (n.startswith(head + "cv2.") or n.startswith(head + "cv3."))
-    }
+    return {n: q for n, q in quant_convs(fq) if not n.startswith((head + "cv2.", head + "cv3."))}
 
 
 def test_int4_weights_reproduce_the_fake_quant_weights_exactly(exported):
@@ -107,8 +114,10 @@ def test_int4_weights_reproduce_the_fake_quant_weights_exactly(exported):
     dq = dq_weights(proto)
     convs = exported_quant_convs(fq)
     assert set(dq) == set(convs)
-    assert metrics["int4_convs"] == len(convs) == sum(
-        t.data_type == onnx.TensorProto.INT4 for t in proto.graph.initializer
+    assert (
+        metrics["int4_convs"]
+        == len(convs)
+        == sum(t.data_type == onnx.TensorProto.INT4 for t in proto.graph.initializer)
     )
     modules = dict(fq.named_modules())
     flipped = 0
@@ -131,12 +140,13 @@ def test_int4_weights_reproduce_the_fake_quant_weights_exactly(exported):
         gain = torch.ones(w.shape[0], dtype=torch.float64)
         if name.endswith(".conv") and isinstance(getattr(parent, "bn", None), torch.nn.BatchNorm2d):
             bn = parent.bn
-            gain = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            gain = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
         expected = (w * gain.view(-1, 1, 1, 1)).numpy()
         got = ints.astype(np.float64) * scale.reshape(-1, 1, 1, 1)
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12, err_msg=name)
-        np.testing.assert_allclose(scale * sign, (iw.scale.double().reshape(-1) * gain).numpy(),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            scale * sign, (iw.scale.double().reshape(-1) * gain).numpy(), rtol=1e-6
+        )
     assert metrics["sign_flipped_channels"] == flipped > 0  # randomize_bn makes some gains negative
     assert metrics["int_weights_exact"] is True
 
@@ -165,11 +175,13 @@ def test_onnxruntime_matches_the_fake_quant_model(exported):
     assert metrics["parity_max_abs_diff"] < 1e-3
     assert metrics["fp32_parity_max_abs_diff"] < 1e-3
     x = np.random.default_rng(7).random((2, 3, IMGSZ, IMGSZ), dtype=np.float32)
-    sess = ort.InferenceSession(str(root / "models/onnx/w4a16.onnx"),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(root / "models/onnx/w4a16.onnx"), providers=["CPUExecutionProvider"]
+    )
     out = sess.run(None, {"images": x})[0]
-    ref, dense = torch_end2end_dense(prepare_end2end(fq, IMGSZ, 300, export=False),
-                                     torch.from_numpy(x))
+    ref, dense = torch_end2end_dense(
+        prepare_end2end(fq, IMGSZ, 300, export=False), torch.from_numpy(x)
+    )
     parity = compare_end2end(out, ref, dense)
     assert parity["max_abs_diff"] < 1e-3, parity
 
@@ -210,7 +222,7 @@ def test_repvggdw_branches_stay_separate_int4_convs(exported):
 
 
 def test_metrics_report_sizes_and_counts(exported):
-    root, metrics, _ = exported
+    root, _, _ = exported
     on_disk = json.loads((root / "results/export/metrics.json").read_text())
     assert on_disk["status"] == "exported"
     assert on_disk["w4a16_file_bytes"] == (root / "models/onnx/w4a16.onnx").stat().st_size
@@ -224,10 +236,10 @@ def test_metrics_report_sizes_and_counts(exported):
 
 def test_missing_or_corrupt_inputs_raise_one_line_errors(exported, tmp_path):
     root, _, _ = exported
-    with pytest.raises(ExportError, match="FP checkpoint .* not found"):
+    with pytest.raises(ExportError, match=r"FP checkpoint .* not found"):
         export_models(config(tmp_path))
     shutil.copytree(root / "models/fp", tmp_path / "models/fp")
-    with pytest.raises(ExportError, match="best.qat.pt.* not found"):
+    with pytest.raises(ExportError, match=r"best\.qat\.pt.* not found"):
         export_models(config(tmp_path))
     (tmp_path / "models/qc").mkdir(parents=True)
     (tmp_path / "models/qc/best.qat.pt").write_bytes(b"not a checkpoint")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -90,6 +91,21 @@ def test_fixture_flattens_workspace_baseline_and_experiments(records):
     assert records[0].params["model"] == "yolo10s" and records[0].label == "stable"
 
 
+def test_running_experiment_and_missing_params():
+    raw = [{"rev": "abc1234567", "name": None, "data": {"params": {}}, "error": None,
+            "experiments": [{"name": "busy-run", "executor": {"state": "running"},
+                             "revs": [{"rev": "def", "name": "busy-run", "error": None,
+                                       "data": {"params": {"params.yaml": {"data": {
+                                           "model": "yolo10m", "seed": 1}}}}}]}]}]
+    base, exp = flatten_exp_show(raw)
+    assert base.name == "abc1234" and base.kind == "baseline"
+    assert exp.state == "running" and exp.params["model"] == "yolo10m"
+    assert exp.params["qat.bits"] is None and exp.metrics == {}
+    assert group_rows([base, exp]) == []  # no method without ema/qc/bits
+    with pytest.raises(ExperimentsError):
+        flatten_exp_show(["not a row"])
+
+
 def test_bad_exp_show_json_is_a_one_line_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -170,9 +186,14 @@ def test_a_newer_judged_run_wins_over_a_failed_one_with_the_same_seed():
     old = fake("yolo10n", True, True, 0, label=None, name="old", state="failed")
     new = fake("yolo10n", True, True, 0, label="collapsed", name="new")
     queued = fake("yolo10n", True, True, 1, label=None, name="q", state="queued")
-    (row,) = group_rows([old, new, queued])
+    no_verdict = dataclasses.replace(fake("yolo10n", True, True, 2), name="nv",
+                                     metrics={"qat": {"status": "completed", "best": 0.2}})
+    fp_only = dataclasses.replace(fake("yolo10n", True, True, 3), name="fp",
+                                  metrics={"train_fp": {"best": 0.3}})
+    (row,) = group_rows([old, new, queued, no_verdict, fp_only])
     assert row.runs == 1 and [r.name for r in row.records] == ["new"]
-    assert row.failed == [] and row.pending == [1]
+    assert row.failed == [] and row.pending == [1] and row.unjudged == [2]
+    assert format_table([row]).splitlines()[1].split()[-3:] == ["1", "0", "1"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +413,8 @@ def test_queued_dvc_experiments_end_up_in_the_ladder(tmp_path, monkeypatch, caps
     for k in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
         monkeypatch.setenv(k, "test@yoloqat.local")
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    # the queue worker starts `dvc exp exec-run` by name: the venv's bin must be on PATH
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "gen.py").write_text(GEN)
@@ -432,7 +455,10 @@ def test_queued_dvc_experiments_end_up_in_the_ladder(tmp_path, monkeypatch, caps
     assert row.runs == 2 and row.seeds == [0, 1] and row.counts["stable"] == 2
     assert row.best_mean == pytest.approx((0.3 + 0.31) / 2)
     d = decide(rows, ladder_settings(repo / "params.yaml")[0])
-    assert d.next_rung == "yolo10n" and d.rung("yolo10n").missing_seeds == [2]
+    assert d.next_rung == "yolo10n" and d.rung("yolo10n").state == "incomplete"
+    assert d.rung("yolo10n").missing_seeds == [0, 1, 2]  # the other variants have no runs
+    assert d.rung("yolo10n").existing_in_grid == ["ema=true qc=true seed=0",
+                                                  "ema=true qc=true seed=1"]
 
     exp1 = next(r for r in row.records if r.params["seed"] == 1)
     curves = read_curves(exp1, repo)

@@ -289,7 +289,7 @@ def _fp(raw: dict[str, Any], root: Path) -> FPConfig:
         epochs=_int("fp.epochs", b.get("epochs", d.epochs), 0),
         batch=_int("fp.batch", b.get("batch", d.batch), 1),
         optimizer=_choice("fp.optimizer", b.get("optimizer", d.optimizer), OPTIMIZERS),
-        lr0=_float("fp.lr0", b.get("lr0", d.lr0), 0.0, lo_open=True),
+        lr0=_float("fp.lr0", b.get("lr0", d.lr0), 0.0, 1.0, lo_open=True),
         weight_decay=_float("fp.weight_decay", b.get("weight_decay", d.weight_decay), 0.0),
         warmup_epochs=_float("fp.warmup_epochs", b.get("warmup_epochs", d.warmup_epochs), 0.0),
         init_checkpoint=_optional_path(
@@ -316,7 +316,7 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         epochs=_int("qat.epochs", b.get("epochs", d.epochs), 1),
         batch=_int("qat.batch", b.get("batch", d.batch), 1),
         optimizer=_choice("qat.optimizer", b.get("optimizer", d.optimizer), OPTIMIZERS),
-        lr0=_float("qat.lr0", b.get("lr0", d.lr0), 0.0, lo_open=True),
+        lr0=_float("qat.lr0", b.get("lr0", d.lr0), 0.0, 1.0, lo_open=True),
         weight_decay=_float("qat.weight_decay", b.get("weight_decay", d.weight_decay), 0.0),
         warmup_epochs=_float("qat.warmup_epochs", b.get("warmup_epochs", d.warmup_epochs), 0.0),
         amp=_bool("qat.amp", b.get("amp", d.amp)),

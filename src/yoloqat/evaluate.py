@@ -52,7 +52,9 @@ RESULTS_DIR = Path("results/evaluate")
 INPUT_NAME = "images"
 THROUGHPUT_BATCH = 8
 PARITY_TARGET = 0.005
-IMG_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".dng", ".mpo"})
+IMG_SUFFIXES = frozenset(
+    {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".dng", ".mpo"}
+)
 
 
 class EvaluateError(ValueError):
@@ -93,13 +95,15 @@ def _split_images(root: Path, entry: Any, yaml_path: Path) -> list[Path]:
         if p.is_dir():
             images += [f for f in p.rglob("*") if f.suffix.lower() in IMG_SUFFIXES]
         elif p.is_file() and p.suffix == ".txt":
-            for line in p.read_text().splitlines():
-                line = line.strip()
+            for raw in p.read_text().splitlines():
+                line = raw.strip()
                 if line:
                     f = Path(line)
                     images.append(f if f.is_absolute() else (p.parent / f).resolve())
         else:
-            raise EvaluateError(f"evaluate: split path {str(p)!r} from {str(yaml_path)!r} not found")
+            raise EvaluateError(
+                f"evaluate: split path {str(p)!r} from {str(yaml_path)!r} not found"
+            )
     return sorted(images)
 
 
@@ -113,7 +117,9 @@ def _read_labels(path: Path, width: int, height: int) -> tuple[np.ndarray, np.nd
             try:
                 nums = [float(v) for v in vals]
             except ValueError:
-                raise EvaluateError(f"evaluate: label file {str(path)!r} line {n} is not numeric") from None
+                raise EvaluateError(
+                    f"evaluate: label file {str(path)!r} line {n} is not numeric"
+                ) from None
             if len(nums) == 5:
                 cx, cy, w, h = nums[1:]
                 x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
@@ -146,7 +152,9 @@ def read_split(
     if not isinstance(doc, dict) or doc.get(split) in (None, ""):
         raise EvaluateError(f"evaluate: dataset {str(dataset_yaml)!r} has no {split!r} split")
     names = doc.get("names") or {}
-    names = {int(k): str(v) for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
+    names = {
+        int(k): str(v) for k, v in (names.items() if isinstance(names, dict) else enumerate(names))
+    }
     root = Path(str(doc.get("path") or ".")).expanduser()
     root = root if root.is_absolute() else dataset_yaml.parent / root
     images = _split_images(root, doc[split], dataset_yaml)
@@ -159,7 +167,7 @@ def read_split(
             f"(looked for e.g. {str(label_paths[0])!r}); cannot score it"
         )
     samples = []
-    for img, lbl in zip(images, label_paths):
+    for img, lbl in zip(images, label_paths, strict=True):
         try:
             with Image.open(img) as im:
                 width, height = exif_size(im)
@@ -220,44 +228,74 @@ def detection_metrics(
         if len(s.classes) and len(d.classes):
             iou = box_iou(torch.from_numpy(s.boxes), torch.from_numpy(d.boxes))
             tp = DetectionValidator.match_predictions(
-                matcher, torch.from_numpy(d.classes), torch.from_numpy(s.classes), iou  # type: ignore[arg-type]
+                matcher,
+                torch.from_numpy(d.classes),
+                torch.from_numpy(s.classes),
+                iou,  # type: ignore[arg-type]
             ).numpy()
         else:
             tp = np.zeros((len(d.classes), len(iouv)), dtype=bool)
-        metrics.update_stats({
-            "tp": tp, "conf": d.scores, "pred_cls": d.classes, "target_cls": s.classes,
-            "target_img": np.unique(s.classes), "im_name": s.path.name,
-        })
+        metrics.update_stats(
+            {
+                "tp": tp,
+                "conf": d.scores,
+                "pred_cls": d.classes,
+                "target_cls": s.classes,
+                "target_img": np.unique(s.classes),
+                "im_name": s.path.name,
+            }
+        )
     metrics.process()
     p, r, map50, map5095 = (float(v) for v in metrics.mean_results())
     return {"mAP50-95": map5095, "mAP50": map50, "precision": p, "recall": r}
 
 
 def _xywh(b: np.ndarray) -> list[float]:
-    return [round(float(b[0]), 3), round(float(b[1]), 3), round(float(b[2] - b[0]), 3),
-            round(float(b[3] - b[1]), 3)]
+    return [
+        round(float(b[0]), 3),
+        round(float(b[1]), 3),
+        round(float(b[2] - b[0]), 3),
+        round(float(b[3] - b[1]), 3),
+    ]
 
 
 def coco_ground_truth(samples: Sequence[Sample], names: dict[int, str]) -> dict[str, Any]:
     images, anns = [], []
     for s in samples:
-        images.append({"id": s.image_id, "file_name": s.path.name, "width": s.width, "height": s.height})
-        for b, c in zip(s.boxes, s.classes):
+        images.append(
+            {"id": s.image_id, "file_name": s.path.name, "width": s.width, "height": s.height}
+        )
+        for b, c in zip(s.boxes, s.classes, strict=True):
             bbox = _xywh(b)
-            anns.append({
-                "id": len(anns) + 1, "image_id": s.image_id, "category_id": int(c), "bbox": bbox,
-                "area": round(bbox[2] * bbox[3], 3), "iscrowd": 0,
-            })
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": s.image_id,
+                    "category_id": int(c),
+                    "bbox": bbox,
+                    "area": round(bbox[2] * bbox[3], 3),
+                    "iscrowd": 0,
+                }
+            )
     cats = [{"id": int(i), "name": n} for i, n in sorted(names.items())]
-    return {"info": {"description": "yoloqat val split"}, "images": images, "annotations": anns,
-            "categories": cats}
+    return {
+        "info": {"description": "yoloqat val split"},
+        "images": images,
+        "annotations": anns,
+        "categories": cats,
+    }
 
 
 def coco_predictions(samples: Sequence[Sample], detections: Sequence[Detections]) -> list[dict]:
     return [
-        {"image_id": s.image_id, "category_id": int(c), "bbox": _xywh(b), "score": round(float(p), 5)}
+        {
+            "image_id": s.image_id,
+            "category_id": int(c),
+            "bbox": _xywh(b),
+            "score": round(float(p), 5),
+        }
         for s, d in zip(samples, detections, strict=True)
-        for b, p, c in zip(d.boxes, d.scores, d.classes)
+        for b, p, c in zip(d.boxes, d.scores, d.classes, strict=True)
     ]
 
 
@@ -280,7 +318,10 @@ def providers_for(device: str) -> list[str]:
 
 
 def open_onnx(
-    path: Path, imgsz: int, device: str = "cpu", threads: int | None = None,
+    path: Path,
+    imgsz: int,
+    device: str = "cpu",
+    threads: int | None = None,
     fold_dequantize: bool = False,
 ) -> Any:
     """An onnxruntime session for an end-to-end detector ONNX file, or one-line EvaluateError.
@@ -321,11 +362,11 @@ def open_onnx(
             f"evaluate: {str(path)!r} takes input {in_shape}, expected (N, 3, {imgsz}, {imgsz});"
             " re-run the export stage with the same data.imgsz"
         )
-    if len(out) != 1 or len(out[0].shape) != 3 or out[0].shape[2] not in (6, None) and not isinstance(
-        out[0].shape[2], str
-    ):
+    out_shape = out[0].shape if len(out) == 1 else None
+    last = out_shape[-1] if out_shape is not None and len(out_shape) == 3 else -1
+    if not (last == 6 or last is None or isinstance(last, str)):  # symbolic dims are accepted
         raise EvaluateError(
-            f"evaluate: {str(path)!r} is not an end-to-end detector (output {out[0].shape},"
+            f"evaluate: {str(path)!r} is not an end-to-end detector (output {out_shape},"
             " expected (N, max_det, 6))"
         )
     return sess
@@ -347,17 +388,22 @@ def torch_runner(model: Any, max_det: int, imgsz: int) -> Callable[[np.ndarray],
 
 
 def predict_split(
-    runners: dict[str, Callable[[np.ndarray], np.ndarray]], samples: Sequence[Sample], imgsz: int,
-    batch: int, conf: float,
+    runners: dict[str, Callable[[np.ndarray], np.ndarray]],
+    samples: Sequence[Sample],
+    imgsz: int,
+    batch: int,
+    conf: float,
 ) -> dict[str, list[Detections]]:
     """Run every model on the same preprocessed batches (each image is decoded once)."""
     out: dict[str, list[Detections]] = {k: [] for k in runners}
     for i in range(0, len(samples), batch):
-        chunk = samples[i:i + batch]
+        chunk = samples[i : i + batch]
         x = letterbox_batch(chunk, imgsz)
         for key, run in runners.items():
             y = run(x)
-            out[key] += [to_detections(rows, s, imgsz, conf) for rows, s in zip(y, chunk)]
+            out[key] += [
+                to_detections(rows, s, imgsz, conf) for rows, s in zip(y, chunk, strict=True)
+            ]
     return out
 
 
@@ -419,7 +465,8 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
             qat_model, _ = load_qat_checkpoint(cfg.resolve(QAT_CHECKPOINT))
         except CheckpointError as exc:
             raise EvaluateError(f"evaluate: {exc}") from None
-        max_det = int(w_sess.get_outputs()[0].shape[1])
+        k = w_sess.get_outputs()[0].shape[1]  # the rows the ONNX head keeps (pinned at export)
+        max_det = k if isinstance(k, int) else cfg.export.max_det
         runners["w4a16"] = onnx_runner(w_sess)
         runners["pytorch_w4a16"] = torch_runner(qat_model, max_det, imgsz)
 
@@ -462,34 +509,40 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
         w, pt, fp = scores["w4a16"], scores["pytorch_w4a16"], scores["fp32"]
         w_size = cfg.resolve(W4A16_ONNX).stat().st_size
         parity = abs(w["mAP50-95"] - pt["mAP50-95"])
-        m.update({
-            "w4a16_mAP50-95": _round(w["mAP50-95"]),
-            "w4a16_mAP50": _round(w["mAP50"]),
-            "pytorch_w4a16_mAP50-95": _round(pt["mAP50-95"]),
-            "pytorch_w4a16_mAP50": _round(pt["mAP50"]),
-            "parity_abs_diff": _round(parity, 6),
-            "parity_ok": parity <= PARITY_TARGET,
-            "gap_mAP50-95": _round(fp["mAP50-95"] - w["mAP50-95"]),
-            "w4a16_size_bytes": w_size,
-            "size_ratio": _round(w_size / fp_size, 4),
-            "w4a16_latency_ms": _round(lat["w4a16"] * 1e3, 3),
-            "latency_ratio": _round(lat["w4a16"] / lat["fp32"], 3),
-            "w4a16_throughput_ips": _round(THROUGHPUT_BATCH / thr["w4a16"], 1),
-            "w4a16_prefolded_latency_ms": _round(lat["w4a16_prefolded"] * 1e3, 3),
-            "w4a16_prefolded_latency_ratio": _round(lat["w4a16_prefolded"] / lat["fp32"], 3),
-            "w4a16_prefolded_throughput_ips": _round(THROUGHPUT_BATCH / thr["w4a16_prefolded"], 1),
-        })
-    m.update({
-        "conf": ev.conf,
-        "imgsz": imgsz,
-        "device": ev.device,
-        "providers": fp_sess.get_providers(),
-        "ort_intra_op_threads": threads,
-        "latency_warmup": ev.latency_warmup,
-        "latency_runs": ev.latency_runs,
-        "throughput_batch": THROUGHPUT_BATCH,
-        "seconds": round(time.time() - t0, 1),
-    })
+        m.update(
+            {
+                "w4a16_mAP50-95": _round(w["mAP50-95"]),
+                "w4a16_mAP50": _round(w["mAP50"]),
+                "pytorch_w4a16_mAP50-95": _round(pt["mAP50-95"]),
+                "pytorch_w4a16_mAP50": _round(pt["mAP50"]),
+                "parity_abs_diff": _round(parity, 6),
+                "parity_ok": parity <= PARITY_TARGET,
+                "gap_mAP50-95": _round(fp["mAP50-95"] - w["mAP50-95"]),
+                "w4a16_size_bytes": w_size,
+                "size_ratio": _round(w_size / fp_size, 4),
+                "w4a16_latency_ms": _round(lat["w4a16"] * 1e3, 3),
+                "latency_ratio": _round(lat["w4a16"] / lat["fp32"], 3),
+                "w4a16_throughput_ips": _round(THROUGHPUT_BATCH / thr["w4a16"], 1),
+                "w4a16_prefolded_latency_ms": _round(lat["w4a16_prefolded"] * 1e3, 3),
+                "w4a16_prefolded_latency_ratio": _round(lat["w4a16_prefolded"] / lat["fp32"], 3),
+                "w4a16_prefolded_throughput_ips": _round(
+                    THROUGHPUT_BATCH / thr["w4a16_prefolded"], 1
+                ),
+            }
+        )
+    m.update(
+        {
+            "conf": ev.conf,
+            "imgsz": imgsz,
+            "device": ev.device,
+            "providers": fp_sess.get_providers(),
+            "ort_intra_op_threads": threads,
+            "latency_warmup": ev.latency_warmup,
+            "latency_runs": ev.latency_runs,
+            "throughput_batch": THROUGHPUT_BATCH,
+            "seconds": round(time.time() - t0, 1),
+        }
+    )
 
     out = cfg.resolve(RESULTS_DIR)
     shutil.rmtree(out, ignore_errors=True)

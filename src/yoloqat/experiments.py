@@ -92,7 +92,12 @@ def dvc_command() -> list[str]:
 
 
 def dvc_env() -> dict[str, str]:
+    """The environment for dvc: its own folder first on PATH (queue workers start ``dvc`` by
+    name), analytics off."""
     env = dict(os.environ)
+    exe = Path(dvc_command()[0])
+    if exe.name == "dvc":
+        env["PATH"] = str(exe.parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("DVC_NO_ANALYTICS", "1")
     return env
 

@@ -80,8 +80,15 @@ class FoldedConv:
 
 def _conv_like(q: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
     conv = nn.Conv2d(
-        q.in_channels, q.out_channels, q.kernel_size, stride=q.stride, padding=q.padding,
-        dilation=q.dilation, groups=q.groups, bias=bias is not None, padding_mode=q.padding_mode,
+        q.in_channels,
+        q.out_channels,
+        q.kernel_size,
+        stride=q.stride,
+        padding=q.padding,
+        dilation=q.dilation,
+        groups=q.groups,
+        bias=bias is not None,
+        padding_mode=q.padding_mode,
     )
     with torch.no_grad():
         conv.weight.copy_(weight)
@@ -98,27 +105,42 @@ def _fold_one(name: str, q: nn.Module, bn: nn.BatchNorm2d | None) -> tuple[nn.Co
     iw = int_weight(q)
     out = q.out_channels
     trained = iw.integers.cpu().numpy().astype(np.int8)
-    scale = iw.scale.double().cpu().reshape(-1).expand(out) if iw.scale.numel() == 1 else (
-        iw.scale.double().cpu().reshape(out)
+    scale = (
+        iw.scale.double().cpu().reshape(-1).expand(out)
+        if iw.scale.numel() == 1
+        else (iw.scale.double().cpu().reshape(out))
     )
-    bias = q.bias.detach().double().cpu() if q.bias is not None else torch.zeros(out, dtype=torch.float64)
+    bias = (
+        q.bias.detach().double().cpu()
+        if q.bias is not None
+        else torch.zeros(out, dtype=torch.float64)
+    )
     if bn is not None:
-        gain = bn.weight.detach().double().cpu() / torch.sqrt(bn.running_var.double().cpu() + bn.eps)
+        gain = bn.weight.detach().double().cpu() / torch.sqrt(
+            bn.running_var.double().cpu() + bn.eps
+        )
         bias = bn.bias.detach().double().cpu() - bn.running_mean.double().cpu() * gain + bias * gain
         scale = scale * gain
     sign = torch.where(scale < 0, -1, 1).to(torch.int8)
     scale32 = (scale * sign.double()).float().numpy()
     integers = trained * sign.numpy().reshape(-1, 1, 1, 1)
     rec = FoldedConv(
-        name=name, integers=integers.astype(np.int8), scale=scale32, bits=iw.bits,
-        trained_integers=trained, sign=sign.numpy(), bn_folded=bn is not None,
+        name=name,
+        integers=integers.astype(np.int8),
+        scale=scale32,
+        bits=iw.bits,
+        trained_integers=trained,
+        sign=sign.numpy(),
+        bn_folded=bn is not None,
     )
     has_bias = bn is not None or q.bias is not None
     conv = _conv_like(q, torch.from_numpy(rec.weight), bias.float() if has_bias else None)
     return conv, rec
 
 
-def fold_quantized(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, dict[str, FoldedConv]]:
+def fold_quantized(
+    model: nn.Module, inplace: bool = False
+) -> tuple[nn.Module, dict[str, FoldedConv]]:
     """A float "deploy" model from a fake-quant one, with BN folded into the integer grid.
 
     Every quantized conv becomes a plain ``nn.Conv2d`` whose weight is exactly
@@ -133,7 +155,8 @@ def fold_quantized(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, 
     records: dict[str, FoldedConv] = {}
     for name, m in list(deploy.named_modules()):
         if (
-            isinstance(m, Conv) and not isinstance(m, Conv2)
+            isinstance(m, Conv)
+            and not isinstance(m, Conv2)
             and isinstance(getattr(m, "conv", None), QuantConv2d)
             and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)
         ):
@@ -149,10 +172,13 @@ def fold_quantized(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, 
         parent = deploy.get_submodule(parent_name) if parent_name else deploy
         setattr(parent, child, conv)
         records[rec.name] = rec
-    leftovers = [n for n, m in deploy.named_modules() if isinstance(m, (QuantConv2d, nn.BatchNorm2d))]
+    leftovers = [
+        n for n, m in deploy.named_modules() if isinstance(m, (QuantConv2d, nn.BatchNorm2d))
+    ]
     if leftovers:
         raise ExportError(
-            f"export: cannot fold {len(leftovers)} layer(s) into int4 convs (first: {leftovers[0]});"
+            f"export: cannot fold {len(leftovers)} layer(s) into int4 convs"
+            f" (first: {leftovers[0]});"
             " only Conv+BN, DWConv+BN and bare quantized convs are supported"
         )
     deploy.__dict__.pop("quant_recipe", None)
@@ -241,22 +267,33 @@ def export_onnx(model: nn.Module, imgsz: int, opset: int, metadata: dict[str, An
     # graph is then converted with onnx's own version converter (20 -> 21 only widens types,
     # e.g. DequantizeLinear gains INT4).
     torch.onnx.export(
-        model, im, buf, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET), input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        dynamo=False, do_constant_folding=True,
+        model,
+        im,
+        buf,
+        opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        dynamo=False,
+        do_constant_folding=True,
     )
     proto = onnx.load_from_string(buf.getvalue())
     if opset > TORCHSCRIPT_MAX_OPSET:
         try:
             proto = version_converter.convert_version(proto, opset)
         except Exception as exc:  # noqa: BLE001  (the converter raises untyped C++ errors)
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"export: cannot convert the graph to opset {opset} ({first})") from None
-        proto.ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(
-            list(proto.opset_import)))
+            first = (
+                str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            )
+            raise ExportError(
+                f"export: cannot convert the graph to opset {opset} ({first})"
+            ) from None
+        proto.ir_version = max(
+            proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import))
+        )
     k = int(model.model[-1].max_det)
     dims = proto.graph.output[0].type.tensor_type.shape.dim
-    for dim, value in zip(dims[1:], (k, 6)):  # pin (N, k, 6): only the batch is dynamic
+    for dim, value in zip(dims[1:], (k, 6), strict=True):  # pin (N, k, 6); batch stays dynamic
         dim.Clear()
         dim.dim_value = value
     for key, value in metadata.items():
@@ -307,17 +344,28 @@ def quantize_initializers(proto: Any, records: dict[str, FoldedConv]) -> dict[st
         uses = consumers.get(init.name, [])
         if not uses or any(n.op_type != "Conv" or i != 1 for n, i in uses):
             raise ExportError(
-                f"export: initializer {init.name} matches layer {rec.name} but is not only a Conv weight"
+                f"export: initializer {init.name} matches layer {rec.name} but feeds more than"
+                " Conv weights"
             )
         q_name, s_name = f"{init.name}_quantized", f"{init.name}_scale"
         new_inits.append(
-            helper.make_tensor(q_name, _int_type(rec.bits), list(rec.integers.shape),
-                               np.ascontiguousarray(rec.integers), raw=True)
+            helper.make_tensor(
+                q_name,
+                _int_type(rec.bits),
+                list(rec.integers.shape),
+                np.ascontiguousarray(rec.integers),
+                raw=True,
+            )
         )
         new_inits.append(numpy_helper.from_array(rec.scale.astype(np.float32), s_name))
         dq_nodes.append(
-            helper.make_node("DequantizeLinear", [q_name, s_name], [init.name], axis=0,
-                             name=f"{init.name}_DequantizeLinear")
+            helper.make_node(
+                "DequantizeLinear",
+                [q_name, s_name],
+                [init.name],
+                axis=0,
+                name=f"{init.name}_DequantizeLinear",
+            )
         )
         drop.append(init)
         matched[init.name] = rec.name
@@ -348,7 +396,7 @@ def initializer_nbytes(tensor: Any) -> int:
 
 
 def conv_weight_kinds(proto: Any) -> dict[str, int]:
-    """Count Conv nodes by how their weight is stored: int4 / int8 via DequantizeLinear, or float."""
+    """Count Conv nodes by weight storage: int4 / int8 through DequantizeLinear, or float."""
     import onnx
 
     inits = {t.name: t for t in proto.graph.initializer}
@@ -360,9 +408,13 @@ def conv_weight_kinds(proto: Any) -> dict[str, int]:
         src = producers.get(node.input[1])
         if src is not None and src.op_type == "DequantizeLinear" and src.input[0] in inits:
             dtype = inits[src.input[0]].data_type
-            key = {onnx.TensorProto.INT4: "int4_convs", onnx.TensorProto.INT8: "int8_convs"}.get(dtype)
+            key = {onnx.TensorProto.INT4: "int4_convs", onnx.TensorProto.INT8: "int8_convs"}.get(
+                dtype
+            )
             if key is None:
-                raise ExportError(f"export: Conv {node.name} dequantizes an unexpected type {dtype}")
+                raise ExportError(
+                    f"export: Conv {node.name} dequantizes an unexpected type {dtype}"
+                )
             counts[key] += 1
         else:
             counts["float_convs"] += 1
@@ -394,7 +446,9 @@ def verify_int_weights(proto: Any, records: dict[str, FoldedConv], matched: dict
             raise ExportError(f"export: int weights of {rec.name} do not round-trip exactly")
         checked += 1
     if checked != len(set(matched.values())):
-        raise ExportError(f"export: verified {checked} int convs, expected {len(set(matched.values()))}")
+        raise ExportError(
+            f"export: verified {checked} int convs, expected {len(set(matched.values()))}"
+        )
     return checked
 
 
@@ -423,15 +477,23 @@ def compare_end2end(out: np.ndarray, ref: np.ndarray, dense: np.ndarray) -> dict
     raw = float(np.abs(out - ref).max()) if out.size else 0.0
     row_diff = score_diff = 0.0
     same_order = 0
-    for o, r, d in zip(out, ref, dense):
+    for o, r, d in zip(out, ref, dense, strict=True):
         same_order += int(np.array_equal(o[:, 5], r[:, 5]) and np.abs(o - r).max(initial=0) < 1e-3)
         cls = o[:, 5].astype(np.int64)
         box_d = np.abs(o[:, None, :4] - d[None, :, :4]).max(-1)  # (k, anchors)
         score_d = np.abs(o[:, None, 4] - d[:, 4 + cls].T)  # (k, anchors) same class
         row_diff = max(row_diff, float(np.maximum(box_d, score_d).min(1).max(initial=0)))
-        score_diff = max(score_diff, float(np.abs(np.sort(o[:, 4]) - np.sort(r[:, 4])).max(initial=0)))
-    return {"raw": raw, "max_abs_diff": max(row_diff, score_diff), "row_to_anchor": row_diff,
-            "sorted_scores": score_diff, "images_same_order": same_order, "images": len(out)}
+        score_diff = max(
+            score_diff, float(np.abs(np.sort(o[:, 4]) - np.sort(r[:, 4])).max(initial=0))
+        )
+    return {
+        "raw": raw,
+        "max_abs_diff": max(row_diff, score_diff),
+        "row_to_anchor": row_diff,
+        "sorted_scores": score_diff,
+        "images_same_order": same_order,
+        "images": len(out),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +529,8 @@ def _load_qat_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def qat_diverged(cfg: Config) -> str | None:
-    """The metrics file that reports a diverged QAT/QC run, if any."""
+    """The metrics file that reports a diverged QAT run (qat: "diverged", qc passes it on as
+    "skipped_diverged"), if any."""
     for rel in QAT_METRICS:
         p = cfg.resolve(rel)
         if p.is_file():
@@ -475,7 +538,7 @@ def qat_diverged(cfg: Config) -> str | None:
                 status = json.loads(p.read_text()).get("status")
             except (json.JSONDecodeError, AttributeError):
                 continue
-            if status == "diverged":
+            if status in ("diverged", "skipped_diverged"):
                 return str(rel)
     return None
 
@@ -517,24 +580,33 @@ def _write_onnx(proto: Any, path: Path) -> int:
 
 def build_fp32(cfg: Config, fp_model: nn.Module, imgsz: int) -> Any:
     model = prepare_end2end(fold_float(fp_model), imgsz, cfg.export.max_det, export=True)
-    meta = {"yoloqat": "fp32", "imgsz": imgsz, "end2end": True, "names": getattr(model, "names", {})}
+    meta = {
+        "yoloqat": "fp32",
+        "imgsz": imgsz,
+        "end2end": True,
+        "names": getattr(model, "names", {}),
+    }
     return export_onnx(model, imgsz, cfg.export.opset, meta)
 
 
 def build_w4a16(
     cfg: Config, qat_model: nn.Module, payload: dict[str, Any], imgsz: int, inplace: bool = False
 ) -> tuple[Any, nn.Module, dict[str, FoldedConv], dict[str, str]]:
-    """Fold, export and rewrite the fake-quant model; returns (proto, deploy model, records, matched).
+    """Fold, export and rewrite the fake-quant model: (proto, deploy model, records, matched).
 
     ``inplace`` turns ``qat_model`` itself into the deploy model instead of copying it.
     """
     model = qat_model if inplace else copy.deepcopy(qat_model)
-    deploy, records = fold_quantized(prepare_end2end(model, imgsz, cfg.export.max_det, export=True),
-                                     inplace=True)
+    deploy, records = fold_quantized(
+        prepare_end2end(model, imgsz, cfg.export.max_det, export=True), inplace=True
+    )
     for p in deploy.parameters():
         p.requires_grad_(False)
     meta = {
-        "yoloqat": "w4a16", "imgsz": imgsz, "end2end": True, "recipe": payload.get("recipe", {}),
+        "yoloqat": "w4a16",
+        "imgsz": imgsz,
+        "end2end": True,
+        "recipe": payload.get("recipe", {}),
         "names": payload.get("names", {}),
     }
     proto = export_onnx(deploy, imgsz, cfg.export.opset, meta)
@@ -555,7 +627,21 @@ def export_models(cfg: Config) -> dict[str, Any]:
         diverged, qat_model = f"{QAT_CHECKPOINT} (non-finite weights)", None
     x = parity_batch(cfg, cfg.export.parity_images)  # fails early if the dataset is missing
 
+    # Build both graphs in memory first, so a failure leaves no half-written outputs.
     fp_proto = build_fp32(cfg, fp_model, imgsz)
+    proto = records = fq_ref = None
+    if qat_model is not None:
+        # The PyTorch reference first: build_w4a16 then turns the loaded model into the deploy one.
+        prepare_end2end(qat_model, imgsz, cfg.export.max_det, export=False)
+        fq_ref = torch_end2end_dense(qat_model, torch.from_numpy(x))
+        proto, _, records, _ = build_w4a16(cfg, qat_model, payload, imgsz, inplace=True)
+        counts = conv_weight_kinds(proto)
+        n_int = counts["int4_convs"] + counts["int8_convs"]
+        if n_int != len(records):
+            raise ExportError(
+                f"export: {n_int} int Conv nodes in the graph, expected {len(records)}"
+            )
+
     for p in (onnx_dir, results_dir):
         shutil.rmtree(p, ignore_errors=True)
     fp_path = onnx_dir / FP32_NAME
@@ -563,8 +649,10 @@ def export_models(cfg: Config) -> dict[str, Any]:
     fp_counts = conv_weight_kinds(fp_proto)
     fp_bytes = sum(initializer_nbytes(t) for t in fp_proto.graph.initializer)
     fp_out = ort_session(fp_path).run(None, {INPUT_NAME: x})[0]
-    fp_ref = torch_end2end_dense(prepare_end2end(copy.deepcopy(fp_model), imgsz, cfg.export.max_det,
-                                                 export=False), torch.from_numpy(x))
+    fp_ref = torch_end2end_dense(
+        prepare_end2end(copy.deepcopy(fp_model), imgsz, cfg.export.max_det, export=False),
+        torch.from_numpy(x),
+    )
     fp_parity = compare_end2end(fp_out, *fp_ref)
 
     metrics: dict[str, Any] = {
@@ -576,24 +664,18 @@ def export_models(cfg: Config) -> dict[str, Any]:
         "fp32_float_convs": fp_counts["float_convs"],
         "fp32_parity_max_abs_diff": fp_parity["max_abs_diff"],
     }
-    if diverged:
-        metrics = {"status": "skipped_diverged", "reason": f"{diverged} reports a diverged run;"
-                   " no W4A16 model was exported", **metrics}
+    if proto is None or records is None or fq_ref is None:
+        metrics = {
+            "status": "skipped_diverged",
+            "reason": f"{diverged} reports a diverged run; no W4A16 model was exported",
+            **metrics,
+        }
         _finish(cfg, results_dir, metrics, t0)
         print(f"export: W4A16 skipped ({diverged} diverged); wrote {fp_path} only")
         return metrics
 
-    assert qat_model is not None
-    # The PyTorch reference first: build_w4a16 then turns the loaded model into the deploy model.
-    prepare_end2end(qat_model, imgsz, cfg.export.max_det, export=False)
-    fq_ref = torch_end2end_dense(qat_model, torch.from_numpy(x))
-    proto, _, records, _ = build_w4a16(cfg, qat_model, payload, imgsz, inplace=True)
     w_path = onnx_dir / W4A16_NAME
     w_size = _write_onnx(proto, w_path)
-    counts = conv_weight_kinds(proto)
-    n_int = counts["int4_convs"] + counts["int8_convs"]
-    if n_int != len(records):
-        raise ExportError(f"export: {n_int} int Conv nodes in the graph, expected {len(records)}")
     w_bytes = sum(initializer_nbytes(t) for t in proto.graph.initializer)
 
     # Parity: onnxruntime on the file vs. the fake-quant PyTorch model (BN unfolded).
@@ -616,10 +698,10 @@ def export_models(cfg: Config) -> dict[str, Any]:
         "int_weights_exact": True,
         "parity_images": int(x.shape[0]),
         "parity_compared": "onnxruntime w4a16.onnx vs the fake-quant PyTorch model (BN unfolded), "
-                           "end-to-end (N, max_det, 6) outputs: each ONNX row vs the same-class "
-                           "PyTorch pre-top-k prediction at the nearest anchor, and the sorted "
-                           "top-k scores (top-k may order near-tied rows differently); 'raw' is "
-                           "row by row",
+        "end-to-end (N, max_det, 6) outputs: each ONNX row vs the same-class "
+        "PyTorch pre-top-k prediction at the nearest anchor, and the sorted "
+        "top-k scores (top-k may order near-tied rows differently); 'raw' is "
+        "row by row",
         "parity_max_abs_diff": parity["max_abs_diff"],
         "parity_row_to_anchor_max_abs_diff": parity["row_to_anchor"],
         "parity_sorted_scores_max_abs_diff": parity["sorted_scores"],
@@ -639,4 +721,6 @@ def export_models(cfg: Config) -> dict[str, Any]:
 def _finish(cfg: Config, results_dir: Path, metrics: dict[str, Any], t0: float) -> None:
     metrics["seconds"] = round(time.time() - t0, 1)
     write_json(results_dir / "metrics.json", metrics)
-    write_json(results_dir / "metadata.json", run_metadata(cfg, "export", "cpu", {"summary": metrics}))
+    write_json(
+        results_dir / "metadata.json", run_metadata(cfg, "export", "cpu", {"summary": metrics})
+    )

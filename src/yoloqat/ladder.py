@@ -12,6 +12,11 @@ init = params' ``qat.init``) has at least ``ladder.min_seeds`` judged seeds and 
 them is ``stable``.  One judged seed with another label fails the rung, and the ladder stops
 there (the method is not stable at that size).  The rungs are walked in order, so a later
 rung is never recommended before every earlier one has passed.
+
+Queueing.  ``--queue-next`` queues the next rung's whole ema x qc x seed grid in one
+``dvc exp run --queue`` call; the seeds are the ``ladder.seeds`` that some grid variant still
+lacks (neither judged nor queued).  dvc expands ``-S`` lists into a full product, so a
+combination that already exists is queued again; the command says which.
 """
 
 from __future__ import annotations
@@ -85,16 +90,15 @@ def method_key(rec: ExpRecord) -> MethodKey | None:
 
 
 def run_status(rec: ExpRecord) -> str | None:
-    """judged | pending | unjudged | failed; None for a commit or workspace without results."""
+    """judged | pending | unjudged | failed; None when the record is not a QAT run (a code
+    commit, or a workspace / experiment that has no qat results, e.g. only train_fp ran)."""
     if rec.label is not None:
         return JUDGED
     if rec.state in PENDING:
         return PENDING_RUN
     if rec.state == FAILED:
         return FAILED_RUN
-    if rec.kind != "experiment" and not rec.metrics:
-        return None  # a code commit or a fresh workspace, not a run
-    return UNJUDGED if rec.metrics else FAILED_RUN
+    return UNJUDGED if "qat" in rec.metrics else None
 
 
 def _seed(rec: ExpRecord) -> int | None:
@@ -272,6 +276,7 @@ def counts_text(counts: dict[str, int]) -> str:
 TABLE_HEADER = (
     "model", "ema", "qc", "bits", "init", "runs", "verdicts", "best mAP50-95",
     "final mAP50-95", "ORT W4A16 mAP50-95", "gap to FP", "queued/running", "failed",
+    "no verdict",
 )
 
 
@@ -282,7 +287,7 @@ def table_cells(rows: Sequence[GroupRow]) -> list[list[str]]:
             r.key.model, _bool_text(r.key.ema), _bool_text(r.key.qc), str(r.key.bits),
             r.key.init, str(r.runs), counts_text(r.counts), _pm(r.best_mean, r.best_std),
             _pm(r.final_mean, r.final_std), _pm(r.w4a16_mean, r.w4a16_std),
-            _fmt(r.gap_fp_mean), str(len(r.pending)), str(len(r.failed)),
+            _fmt(r.gap_fp_mean), str(len(r.pending)), str(len(r.failed)), str(len(r.unjudged)),
         ])
     return out
 

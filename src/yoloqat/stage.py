@@ -24,8 +24,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from yoloqat.quant.checkpoint import CheckpointError
 
     from yoloqat.qc import CorrectionError
+    from yoloqat.verdict import VerdictError
 
-    extra: list[type[BaseException]] = [DataError, CheckpointError, CorrectionError]
+    extra: list[type[BaseException]] = [DataError, CheckpointError, CorrectionError, VerdictError]
     try:
         from yoloqat.export import ExportError
 

@@ -1,0 +1,139 @@
+"""The QAT trainer: DDP launch serialization, same seed -> same curve, divergence is a result."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+from types import SimpleNamespace
+
+from tests.helpers import REPO, env_with_venv, tiny_params
+from yoloqat.offline import configure_offline
+
+configure_offline()
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    from yoloqat.data import generate_synthetic
+
+    out = tmp_path_factory.mktemp("data")
+    generate_synthetic(out, seed=0, train_images=16, val_images=8, calib_images=4, imgsz=64, num_classes=6)
+    return out / "dataset.yaml"
+
+
+def test_ddp_launch_file_reimports_trainer_and_quantizes_in_the_worker(tiny_dataset, tmp_path):
+    from ultralytics.utils.dist import generate_ddp_file
+
+    from yoloqat.quant.convert import QuantRecipe
+    from yoloqat.train.trainer import QATSettings, QATTrainer
+
+    settings = QATSettings(recipe=QuantRecipe(bits=3, edge_bits=8).to_dict(), ema=False)
+    trainer = QATTrainer(
+        overrides={"model": "yolov10n.yaml", "data": str(tiny_dataset), "imgsz": 64, "epochs": 1,
+                   "device": "cpu", "project": str(tmp_path), "name": "ddp", "plots": False},
+        settings=settings,
+    )
+    script = generate_ddp_file(trainer)
+    state_file = script.replace(".py", ".pt") if script.endswith(".py") else script + ".pt"
+    probe = f"""
+import json
+from ultralytics.utils.patches import torch_load
+from brevitas.nn import QuantConv2d
+state = torch_load({state_file!r}, map_location="cpu")
+cls = state["trainer"]
+assert cls.__module__ == "yoloqat.train.trainer" and cls.__name__ == "QATTrainer", cls
+assert isinstance(state["model"], str), type(state["model"])  # nothing Brevitas was pickled
+trainer = cls(overrides=state["args"], _callbacks=state["callbacks"])
+model = trainer.get_model(cfg="yolov10n.yaml", verbose=False)
+bits = {{int(m.quant_weight().bit_width) for m in model.modules() if isinstance(m, QuantConv2d)}}
+print(json.dumps({{"bits": sorted(bits), "ema": trainer.qat_settings.ema}}))
+"""
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=env_with_venv(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"bits": [3, 8], "ema": False}
+
+
+def _run_qat_stage(repo, extra):
+    from tests.helpers import run
+
+    params = tiny_params(extra)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    res = run([sys.executable, str(REPO / "stages" / "qat.py"), "--params", str(repo / "params.yaml")], repo)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return json.loads((repo / "results/qat/metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def qat_repo(tmp_path_factory):
+    from tests.helpers import copy_repo, run
+
+    repo = copy_repo(tmp_path_factory.mktemp("qat") / "repo", tiny_params({"qat": {"epochs": 2, "batch": 8, "init": "scratch"}}))
+    res = run([sys.executable, str(REPO / "stages" / "prepare.py")], repo)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return repo
+
+
+def test_same_seed_same_val_curve_and_outputs(qat_repo):
+    extra = {"qat": {"epochs": 2, "batch": 8, "init": "scratch"}}
+    first = _run_qat_stage(qat_repo, extra)
+    tsv1 = (qat_repo / "results/qat/plots/metrics/train/box_loss.tsv").read_text()
+    second = _run_qat_stage(qat_repo, extra)
+    tsv2 = (qat_repo / "results/qat/plots/metrics/train/box_loss.tsv").read_text()
+    assert first["status"] == "completed" and first["epochs"] == 2
+    assert tsv1 == tsv2
+    for key in ("best", "final", "osc/flip_rate", "osc/frac_oscillating"):
+        assert first[key] == second[key], key
+    for name in ("last.qat.pt", "best.qat.pt", "last.pt", "best.pt", "metadata.json"):
+        assert (qat_repo / "models/qat" / name).is_file()
+    rows = (qat_repo / "results/qat/oscillation_layers.csv").read_text().splitlines()
+    assert len(rows) == 1 + 107  # header + every quantized conv of yolov10n
+    assert first["ema"] is True and first["ema_window_steps"] >= 1.0
+
+
+def test_nonfinite_loss_stops_training_and_marks_diverged():
+    import torch
+
+    from yoloqat.train.trainer import _stop_on_nonfinite_loss
+
+    trainer = SimpleNamespace(loss=torch.tensor(float("inf")), stop=False, diverged=False)
+    _stop_on_nonfinite_loss(trainer)
+    assert trainer.stop and trainer.diverged
+    fine = SimpleNamespace(loss=torch.tensor(1.0), stop=False, diverged=False)
+    _stop_on_nonfinite_loss(fine)
+    assert not fine.stop and not fine.diverged
+
+
+def test_divergence_is_recorded_not_a_crash(qat_repo, monkeypatch):
+    """Weights poisoned with NaN mid-run: the stage ends early, exits 0 and says diverged."""
+    import torch
+
+    from yoloqat.config import load_config
+    from yoloqat.qat import train_qat
+    from yoloqat.train import trainer as trainer_mod
+
+    params = tiny_params({"qat": {"epochs": 3, "batch": 8, "init": "scratch"}})
+    (qat_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    original = trainer_mod.QATTrainer.optimizer_step
+
+    def poisoned_step(self):
+        original(self)
+        if self.ema.updates == 2:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.fill_(float("nan"))
+
+    monkeypatch.setattr(trainer_mod.QATTrainer, "optimizer_step", poisoned_step)
+    monkeypatch.chdir(qat_repo)
+    summary = train_qat(load_config(qat_repo / "params.yaml"))
+    assert summary["status"] == "diverged"
+    assert summary["epochs"] == 1  # stopped in the first epoch instead of running all three
+    saved = json.loads((qat_repo / "results/qat/metrics.json").read_text())
+    assert saved["status"] == "diverged"
+    assert (qat_repo / "models/qat/last.qat.pt").is_file()
