@@ -302,7 +302,8 @@ def judge_main(argv: list[str]) -> int:
         cfg = stability_config(args.params)
         curves = [read_curve(p) for p in args.paths]
     except (JudgeError, ConfigError) as exc:
-        print(f"yoloqat judge: error: {exc}", file=sys.stderr)
+        msg = str(exc).removeprefix("judge: ")
+        print(f"yoloqat judge: error: {msg}", file=sys.stderr)
         return 2
     rows = [(c.name, classify_run(c.values, c.losses, cfg)) for c in curves]
     if args.json:
