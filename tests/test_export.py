@@ -33,6 +33,16 @@ IMGSZ = 128  # >= 300 anchors (16x16 + 8x8 + 4x4 = 336), so the head keeps all 3
 NAMES = {i: f"c{i}" for i in range(6)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core CPU: one intra-op thread avoids spin-waiting contention
+    (measured: this file's run time drops several-fold when other jobs hold the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomize_bn(model: torch.nn.Module, seed: int) -> None:
     """Non-trivial BN statistics and affine terms (some negative gains) so folding is exercised."""
     g = torch.Generator().manual_seed(seed)

@@ -21,6 +21,10 @@ onnxruntime keeps ``DequantizeLinear`` in the graph, so the INT4 weights are exp
 (``w4a16_latency_ms``, the headline ``latency_ratio``); ``w4a16_prefolded_*`` times the same file
 with the dequantization constant-folded once at session load (float weights in RAM, INT4 only on
 disk), measured in the same interleaved loop.
+
+When the export stage reports ``skipped_diverged`` (QAT diverged, no W4A16 model), only the FP32
+model is scored: the W4A16 fields are null, ``status`` is ``skipped_diverged`` and
+``predictions_w4a16.json`` is an empty list.
 """
 
 from __future__ import annotations
@@ -436,6 +440,13 @@ def _export_status(cfg: Config) -> str | None:
         return None
 
 
+def _write_compact_json(path: Path, data: Any) -> None:
+    """COCO files hold up to max_det rows per image: one compact line, written atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+
+
 def _round(v: float | None, nd: int = 5) -> float | None:
     return None if v is None else round(float(v), nd)
 
@@ -547,10 +558,11 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
     out = cfg.resolve(RESULTS_DIR)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    write_json(out / "ground_truth_coco.json", coco_ground_truth(samples, names))
+    _write_compact_json(out / "ground_truth_coco.json", coco_ground_truth(samples, names))
     for key in ("fp32", "w4a16"):
-        if key in preds:
-            write_json(out / f"predictions_{key}.json", coco_predictions(samples, preds[key]))
+        # A diverged run has no W4A16 model: an empty list keeps the DVC outputs complete.
+        rows = coco_predictions(samples, preds[key]) if key in preds else []
+        _write_compact_json(out / f"predictions_{key}.json", rows)
     write_json(out / "metrics.json", m)
     write_json(out / "metadata.json", run_metadata(cfg, "evaluate", ev.device, {"summary": m}))
     print(format_table(m))

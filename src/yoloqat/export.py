@@ -21,6 +21,10 @@ model is set to exactly ``float32(integers) * float32(folded_scale)``, ONNX init
 matched to layers by their exact bytes, and after the rewrite the stored integers and scales are
 read back from the file and must reproduce those bytes and the layer's
 ``int_weight(q).integers`` exactly.
+
+A diverged QAT run (``results/qat/metrics.json`` "diverged", ``results/qc/metrics.json``
+"skipped_diverged", or non-finite weights) exports the FP32 model only and writes
+``{"status": "skipped_diverged", ...}``; the stage still succeeds so the DAG can report it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,88 @@
+"""Quantization Correction: the fold algebra, integer weights untouched, only gamma/beta train."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from yoloqat.offline import configure_offline
+
+configure_offline()
+
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+
+from yoloqat.correction import (  # noqa: E402
+    ChannelAffine,
+    CorrectedConv,
+    fold_affine_into_bn,
+    fold_qc_into_bn,
+    freeze_for_correction,
+    insert_correction,
+)
+from yoloqat.qc import check_fold  # noqa: E402
+from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model  # noqa: E402
+
+
+def test_fold_affine_into_bn_exact_on_hand_values():
+    bn = nn.BatchNorm2d(2).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([1.0, -1.0]))
+        bn.running_mean.copy_(torch.tensor([3.0, -2.0]))
+        bn.running_var.copy_(torch.tensor([4.0 - bn.eps, 1.0 - bn.eps]))  # sigma = 2, 1
+    gamma, beta = torch.tensor([1.5, 2.0]), torch.tensor([0.5, -1.0])
+    y = torch.tensor([1.0, 4.0]).view(1, 2, 1, 1)
+    expected = bn(gamma.view(1, 2, 1, 1) * y + beta.view(1, 2, 1, 1))
+    # by hand: ch0: 2*(1.5*1+0.5-3)/2+1 = 0.0 ; ch1: 0.5*(2*4-1+2)/1-1 = 3.5
+    assert expected.flatten().tolist() == [0.0, 3.5]
+    fold_affine_into_bn(bn, gamma, beta)
+    assert bn.weight.tolist() == [3.0, 1.0]
+    torch.testing.assert_close(bn(y), expected, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def quant_yolo():
+    torch.manual_seed(0)
+    model = DetectionModel("yolov10n.yaml", nc=6, verbose=False)
+    with torch.no_grad():  # non-trivial BN statistics so the fold is really exercised
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return quantize_model(model, QuantRecipe()).eval()
+
+
+def test_insert_train_flags_and_fold_reproduces_outputs(quant_yolo):
+    model = copy.deepcopy(quant_yolo)
+    added = insert_correction(model)
+    assert len(added) == sum(isinstance(m, CorrectedConv) for m in model.modules()) > 90
+    params = freeze_for_correction(model)
+    assert {id(p) for p in params} == {id(p) for a in added for p in a.parameters()}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "correction" not in n)
+    assert all(not m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():  # a "trained" correction
+        for a in added:
+            a.gamma.uniform_(0.8, 1.2)
+            a.beta.uniform_(-0.1, 0.1)
+    ints_before = {id(q): int_weight(q).integers.clone() for _, q in quant_convs(model)}
+    diff = check_fold(model, torch.rand(2, 3, 64, 64))
+    assert diff <= 1e-4
+    assert not any(isinstance(m, (CorrectedConv, ChannelAffine)) for m in model.modules())
+    for _, q in quant_convs(model):
+        assert torch.equal(int_weight(q).integers, ints_before[id(q)])
+    # the folded model has exactly the original structure (same state_dict keys)
+    assert model.state_dict().keys() == quant_yolo.state_dict().keys()
+
+
+def test_identity_correction_folds_to_the_same_model(quant_yolo):
+    model = copy.deepcopy(quant_yolo)
+    insert_correction(model)
+    assert fold_qc_into_bn(model) > 90
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], quant_yolo(x)[0], rtol=0, atol=1e-5)
