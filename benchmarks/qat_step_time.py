@@ -21,9 +21,9 @@ from yoloqat.offline import configure_offline
 
 configure_offline()
 
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel
 
-from yoloqat.quant.convert import FastQuantConv2d, QuantRecipe, quantize_model  # noqa: E402
+from yoloqat.quant.convert import FastQuantConv2d, QuantRecipe, quantize_model
 
 
 def flat(o):

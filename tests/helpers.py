@@ -62,5 +62,5 @@ def copy_repo(dst: Path, params: dict[str, Any]) -> Path:
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env_with_venv(), capture_output=True, text=True,
+    return subprocess.run(cmd, check=False, cwd=cwd, env=env_with_venv(), capture_output=True, text=True,
                           timeout=timeout)

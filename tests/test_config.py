@@ -91,12 +91,16 @@ def test_stage_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
     path = write_params(tmp_path, data__imgsz=100)
     res = subprocess.run(
         [sys.executable, str(REPO / "stages" / "prepare.py"), "--params", str(path)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert lines == ["prepare: error: params: data.imgsz=100 is not allowed; expected a positive "
-                     "multiple of 32 (YOLOv10's largest stride)"]
+    assert lines == [
+        (
+            "prepare: error: params: data.imgsz=100 is not allowed; expected a positive "
+            "multiple of 32 (YOLOv10's largest stride)"
+        )
+    ]
     assert not (tmp_path / "data").exists()
 
 

@@ -12,9 +12,9 @@ from yoloqat.offline import configure_offline
 
 configure_offline()
 
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel
 
-from yoloqat.correction import (  # noqa: E402
+from yoloqat.correction import (
     ChannelAffine,
     CorrectedConv,
     fold_affine_into_bn,
@@ -22,8 +22,8 @@ from yoloqat.correction import (  # noqa: E402
     freeze_for_correction,
     insert_correction,
 )
-from yoloqat.qc import check_fold  # noqa: E402
-from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model  # noqa: E402
+from yoloqat.qc import check_fold
+from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model
 
 
 def test_fold_affine_into_bn_exact_on_hand_values():

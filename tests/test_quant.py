@@ -14,15 +14,15 @@ from yoloqat.offline import configure_offline
 
 configure_offline()
 
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel
 
-from yoloqat.quant.checkpoint import (  # noqa: E402
+from yoloqat.quant.checkpoint import (
     CheckpointError,
     bake,
     load_qat_checkpoint,
     save_qat_checkpoint,
 )
-from yoloqat.quant.convert import (  # noqa: E402
+from yoloqat.quant.convert import (
     FastQuantConv2d,
     QuantRecipe,
     edge_conv_names,
@@ -32,7 +32,7 @@ from yoloqat.quant.convert import (  # noqa: E402
     quant_weight_value,
     quantize_model,
 )
-from yoloqat.quant.ema import averaging_window, ema_decay_at, make_ema  # noqa: E402
+from yoloqat.quant.ema import averaging_window, ema_decay_at, make_ema
 
 
 @pytest.fixture(scope="module")

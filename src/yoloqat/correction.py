@@ -13,8 +13,9 @@ the weights, which could move integers across a rounding boundary.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from brevitas.nn import QuantConv2d

@@ -24,7 +24,7 @@ def configure_offline(state_dir: Path | None = None) -> Path:
     os.environ.setdefault("YOLO_VERBOSE", "true")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    import ultralytics.utils as uu  # noqa: E402  (import after the env is set)
+    import ultralytics.utils as uu
 
     # Ultralytics' own DVCLive callback would write ./dvclive from every stage; the project
     # logs through its own Live objects instead.  Other integrations are off for the same reason.

@@ -8,10 +8,11 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 PACKAGES = (
     "yoloqat", "torch", "torchvision", "ultralytics", "brevitas", "dvc", "dvclive", "onnx",

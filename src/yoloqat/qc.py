@@ -92,7 +92,7 @@ def run_qc(cfg: Config) -> dict[str, Any]:
 
     device = select_device(cfg.device, verbose=False)
     model.to(device)
-    val = lambda m: validate_model(m, data_yaml, cfg.data.imgsz, cfg.evaluate.batch, cfg.device)  # noqa: E731
+    val = lambda m: validate_model(m, data_yaml, cfg.data.imgsz, cfg.evaluate.batch, cfg.device)
     before = val(model)
     summary.update({"before_mAP50-95": before["mAP50-95"], "before_mAP50": before["mAP50"]})
     if not cfg.qc:

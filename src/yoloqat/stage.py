@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from yoloqat.config import Config, ConfigError, load_config
 from yoloqat.provenance import clean_on_failure
@@ -21,9 +21,8 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The error types a stage reports as one line (bad input), not as a traceback."""
     from yoloqat.data.errors import DataError
-    from yoloqat.quant.checkpoint import CheckpointError
-
     from yoloqat.qc import CorrectionError
+    from yoloqat.quant.checkpoint import CheckpointError
     from yoloqat.verdict import VerdictError
 
     extra: list[type[BaseException]] = [DataError, CheckpointError, CorrectionError, VerdictError]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn

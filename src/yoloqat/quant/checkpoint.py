@@ -64,7 +64,7 @@ def save_qat_checkpoint(
         "recipe": recipe.to_dict(),
         "state_dict": state,
         "info": info,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(),
     }
     _atomic_save(payload, qat_path)
     baked = bake(model).float().cpu().eval()
@@ -102,7 +102,7 @@ def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a corrupt file
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a corrupt file
         raise CheckpointError(
             f"checkpoint {str(path)!r} is unreadable or corrupt ({type(exc).__name__})"
         ) from None

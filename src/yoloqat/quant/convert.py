@@ -11,8 +11,9 @@ plain model, because Brevitas modules cannot be pickled: checkpoints hold the re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ class QuantRecipe:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantRecipe":
+    def from_dict(cls, d: dict[str, Any]) -> QuantRecipe:
         return cls(**{k: d[k] for k in ("bits", "granularity", "scaling", "edge_bits")})
 
 
@@ -87,14 +88,14 @@ class _MaxAbsFakeQuant(torch.autograd.Function):
         scale = scale.reshape(-1, *([1] * (weight.dim() - 1))) if per_channel else scale.reshape(())
         x = weight / scale
         q = torch.clamp(torch.round(x), -int_max, int_max)
-        ctx.save_for_backward(weight, scale, q, x, idx, absmax)
+        ctx.save_for_backward(weight, q, x, idx, absmax)
         ctx.per_channel = per_channel
         ctx.int_max = int_max
         return q * scale
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        weight, scale, q, x, idx, absmax = ctx.saved_tensors
+        weight, q, x, idx, absmax = ctx.saved_tensors
         rows = weight.shape[0] if ctx.per_channel else 1
         grad_scale = (grad * (q - x)).reshape(rows, -1).sum(dim=1, keepdim=True)
         grad_absmax = torch.where(absmax > 1e-10, grad_scale / ctx.int_max, 0.0)

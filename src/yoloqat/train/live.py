@@ -8,8 +8,9 @@ into DDP workers before its ``Live`` exists (only rank 0 ever opens one).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def clean_metric_name(name: str) -> str:

@@ -46,7 +46,7 @@ class QATSettings:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
 
     @classmethod
-    def from_env(cls) -> "QATSettings":
+    def from_env(cls) -> QATSettings:
         raw = os.environ.get(SETTINGS_ENV)
         if not raw:
             raise RuntimeError(f"{SETTINGS_ENV} is not set; construct QATTrainer with settings=")
@@ -164,4 +164,4 @@ def ema_model_of(trainer: Any) -> nn.Module:
     return ema.ema if ema is not None else deepcopy(unwrap_model(trainer.model))
 
 
-__all__ = ["FPTrainer", "QATTrainer", "QATSettings", "quant_convs", "ema_model_of"]
+__all__ = ["FPTrainer", "QATSettings", "QATTrainer", "ema_model_of", "quant_convs"]
