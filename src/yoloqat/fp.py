@@ -52,6 +52,8 @@ def ultralytics_overrides(
         "patience": patience,
         "amp": amp,
         "plots": False,  # plotting fetches a font from the network
+        # Validate YOLOv10's one-to-one (end-to-end, NMS-free) head: the head that is exported.
+        "nms": False,
         "val": True,
         "project": project,
         "name": name,

@@ -42,7 +42,7 @@ def validate_model(
 
     args = get_cfg(DEFAULT_CFG, {
         "data": data_yaml, "imgsz": imgsz, "batch": batch, "device": device, "split": split,
-        "plots": False, "verbose": False, "save_json": False, "half": False,
+        "plots": False, "verbose": False, "save_json": False, "half": False, "nms": False,
         "project": tempfile.mkdtemp(prefix="yoloqat-val-"), "name": "val",
     })
     validator = DetectionValidator(args=args)
