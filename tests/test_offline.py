@@ -1,0 +1,52 @@
+"""prepare and train_fp must not touch the network: run them with sockets blocked."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import yaml
+
+from tests.helpers import copy_repo, tiny_params
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every connection attempt raises, and is recorded (in case a caller swallows the error)."""
+    attempts: list[str] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(repr(args[1:] or args))
+        raise NetworkBlocked(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    yield attempts
+
+
+def test_prepare_and_train_fp_run_with_sockets_blocked(tmp_path, monkeypatch, no_network):
+    from yoloqat.config import load_config
+    from yoloqat.data import prepare_dataset
+    from yoloqat.fp import train_fp
+    from yoloqat.offline import configure_offline
+
+    repo = copy_repo(tmp_path / "repo", tiny_params())
+    monkeypatch.chdir(repo)
+    configure_offline()
+    cfg = load_config(repo / "params.yaml")
+    manifest = prepare_dataset(cfg.data, cfg.seed, repo / "data/prepared", cfg.root,
+                               difficulty=cfg.data.difficulty)
+    assert manifest["splits"]["train"]["images"] == 24
+    summary = train_fp(cfg)
+    assert summary["status"] == "completed"
+    assert (repo / "models/fp/best.pt").is_file()
+    assert json.loads((repo / "results/train_fp/metrics.json").read_text())["epochs"] == 1
+    assert yaml.safe_load((repo / "data/prepared/dataset.yaml").read_text())["nc"] == 6
+    assert no_network == []  # nothing even tried to connect

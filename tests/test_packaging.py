@@ -1,0 +1,48 @@
+"""pixi.toml (not runnable on these machines) must name the same dependencies as pyproject.toml."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+from tests.helpers import REPO
+
+
+def _name(req: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pyproject():
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _pixi():
+    return tomllib.loads((REPO / "pixi.toml").read_text())
+
+
+def test_pixi_parses_and_has_cpu_and_cu128_environments():
+    pixi = _pixi()
+    assert set(pixi["environments"]) >= {"cpu", "cu128"}
+    assert {"run", "test"} <= set(pixi["tasks"])
+    assert "12.8" in pixi["feature"]["cu128"]["system-requirements"]["cuda"]
+
+
+def test_pixi_names_the_same_dependencies_as_pyproject():
+    py, pixi = _pyproject(), _pixi()
+    runtime = {_name(r) for r in py["project"]["dependencies"]}
+    common = set(pixi["pypi-dependencies"]) - {"yoloqat"}
+    for env in ("cpu", "cu128"):
+        feature = set(pixi["feature"][env]["pypi-dependencies"])
+        names = {n.lower() for n in common | feature}
+        expected = set(runtime)
+        if env == "cu128":  # the GPU build of onnxruntime replaces the CPU one
+            expected = (expected - {"onnxruntime"}) | {_name(r) for r in py["project"]["optional-dependencies"]["gpu"]}
+        assert names == expected, (env, names ^ expected)
+    dev = {_name(r) for r in py["project"]["optional-dependencies"]["dev"]}
+    assert {n.lower() for n in pixi["feature"]["dev"]["pypi-dependencies"]} == dev
+
+
+def test_console_script_and_python_floor():
+    py = _pyproject()
+    assert py["project"]["scripts"]["yoloqat"] == "yoloqat.cli:main"
+    assert py["project"]["requires-python"] == ">=3.11"
