@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import traceback
 
 import pytest
 import yaml
@@ -21,7 +22,8 @@ def no_network(monkeypatch):
     attempts: list[str] = []
 
     def refuse(*args, **kwargs):
-        attempts.append(repr(args[1:] or args))
+        where = " <- ".join(f"{f.filename}:{f.lineno}" for f in traceback.extract_stack(limit=14))
+        attempts.append(f"{args[1:] or args!r} from {where}")
         raise NetworkBlocked(f"network access attempted: {args!r}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)

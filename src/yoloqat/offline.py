@@ -36,4 +36,21 @@ def configure_offline(state_dir: Path | None = None) -> Path:
     changes = {k: v for k, v in wanted.items() if k in uu.SETTINGS and uu.SETTINGS[k] != v}
     if changes:
         uu.SETTINGS.update(changes)
+    _provide_fonts(uu.USER_CONFIG_DIR)
     return cfg_dir
+
+
+def _provide_fonts(user_config_dir: Path) -> None:
+    """Every dataset check calls ``check_font("Arial.ttf")``, which probes the network when the
+    font is missing (even with YOLO_OFFLINE and plots off).  Matplotlib ships DejaVu Sans; a
+    copy under the names Ultralytics looks for keeps that probe from ever running."""
+    import shutil
+
+    from matplotlib import font_manager
+
+    source = Path(font_manager.findfont("DejaVu Sans", fallback_to_default=True))
+    user_config_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        target = user_config_dir / name
+        if not target.exists() and source.is_file():
+            shutil.copyfile(source, target)
