@@ -37,8 +37,10 @@ repo:
 
 run: setup repo
 	dvc exp run
-	@dvc exp show --no-pager --drop '.*' \
-	  --keep 'Experiment|Created|^model$$|^ema$$|^qc$$|^seed$$|train_fp/metrics.json:best$$|qat/metrics.json:(best|final|status)$$|verdict/metrics.json:(label|final_over_best)$$|evaluate/metrics.json:(w4a16_mAP50-95|fp32_mAP50-95|size_ratio|latency_ratio)$$'
+	@dvc exp show --no-pager --md --drop '.*' --keep "$(EXP_COLUMNS)"
+
+# the columns `make run` prints: params, FP best, QAT best/final/status, verdict, ONNX figures
+EXP_COLUMNS := ^(Experiment|params.yaml:(model|ema|qc|seed)|label|w4a16_prefolded_latency_ratio)$$|results/train_fp/metrics.json:best$$|results/qat/metrics.json:(best|final|status)$$|results/verdict/metrics.json:(label|collapse_events)$$|results/evaluate/metrics.json:(fp32_mAP50-95|w4a16_mAP50-95|size_ratio|w4a16_prefolded_latency_ratio)$$
 
 test: setup
 	$(PY) -m pytest -q
