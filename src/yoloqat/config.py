@@ -361,6 +361,29 @@ def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     return config_from_dict(raw, root=path.resolve().parent)
 
 
+def load_config_for(path: str | Path, *sections: str) -> Config:
+    """Validate only what a tool needs: the whole file when it is valid, else ``sections`` alone.
+
+    ``yoloqat judge`` and ``yoloqat ladder`` read thresholds from params.yaml but need no
+    dataset; a value outside their sections that is invalid on this machine (a dataset path
+    that exists only on the training box) must not stop them.  A bad value inside the
+    sections is still an error.  A missing file gives the defaults.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return Config()
+    try:
+        return load_config(path)
+    except ConfigError as whole:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            raise whole from None
+        if not isinstance(raw, dict):
+            raise whole from None
+        return config_from_dict({k: raw[k] for k in sections if k in raw}, root=path.resolve().parent)
+
+
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw

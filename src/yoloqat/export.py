@@ -45,6 +45,7 @@ from torch import nn
 
 from yoloqat.config import Config
 from yoloqat.provenance import run_metadata, write_json
+from yoloqat.quant.convert import float_conv_like
 
 QAT_CHECKPOINT = Path("models/qc/best.qat.pt")
 FP_CHECKPOINT = Path("models/fp/best.pt")
@@ -83,21 +84,7 @@ class FoldedConv:
 
 
 def _conv_like(q: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
-    conv = nn.Conv2d(
-        q.in_channels,
-        q.out_channels,
-        q.kernel_size,
-        stride=q.stride,
-        padding=q.padding,
-        dilation=q.dilation,
-        groups=q.groups,
-        bias=bias is not None,
-        padding_mode=q.padding_mode,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        if bias is not None:
-            conv.bias.copy_(bias)
+    conv = float_conv_like(q, weight, bias)
     conv.requires_grad_(False)
     return conv
 

@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from yoloqat.config import ConfigError, StabilityConfig, config_from_dict, load_config
+from yoloqat.config import ConfigError, StabilityConfig, load_config_for
 from yoloqat.stability import Verdict, classify_run
 
 MAP_COLUMNS = ("metrics/mAP50-95(B)", "metrics/mAP_0.5:0.95", "metrics/mAP50-95", "val/mAP50-95")
@@ -226,19 +224,7 @@ def stability_config(params: str | Path) -> StabilityConfig:
     ``stability`` block is wrong (e.g. a dataset path missing on this machine) the block
     is validated on its own, so judging a curve does not need the training setup.
     """
-    p = Path(params)
-    if not p.is_file():
-        return StabilityConfig()
-    try:
-        return load_config(p).stability
-    except ConfigError as first:
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError:
-            raise first from None
-        if not isinstance(raw, dict):
-            raise first from None
-        return config_from_dict({"stability": raw.get("stability")}).stability
+    return load_config_for(params, "stability").stability
 
 
 def _fmt(x: Any, digits: int = 4) -> str:

@@ -29,15 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from yoloqat.config import (
     MODELS,
-    ConfigError,
     LadderConfig,
     QATConfig,
-    config_from_dict,
-    load_config,
+    load_config_for,
 )
 from yoloqat.experiments import FAILED, PENDING, ExpRecord, run_dvc
 from yoloqat.stability import LABELS, Verdict, summarize_group
@@ -507,22 +503,8 @@ def ladder_settings(params: str | Path) -> tuple[LadderConfig, str]:
     """(ladder config, qat.init) from a params file; defaults when it does not exist.  When
     something unrelated is invalid (e.g. a dataset path missing here) only the ladder block
     is validated."""
-    p = Path(params)
-    if not p.is_file():
-        return LadderConfig(), QATConfig().init
-    try:
-        cfg = load_config(p)
-        return cfg.ladder, cfg.qat.init
-    except ConfigError as first:
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError:
-            raise first from None
-        if not isinstance(raw, dict):
-            raise first from None
-        ladder = config_from_dict({"ladder": raw.get("ladder")}).ladder
-        init = (raw.get("qat") or {}).get("init") if isinstance(raw.get("qat"), dict) else None
-        return ladder, init if isinstance(init, str) and init else QATConfig().init
+    cfg = load_config_for(params, "ladder", "qat")
+    return cfg.ladder, cfg.qat.init
 
 
 def ladder_json(rows: Sequence[GroupRow], decision: Decision) -> dict[str, Any]:

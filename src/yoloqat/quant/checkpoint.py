@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from yoloqat.quant.convert import QuantRecipe, quant_convs, quant_weight_value, quantize_model
+from yoloqat.quant.convert import (
+    QuantRecipe,
+    float_conv_like,
+    quant_convs,
+    quant_weight_value,
+    quantize_model,
+)
 
 FORMAT = "yoloqat-qat-v1"
 
@@ -31,14 +37,8 @@ def bake(model: nn.Module) -> nn.Module:
     """A plain copy of ``model`` whose convs hold the dequantized int weights."""
     baked = copy.deepcopy(model)
     for name, q in list(quant_convs(baked)):
-        conv = nn.Conv2d(
-            q.in_channels, q.out_channels, q.kernel_size, stride=q.stride, padding=q.padding,
-            dilation=q.dilation, groups=q.groups, bias=q.bias is not None,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(quant_weight_value(q))
-            if q.bias is not None:
-                conv.bias.copy_(q.bias.detach())
+        bias = q.bias.detach() if q.bias is not None else None
+        conv = float_conv_like(q, quant_weight_value(q), bias)
         parent_name, _, child = name.rpartition(".")
         parent = baked.get_submodule(parent_name) if parent_name else baked
         setattr(parent, child, conv)

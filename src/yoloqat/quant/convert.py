@@ -212,6 +212,19 @@ def int_weight(q: QuantConv2d) -> IntWeight:
     return IntWeight(integers=integers, scale=scale, bits=int(qt.bit_width.item()))
 
 
+def float_conv_like(q: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` with ``q``'s geometry holding the given (float) weight and bias."""
+    conv = nn.Conv2d(
+        q.in_channels, q.out_channels, q.kernel_size, stride=q.stride, padding=q.padding,
+        dilation=q.dilation, groups=q.groups, bias=bias is not None, padding_mode=q.padding_mode,
+    ).to(weight.device)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
+
+
 def quant_weight_value(q: QuantConv2d) -> torch.Tensor:
     """The dequantized weight the fake-quant conv really uses in its forward pass."""
     return q.quant_weight().value.detach().float()
