@@ -52,3 +52,27 @@ def test_prepare_and_train_fp_run_with_sockets_blocked(tmp_path, monkeypatch, no
     assert json.loads((repo / "results/train_fp/metrics.json").read_text())["epochs"] == 1
     assert yaml.safe_load((repo / "data/prepared/dataset.yaml").read_text())["nc"] == 6
     assert no_network == []  # nothing even tried to connect
+
+
+def test_fp_epochs_zero_only_evaluates_the_given_checkpoint(tmp_path, monkeypatch, no_network):
+    """fp.epochs: 0 + fp.init_checkpoint: the checkpoint is the FP reference, measured as is."""
+    import shutil
+
+    from yoloqat.config import load_config
+    from yoloqat.data import prepare_dataset
+    from yoloqat.fp import train_fp
+    from yoloqat.offline import configure_offline
+
+    repo = copy_repo(tmp_path / "repo", tiny_params())
+    monkeypatch.chdir(repo)
+    configure_offline()
+    cfg = load_config(repo / "params.yaml")
+    prepare_dataset(cfg.data, cfg.seed, repo / "data/prepared", cfg.root, difficulty=cfg.data.difficulty)
+    train_fp(cfg)
+    shutil.copy2(repo / "models/fp/best.pt", repo / "user_yolov10n.pt")
+    cfg = load_config(repo / "params.yaml", overrides={"fp.epochs": 0, "fp.init_checkpoint": "user_yolov10n.pt"})
+    summary = train_fp(cfg)
+    assert summary["status"] == "evaluated" and summary["epochs"] == 0
+    assert 0.0 <= summary["best"] <= 1.0
+    assert (repo / "models/fp/best.pt").read_bytes() == (repo / "user_yolov10n.pt").read_bytes()
+    assert no_network == []

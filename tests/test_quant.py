@@ -65,6 +65,17 @@ def test_every_conv_is_on_the_int4_grid(yolo_fp, granularity, scaling):
         _grid_ok(q, 4, granularity == "per_channel")
 
 
+@pytest.mark.parametrize("name", ["yolov10s.yaml", "yolov10m.yaml"])
+def test_larger_models_convert_through_the_same_code(name):
+    model = quantize_model(DetectionModel(name, nc=6, verbose=False), QuantRecipe()).eval()
+    convs = dict(quant_convs(model))
+    assert [n for n, m in model.named_modules() if type(m) is nn.Conv2d] == ["model.23.dfl.conv"]
+    _grid_ok(next(iter(convs.values())), 4, True)
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64))[0]
+    assert torch.isfinite(out).all()
+
+
 def test_first_last_bits_apply_to_stem_and_head_outputs(yolo_fp):
     model = quantize_model(copy.deepcopy(yolo_fp), QuantRecipe(bits=4, edge_bits=8))
     edges = edge_conv_names(yolo_fp)

@@ -125,6 +125,7 @@ def _evaluate_only(cfg: Config, init: str | None, logger: EpochLogger) -> dict[s
     metrics = model.val(
         data=str(require_dataset().resolve()), imgsz=cfg.data.imgsz, batch=cfg.fp.batch,
         device=cfg.device, plots=False, verbose=False, project=tempfile.mkdtemp(), name="val",
+        nms=False,  # the end-to-end head, as in training validation and export
     )
     row = {"epoch": 1.0, "val/mAP50-95": float(metrics.box.map), "val/mAP50": float(metrics.box.map50)}
     logger.history.append(row)
