@@ -15,8 +15,6 @@ from pathlib import Path
 from yoloqat.config import Config, ConfigError, load_config
 from yoloqat.provenance import clean_on_failure
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
-
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The error types a stage reports as one line (bad input), not as a traceback."""

@@ -58,7 +58,8 @@ class EpochLogger:
         row: dict[str, float | None] = {"epoch": float(epoch)}
         if trainer.tloss is not None:
             for k, v in trainer.label_loss_items(trainer.tloss, prefix="train").items():
-                row[k] = finite_or_none(v) if finite_or_none(v) is not None else float("nan")
+                loss = finite_or_none(v)
+                row[k] = float("nan") if loss is None else loss  # a diverged loss stays visible
         for k, v in (trainer.metrics or {}).items():
             row[clean_metric_name(k)] = finite_or_none(v)
         for k, v in getattr(trainer, "lr", {}).items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
-from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
+from ultralytics.utils.torch_utils import unwrap_model
 
-from yoloqat.quant.convert import QuantRecipe, quant_convs, quantize_model
+from yoloqat.quant.convert import QuantRecipe, quantize_model
 from yoloqat.quant.ema import make_ema
+from yoloqat.train.live import finite_or_none
 
 SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
 
@@ -129,7 +129,7 @@ class QATTrainer(FPTrainer):
         out = Path(self.qat_settings.out_dir)
         ema_model = self.ema.ema
         is_best = self.best_fitness == self.fitness
-        info = {"epoch": self.epoch + 1, "fitness": _float(self.fitness)}
+        info = {"epoch": self.epoch + 1, "fitness": finite_or_none(self.fitness)}
         save_qat_checkpoint(ema_model, self.recipe, out / "last", info=info, names=self.data["names"])
         if is_best:
             save_qat_checkpoint(ema_model, self.recipe, out / "best", info=info, names=self.data["names"])
@@ -149,19 +149,3 @@ def _install_tracker(trainer: QATTrainer) -> None:
         trainer.tracker = OscillationTracker(
             unwrap_model(trainer.model), every=trainer.qat_settings.track_every
         )
-
-
-def _float(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def ema_model_of(trainer: Any) -> nn.Module:
-    ema: ModelEMA | None = trainer.ema
-    return ema.ema if ema is not None else deepcopy(unwrap_model(trainer.model))
-
-
-__all__ = ["FPTrainer", "QATSettings", "QATTrainer", "ema_model_of", "quant_convs"]
