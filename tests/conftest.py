@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 _STATE = Path(tempfile.mkdtemp(prefix="yoloqat-tests-"))
 os.environ.setdefault("YOLOQAT_STATE_DIR", str(_STATE))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(_STATE / "ultralytics"))
@@ -15,3 +17,15 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core CPU: one intra-op thread avoids spin-waiting contention
+    (measured: the export/evaluate tests ran several-fold faster when other jobs held the cores)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

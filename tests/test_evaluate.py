@@ -51,14 +51,7 @@ TINY_V10 = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core CPU: one intra-op thread avoids spin-waiting contention
-    (measured: this file's run time drops several-fold when other jobs hold the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def liven(model: torch.nn.Module, seed: int) -> torch.nn.Module:

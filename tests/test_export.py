@@ -33,14 +33,7 @@ IMGSZ = 128  # >= 300 anchors (16x16 + 8x8 + 4x4 = 336), so the head keeps all 3
 NAMES = {i: f"c{i}" for i in range(6)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core CPU: one intra-op thread avoids spin-waiting contention
-    (measured: this file's run time drops several-fold when other jobs hold the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomize_bn(model: torch.nn.Module, seed: int) -> None:
