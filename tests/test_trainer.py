@@ -136,3 +136,32 @@ def test_divergence_is_recorded_not_a_crash(qat_repo, monkeypatch):
     saved = json.loads((qat_repo / "results/qat/metrics.json").read_text())
     assert saved["status"] == "diverged"
     assert (qat_repo / "models/qat/last.qat.pt").is_file()
+
+
+@pytest.mark.parametrize("qc", [True, False])
+def test_qc_stage_applies_or_passes_through(qat_repo, qc):
+    """After a QAT run: qc=true trains and folds the correction, qc=false passes the model on."""
+    from tests.helpers import run
+    from yoloqat.quant.checkpoint import load_qat_checkpoint
+    from yoloqat.quant.convert import int_weight, quant_convs
+
+    extra = {"qat": {"epochs": 1, "batch": 8, "init": "scratch"}, "qc": qc}
+    _run_qat_stage(qat_repo, extra)
+    res = run([sys.executable, str(REPO / "stages" / "qc.py"), "--params", str(qat_repo / "params.yaml")], qat_repo)
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads((qat_repo / "results/qc/metrics.json").read_text())
+    qat_model, _ = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")
+    qc_model, _ = load_qat_checkpoint(qat_repo / "models/qc/best.qat.pt")
+    assert (qat_repo / "models/qc/best.pt").is_file()
+    qat_ints = [int_weight(q).integers for _, q in quant_convs(qat_model)]
+    qc_ints = [int_weight(q).integers for _, q in quant_convs(qc_model)]
+    assert all(a.equal(b) for a, b in zip(qat_ints, qc_ints, strict=True))  # integers never move
+    if qc:
+        assert metrics["status"] == "applied" and metrics["steps"] == 2  # min_steps of the tiny config
+        assert metrics["fold_max_rel_diff"] <= 1e-4
+        assert metrics["gamma_max_abs_change"] > 0
+    else:
+        assert metrics["status"] == "passed_through" and metrics["steps"] == 0
+        assert metrics["after_mAP50-95"] == metrics["before_mAP50-95"]
+        for k, v in qat_model.state_dict().items():
+            assert qc_model.state_dict()[k].equal(v), k

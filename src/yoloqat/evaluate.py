@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +43,7 @@ import numpy as np
 import yaml
 
 from yoloqat.config import Config
-from yoloqat.provenance import run_metadata, write_json
+from yoloqat.provenance import fresh_outputs, run_metadata, write_json
 
 ONNX_DIR = Path("models/onnx")
 W4A16_ONNX = ONNX_DIR / "w4a16.onnx"
@@ -556,8 +555,7 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
     )
 
     out = cfg.resolve(RESULTS_DIR)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    fresh_outputs(out)
     _write_compact_json(out / "ground_truth_coco.json", coco_ground_truth(samples, names))
     for key in ("fp32", "w4a16"):
         # A diverged run has no W4A16 model: an empty list keeps the DVC outputs complete.

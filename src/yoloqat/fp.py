@@ -10,7 +10,7 @@ from typing import Any
 
 from yoloqat.config import Config
 from yoloqat.data.errors import DataError
-from yoloqat.provenance import run_metadata, write_json
+from yoloqat.provenance import fresh_outputs, run_metadata, write_json
 from yoloqat.train.live import EpochLogger, curve_summary
 
 FP_DIR = Path("models/fp")
@@ -69,9 +69,7 @@ def ultralytics_overrides(
 
 def train_fp(cfg: Config) -> dict[str, Any]:
     require_dataset()
-    for p in (FP_DIR, FP_LIVE):
-        shutil.rmtree(p, ignore_errors=True)
-    FP_DIR.mkdir(parents=True)
+    fresh_outputs(FP_DIR, FP_LIVE)
     t0 = time.time()
     logger = EpochLogger(FP_LIVE)
     init = str(cfg.resolve(cfg.fp.init_checkpoint)) if cfg.fp.init_checkpoint else None

@@ -81,6 +81,14 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def fresh_outputs(*dirs: Path) -> None:
+    """Start a stage from empty output folders (the first one is created): nothing from a
+    previous run can be mistaken for this run's result."""
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    dirs[0].mkdir(parents=True)
+
+
 @contextmanager
 def clean_on_failure(*paths: Path) -> Iterator[None]:
     """Remove a stage's outputs if it fails, so DVC never caches a half-written result."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 from yoloqat.config import Config
 from yoloqat.fp import FP_DIR, MODEL_YAML, require_dataset, ultralytics_overrides
-from yoloqat.provenance import run_metadata, write_json
+from yoloqat.provenance import fresh_outputs, run_metadata, write_json
 from yoloqat.quant.checkpoint import CheckpointError, save_qat_checkpoint
 from yoloqat.quant.convert import QuantRecipe
 from yoloqat.quant.ema import averaging_window, ema_decay_at
@@ -43,9 +42,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
     require_dataset()
-    for p in (QAT_DIR, QAT_LIVE):
-        shutil.rmtree(p, ignore_errors=True)
-    QAT_DIR.mkdir(parents=True)
+    fresh_outputs(QAT_DIR, QAT_LIVE)
     t0 = time.time()
     recipe = recipe_of(cfg)
     settings = QATSettings(

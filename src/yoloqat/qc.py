@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from yoloqat.correction import (
     train_correction,
 )
 from yoloqat.fp import require_dataset
-from yoloqat.provenance import run_metadata, write_json
+from yoloqat.provenance import fresh_outputs, run_metadata, write_json
 from yoloqat.qat import QAT_DIR, QAT_LIVE
 from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint
 from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs
@@ -112,9 +111,7 @@ def run_qc(cfg: Config) -> dict[str, Any]:
     source = QAT_DIR / "last.qat.pt"
     model, payload = load_qat_checkpoint(source)
     recipe = QuantRecipe.from_dict(payload["recipe"])
-    for p in (QC_DIR, QC_RESULTS):
-        shutil.rmtree(p, ignore_errors=True)
-    QC_DIR.mkdir(parents=True)
+    fresh_outputs(QC_DIR, QC_RESULTS)
     t0 = time.time()
     status = qat_status()
     summary: dict[str, Any] = {"qc": cfg.qc, "source": str(source), "qat_status": status}
