@@ -36,7 +36,7 @@ from yoloqat.config import (
     load_config_for,
 )
 from yoloqat.experiments import FAILED, PENDING, ExpRecord, run_dvc
-from yoloqat.stability import LABELS, Verdict, summarize_group
+from yoloqat.stability import LABELS, Verdict, finite_number, summarize_group
 
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
 RUNG_BITS = QATConfig().bits  # 4: the rung variant is W4A16
@@ -124,27 +124,20 @@ def select_runs(records: Iterable[ExpRecord]) -> dict[MethodKey, dict[int, tuple
 # the table
 
 
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    f = float(x)
-    return f if math.isfinite(f) else None
-
-
 def _nan(x: Any) -> float:
-    v = _num(x)
+    v = finite_number(x)
     return math.nan if v is None else v
 
 
 def as_verdict(rec: ExpRecord) -> Verdict:
     """The record's verdict metrics as a :class:`Verdict` (best/final fall back to qat's)."""
     v, qat = rec.verdict, rec.metrics.get("qat", {})
-    best = _num(v.get("best"))
-    final = _num(v.get("final"))
+    best = finite_number(v.get("best"))
+    final = finite_number(v.get("final"))
     if best is None and "best" not in v:
-        best = _num(qat.get("best"))
+        best = finite_number(qat.get("best"))
     if final is None and "final" not in v:
-        final = _num(qat.get("final"))
+        final = finite_number(qat.get("final"))
     return Verdict(
         label=str(rec.label),
         epochs=int(v.get("epochs") or qat.get("epochs") or 0),
@@ -162,18 +155,18 @@ def as_verdict(rec: ExpRecord) -> Verdict:
 
 def w4a16_map(rec: ExpRecord) -> float | None:
     """onnxruntime W4A16 mAP50-95 (evaluate stage, or the verdict's copy of it)."""
-    ev = _num(rec.metrics.get("evaluate", {}).get("w4a16_mAP50-95"))
-    return ev if ev is not None else _num(rec.verdict.get("w4a16_mAP50-95"))
+    ev = finite_number(rec.metrics.get("evaluate", {}).get("w4a16_mAP50-95"))
+    return ev if ev is not None else finite_number(rec.verdict.get("w4a16_mAP50-95"))
 
 
 def fp_best(rec: ExpRecord) -> float | None:
-    v = _num(rec.verdict.get("fp_best"))
-    return v if v is not None else _num(rec.metrics.get("train_fp", {}).get("best"))
+    v = finite_number(rec.verdict.get("fp_best"))
+    return v if v is not None else finite_number(rec.metrics.get("train_fp", {}).get("best"))
 
 
 def gap_to_fp(rec: ExpRecord) -> float | None:
     """FP best minus the QAT best (PyTorch val mAP50-95)."""
-    gap = _num(rec.verdict.get("gap_to_fp"))
+    gap = finite_number(rec.verdict.get("gap_to_fp"))
     if gap is not None:
         return gap
     fp, best = fp_best(rec), as_verdict(rec).best

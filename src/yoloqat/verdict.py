@@ -25,7 +25,7 @@ from typing import Any
 from yoloqat.config import Config
 from yoloqat.judge import DVCLIVE_MAP, JudgeError, read_curve
 from yoloqat.provenance import write_json
-from yoloqat.stability import classify_run
+from yoloqat.stability import classify_run, finite_number
 
 QAT_LIVE = Path("results/qat")
 QAT_METRICS = QAT_LIVE / "metrics.json"
@@ -52,18 +52,11 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _number(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    f = float(x)
-    return f if math.isfinite(f) else None
-
-
 def _fp_best(cfg: Config) -> float | None:
     """The FP baseline's best val mAP50-95: its summary, else the max of its curve."""
     path = cfg.resolve(FP_METRICS)
     if path.is_file():
-        best = _number(_read_json(path, "train_fp metrics").get("best"))
+        best = finite_number(_read_json(path, "train_fp metrics").get("best"))
         if best is not None:
             return best
     curve_path = cfg.resolve(FP_CURVE)
@@ -83,7 +76,7 @@ def _eval_fields(cfg: Config) -> dict[str, float]:
     data = _read_json(path, "evaluate metrics")
     out: dict[str, float] = {}
     for key in EVAL_FIELDS:
-        v = _number(data.get(key))
+        v = finite_number(data.get(key))
         if v is not None:
             out[key] = v
     return out
