@@ -18,25 +18,16 @@ from yoloqat.provenance import clean_on_failure
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The error types a stage reports as one line (bad input), not as a traceback."""
+    # imported here, not at module level: a stage pays only for the modules its job imports
     from yoloqat.data.errors import DataError
+    from yoloqat.evaluate import EvaluateError
+    from yoloqat.export import ExportError
     from yoloqat.qc import CorrectionError
     from yoloqat.quant.checkpoint import CheckpointError
     from yoloqat.verdict import VerdictError
 
-    extra: list[type[BaseException]] = [DataError, CheckpointError, CorrectionError, VerdictError]
-    try:
-        from yoloqat.export import ExportError
-
-        extra.append(ExportError)
-    except ImportError:
-        pass
-    try:
-        from yoloqat.evaluate import EvaluateError
-
-        extra.append(EvaluateError)
-    except ImportError:
-        pass
-    return (ConfigError, *extra)
+    return (ConfigError, DataError, CheckpointError, CorrectionError, ExportError, EvaluateError,
+            VerdictError)
 
 
 def run_stage(
