@@ -5,18 +5,16 @@ A diverged QAT run (results/qat/metrics.json status "diverged", or non-finite we
 the FP32 model only and writes {"status": "skipped_diverged", ...}; it still exits 0.
 """
 
-from pathlib import Path
-
-from yoloqat.stage import run_stage
+from yoloqat.paths import EXPORT_RESULTS, ONNX_DIR
+from yoloqat.pipeline.stage import run_stage
 
 
 def job(cfg):
-    from yoloqat.export import export_models
+    # imported here, not at the top: a bad params.yaml fails before torch loads
+    from yoloqat.pipeline.export import export_models
 
     export_models(cfg)
 
 
 if __name__ == "__main__":
-    raise SystemExit(
-        run_stage("export", job, lambda cfg: [Path("models/onnx"), Path("results/export")])
-    )
+    raise SystemExit(run_stage("export", job, lambda cfg: [ONNX_DIR, EXPORT_RESULTS]))

@@ -1,15 +1,14 @@
 """DVC stage prepare: params.data -> data/prepared (YOLO layout + manifest)."""
 
-from pathlib import Path
-
-from yoloqat.stage import run_stage
+from yoloqat.paths import DATASET_DIR
+from yoloqat.pipeline.stage import run_stage
 
 
 def job(cfg):
     from yoloqat.data import prepare_dataset
 
     manifest = prepare_dataset(
-        cfg.data, cfg.seed, Path("data/prepared"), cfg.root, difficulty=cfg.data.difficulty
+        cfg.data, cfg.seed, DATASET_DIR, cfg.root, difficulty=cfg.data.difficulty
     )
     counts = {s: c.get("images") for s, c in manifest.get("splits", {}).items()}
     print(f"prepare: {manifest.get('source')} dataset, images per split {counts}, "

@@ -34,7 +34,7 @@ def test_judge_table_and_json(tmp_path, capsys):
     missing_params = str(tmp_path / "none.yaml")
     assert main(["judge", str(tsv), "--params", missing_params]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split()[:2] == ["path", "label"]
+    assert out.splitlines()[0].split()[:3] == ["path", "curve", "label"]
     assert "collapsed" in out.splitlines()[1]
     assert main(["judge", str(tsv), "--json", "--params", missing_params]) == 0
     (row,) = json.loads(capsys.readouterr().out)

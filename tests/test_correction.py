@@ -14,7 +14,9 @@ configure_offline()
 
 from ultralytics.nn.tasks import DetectionModel
 
-from yoloqat.correction import (
+from yoloqat.pipeline.qc import check_fold
+from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model
+from yoloqat.quant.correction import (
     ChannelAffine,
     CorrectedConv,
     fold_affine_into_bn,
@@ -22,8 +24,6 @@ from yoloqat.correction import (
     freeze_for_correction,
     insert_correction,
 )
-from yoloqat.qc import check_fold
-from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model
 
 
 def test_fold_affine_into_bn_exact_on_hand_values():

@@ -15,21 +15,18 @@ import torch
 
 from yoloqat.config import Config, DataConfig, EvaluateConfig, ExportConfig
 from yoloqat.data import generate_synthetic
-from yoloqat.evaluate import (
+from yoloqat.data.splits import Sample, image_id_of, letterbox_batch, read_split
+from yoloqat.deploy.runtime import open_session
+from yoloqat.deploy.scoring import (
     Detections,
-    EvaluateError,
-    Sample,
     coco_ground_truth,
     coco_predictions,
     detection_metrics,
-    evaluate_models,
-    image_id_of,
-    letterbox_batch,
-    open_onnx,
-    read_split,
     to_detections,
 )
+from yoloqat.errors import DataError, EvaluateError
 from yoloqat.offline import configure_offline
+from yoloqat.pipeline.evaluate import evaluate_models
 
 # Before anything imports ultralytics (the modules above import it lazily, inside functions).
 configure_offline()
@@ -188,10 +185,10 @@ def test_a_file_that_is_not_onnx_is_named_in_the_error(tmp_path):
     bad = tmp_path / "fp32.onnx"
     bad.write_text("this is not a protobuf")
     with pytest.raises(EvaluateError, match=r"fp32\.onnx") as err:
-        open_onnx(bad, 64)
+        open_session(bad, 64)
     assert "\n" not in str(err.value)
     with pytest.raises(EvaluateError, match=r"missing\.onnx.*not found"):
-        open_onnx(tmp_path / "missing.onnx", 64)
+        open_session(tmp_path / "missing.onnx", 64)
 
 
 def test_a_val_split_without_labels_is_an_error(tmp_path):
@@ -206,9 +203,9 @@ def test_a_val_split_without_labels_is_an_error(tmp_path):
     assert all((s.boxes[:, 2:] <= 64 + 1e-3).all() for s in samples)  # pixels, not normalized
     for f in (root / "labels/val").iterdir():
         f.unlink()
-    with pytest.raises(EvaluateError, match="no label files"):
+    with pytest.raises(DataError, match="no label files"):
         read_split(root / "dataset.yaml")
-    with pytest.raises(EvaluateError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         read_split(tmp_path / "nope.yaml")
 
 
@@ -244,7 +241,7 @@ def test_stage_reports_one_line_and_writes_nothing(tmp_path):
 def tiny_pipeline(tmp_path_factory):
     from ultralytics.nn.tasks import DetectionModel
 
-    from yoloqat.export import export_models
+    from yoloqat.pipeline.export import export_models
     from yoloqat.quant.checkpoint import save_qat_checkpoint
     from yoloqat.quant.convert import QuantRecipe, quantize_model
 
@@ -356,7 +353,7 @@ def test_mAP_parity_on_boxes_the_fake_quant_model_finds(tiny_pipeline, tmp_path)
     top detections so both mAPs are high and the ORT-vs-PyTorch parity is not trivially 0."""
     import shutil
 
-    from yoloqat.evaluate import torch_runner
+    from yoloqat.deploy.runtime import torch_runner
     from yoloqat.quant.checkpoint import load_qat_checkpoint
 
     root, _ = tiny_pipeline

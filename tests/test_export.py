@@ -15,14 +15,11 @@ from onnx import numpy_helper
 
 from yoloqat.config import Config, DataConfig, ExportConfig
 from yoloqat.data import generate_synthetic
-from yoloqat.export import (
-    ExportError,
-    compare_end2end,
-    export_models,
-    prepare_end2end,
-    torch_end2end_dense,
-)
+from yoloqat.deploy.head import prepare_end2end, torch_end2end_dense
+from yoloqat.deploy.runtime import compare_end2end
+from yoloqat.errors import CheckpointError
 from yoloqat.offline import configure_offline
+from yoloqat.pipeline.export import export_models
 from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint
 from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model
 
@@ -239,14 +236,14 @@ def test_metrics_report_sizes_and_counts(exported):
 
 def test_missing_or_corrupt_inputs_raise_one_line_errors(exported, tmp_path):
     root, _, _ = exported
-    with pytest.raises(ExportError, match=r"FP checkpoint .* not found"):
+    with pytest.raises(CheckpointError, match=r"FP checkpoint .* not found"):
         export_models(config(tmp_path))
     shutil.copytree(root / "models/fp", tmp_path / "models/fp")
-    with pytest.raises(ExportError, match=r"best\.qat\.pt.* not found"):
+    with pytest.raises(CheckpointError, match=r"best\.qat\.pt.* not found"):
         export_models(config(tmp_path))
     (tmp_path / "models/qc").mkdir(parents=True)
     (tmp_path / "models/qc/best.qat.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ExportError, match="unreadable or corrupt") as err:
+    with pytest.raises(CheckpointError, match="unreadable or corrupt") as err:
         export_models(config(tmp_path))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "models/onnx").exists()

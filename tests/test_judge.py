@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from yoloqat.judge import JudgeError, judge_main, read_curve
+from yoloqat.analysis.judge import judge_main
+from yoloqat.curves.reader import read_curve
+from yoloqat.errors import CurveError
 
 STABLE = [0.05, 0.12, 0.2, 0.25, 0.27, 0.28]
 COLLAPSE = [0.05, 0.15, 0.25, 0.1, 0.03, 0.01]
@@ -145,7 +147,7 @@ def test_no_map_column_names_the_file(tmp_path):
     p = tmp_path / "runs/x/results.csv"
     p.parent.mkdir(parents=True)
     p.write_text("epoch,train/box_loss,metrics/mAP50(B)\n1,0.5,0.3\n")
-    with pytest.raises(JudgeError) as e:
+    with pytest.raises(CurveError) as e:
         read_curve(p)
     msg = str(e.value)
     assert str(p) in msg and "no mAP50-95 column" in msg
@@ -158,30 +160,30 @@ def test_no_map_column_names_the_file(tmp_path):
 def test_empty_file_names_the_file(tmp_path, text):
     p = tmp_path / "results.csv"
     p.write_text(text)
-    with pytest.raises(JudgeError, match="results.csv") as e:
+    with pytest.raises(CurveError, match="results.csv") as e:
         read_curve(p)
     assert str(p) in str(e.value)
 
 
 def test_missing_path_and_bad_dir(tmp_path):
-    with pytest.raises(JudgeError, match="does not exist"):
+    with pytest.raises(CurveError, match="does not exist"):
         read_curve(tmp_path / "nope.csv")
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(JudgeError, match="empty_dir"):
+    with pytest.raises(CurveError, match="empty_dir"):
         read_curve(tmp_path / "empty_dir")
 
 
 def test_bad_value_names_file_and_row(tmp_path):
     p = tmp_path / "results.csv"
     p.write_text("epoch,metrics/mAP50-95(B)\n1,0.1\n2,oops\n")
-    with pytest.raises(JudgeError, match=r"row 3 .*'oops'"):
+    with pytest.raises(CurveError, match=r"row 3 .*'oops'"):
         read_curve(p)
 
 
 def test_tsv_with_two_value_columns(tmp_path):
     p = tmp_path / "m.tsv"
     p.write_text("step\ta\tb\n0\t0.1\t0.2\n")
-    with pytest.raises(JudgeError, match="m.tsv"):
+    with pytest.raises(CurveError, match="m.tsv"):
         read_curve(p)
 
 
@@ -195,10 +197,10 @@ def test_table_output(tmp_path, capsys, monkeypatch):
     bad = write_dvclive_dir(tmp_path / "bad", COLLAPSE, {})
     assert judge_main([str(good), str(bad)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["path", "label", "best"]
+    assert out[0].split()[:4] == ["path", "curve", "label", "best"]
     assert len(out) == 3
-    assert out[1].split()[:2] == [str(good), "stable"]
-    assert out[2].split()[:2] == [str(bad), "collapsed"]
+    assert out[1].split()[:3] == [str(good), "val", "stable"]
+    assert out[2].split()[:3] == [str(bad), "val", "collapsed"]
     assert out[1].index("stable") == out[0].index("label")  # aligned columns
 
 
@@ -250,7 +252,7 @@ def test_error_exit_code_and_message(tmp_path, capsys):
 def test_python_dash_m(tmp_path):
     p = write_new_results_csv(tmp_path / "results.csv", COLLAPSE)
     r = subprocess.run(
-        [sys.executable, "-m", "yoloqat.judge", str(p), "--json"],
+        [sys.executable, "-m", "yoloqat.analysis.judge", str(p), "--json"],
         capture_output=True, text=True, cwd=tmp_path, check=False,
     )
     assert r.returncode == 0, r.stderr

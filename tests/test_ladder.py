@@ -15,19 +15,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yoloqat import ladder as ladder_mod
-from yoloqat.config import LadderConfig
-from yoloqat.experiments import (
+from yoloqat.analysis import ladder as ladder_mod
+from yoloqat.analysis.experiments import (
     MAP_TSV,
-    ExperimentsError,
     ExpRecord,
     flatten_exp_show,
     load_exp_show,
-    parse_tsv,
     read_curves,
     read_experiments,
 )
-from yoloqat.ladder import (
+from yoloqat.analysis.ladder import (
     decide,
     format_table,
     group_rows,
@@ -36,7 +33,10 @@ from yoloqat.ladder import (
     queue_command,
     queue_next,
 )
-from yoloqat.report import mean_curve, write_reports
+from yoloqat.analysis.report import mean_curve, write_reports
+from yoloqat.config import LadderConfig
+from yoloqat.curves.reader import parse_tsv
+from yoloqat.errors import CurveError, ExperimentsError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "exp_show.json"
 CFG = LadderConfig(min_seeds=3, seeds=(0, 1, 2))
@@ -120,9 +120,9 @@ def test_bad_exp_show_json_is_a_one_line_error(tmp_path):
 
 def test_parse_tsv_keeps_the_last_value_of_a_repeated_step():
     text = "timestamp\tstep\tmAP50-95\n1\t0\t0.1\n2\t1\t0.2\n3\t1\t0.25\n"
-    assert parse_tsv(text) == [(0.0, 0.1), (1.0, 0.25)]
-    with pytest.raises(ValueError):
-        parse_tsv("a\tb\n1\t2\n")
+    assert parse_tsv(text, "t.tsv") == {0: 0.1, 1: 0.25}
+    with pytest.raises(CurveError, match="t.tsv has no step column"):
+        parse_tsv("a\tb\n1\t2\n", "t.tsv")
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +366,7 @@ GEN = textwrap.dedent('''
 
     import yaml
 
-    from yoloqat.stability import classify_run
+    from yoloqat.curves.stability import classify_run
 
     p = yaml.safe_load(open("params.yaml"))
     seed = p["seed"]
@@ -464,7 +464,7 @@ def test_queued_dvc_experiments_end_up_in_the_ladder(tmp_path, monkeypatch, caps
     curves = read_curves(exp1, repo)
     assert curves["map"] == pytest.approx([0.06, 0.11, 0.16, 0.21, 0.26, 0.31])
     assert curves["osc"] == [0.01] * 6 and curves["fp_map"] is None
-    assert parse_tsv(run("git", "show", f"{exp1.rev}:{MAP_TSV}"))[-1] == (5.0, 0.31)
+    assert parse_tsv(run("git", "show", f"{exp1.rev}:{MAP_TSV}"), MAP_TSV)[5] == 0.31
 
     written = write_reports(rows, d, repo / "reports" / "ladder", repo=repo)
     md = (repo / "reports" / "ladder" / "yolo10n.md").read_text()

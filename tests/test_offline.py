@@ -36,8 +36,8 @@ def no_network(monkeypatch):
 def test_prepare_and_train_fp_run_with_sockets_blocked(tmp_path, monkeypatch, no_network):
     from yoloqat.config import load_config
     from yoloqat.data import prepare_dataset
-    from yoloqat.fp import train_fp
     from yoloqat.offline import configure_offline
+    from yoloqat.pipeline.train_fp import train_fp
 
     repo = copy_repo(tmp_path / "repo", tiny_params())
     monkeypatch.chdir(repo)
@@ -60,8 +60,8 @@ def test_fp_epochs_zero_only_evaluates_the_given_checkpoint(tmp_path, monkeypatc
 
     from yoloqat.config import load_config
     from yoloqat.data import prepare_dataset
-    from yoloqat.fp import train_fp
     from yoloqat.offline import configure_offline
+    from yoloqat.pipeline.train_fp import train_fp
 
     repo = copy_repo(tmp_path / "repo", tiny_params())
     monkeypatch.chdir(repo)

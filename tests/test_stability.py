@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from yoloqat.config import StabilityConfig
-from yoloqat.stability import LABELS, Verdict, classify_run, summarize_group
+from yoloqat.curves.stability import LABELS, Verdict, classify_run, summarize_group
 
 # The seed's real failure (YOLOv10m, W4A16 QAT on COCO), per-epoch anchors from
 # method.md; epochs in between are linearly interpolated, epoch 1 is a guess.

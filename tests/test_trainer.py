@@ -31,7 +31,8 @@ def test_ddp_launch_file_reimports_trainer_and_quantizes_in_the_worker(tiny_data
     from yoloqat.quant.convert import QuantRecipe
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
-    settings = QATSettings(recipe=QuantRecipe(bits=3, edge_bits=8).to_dict(), ema=False)
+    settings = QATSettings(recipe=QuantRecipe(bits=3, edge_bits=8).to_dict(), ema=False,
+                           ema_decay=0.99, ema_tau=60.0, track_every=1, out_dir=str(tmp_path / "q"))
     trainer = QATTrainer(
         overrides={"model": "yolov10n.yaml", "data": str(tiny_dataset), "imgsz": 64, "epochs": 1,
                    "device": "cpu", "project": str(tmp_path), "name": "ddp", "plots": False},
@@ -114,7 +115,7 @@ def test_divergence_is_recorded_not_a_crash(qat_repo, monkeypatch):
     import torch
 
     from yoloqat.config import load_config
-    from yoloqat.qat import train_qat
+    from yoloqat.pipeline.qat import train_qat
     from yoloqat.train import trainer as trainer_mod
 
     params = tiny_params({"qat": {"epochs": 3, "batch": 8, "init": "scratch"}})

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from yoloqat.config import config_from_dict
-from yoloqat.verdict import VERDICT_METRICS, VerdictError, judge_qat_run
+from yoloqat.errors import VerdictError
+from yoloqat.paths import VERDICT_METRICS
+from yoloqat.pipeline.verdict import judge_qat_run
 
 STABLE = [0.05, 0.12, 0.2, 0.25, 0.27, 0.28, 0.275, 0.28]
 COLLAPSE = [0.05, 0.15, 0.226, 0.014, 0.097, 0.001, 0.01, 0.012]

@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from yoloqat.config import ConfigError
+from yoloqat.errors import YoloqatError
+from yoloqat.paths import LADDER_REPORTS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,9 +53,8 @@ def _ladder_parser() -> argparse.ArgumentParser:
 
 
 def ladder_main(argv: list[str]) -> int:
-    from yoloqat.experiments import ExperimentsError, read_experiments
-    from yoloqat.ladder import (
-        LadderError,
+    from yoloqat.analysis.experiments import read_experiments
+    from yoloqat.analysis.ladder import (
         decide,
         format_table,
         group_rows,
@@ -82,15 +82,15 @@ def ladder_main(argv: list[str]) -> int:
             print()
             print("\n".join(decision.lines()))
         if not args.no_report:
-            from yoloqat.report import write_reports
+            from yoloqat.analysis.report import write_reports
 
-            out = Path(args.out) if args.out else repo / "reports" / "ladder"
+            out = Path(args.out) if args.out else repo / LADDER_REPORTS
             written = write_reports(rows, decision, out, repo=repo)
             messages.append(f"reports: {len(written)} files in {out}")
         if args.queue_next:
             queue_next(decision, repo, dry_run=args.dry_run,
                        echo=(messages.append if quiet else print))
-    except (ConfigError, ExperimentsError, LadderError, OSError) as exc:
+    except (YoloqatError, OSError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"yoloqat ladder: error: {msg}", file=sys.stderr)
         return 2
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "judge":
-            from yoloqat.judge import judge_main
+            from yoloqat.analysis.judge import judge_main
 
             return judge_main(argv[1:])
         if argv and argv[0] == "ladder":

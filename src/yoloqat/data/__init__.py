@@ -3,6 +3,7 @@
 Sources: the embedded seeded ``synthetic`` shapes set (the default, needs no download), a
 ``coco`` instances JSON, or an existing ``yolo`` dataset yaml.  Stages call
 :func:`prepare_dataset`; the per-source functions are public for tests and notebooks.
+:mod:`.splits` is the one reader of a prepared split (export parity and evaluation use it).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def _names(doc: dict[str, Any], source: Path) -> list[str]:
     raise DataError(f"data: {str(source)!r} needs 'names' (a list or mapping) or 'nc'")
 
 
-def _list_images(doc: dict[str, Any], root: Path, split: str, source: Path) -> list[Path]:
+def list_split_images(doc: dict[str, Any], root: Path, split: str, source: Path) -> list[Path]:
     """Every image the yaml names for ``split``, sorted, from folders and/or txt lists."""
     entries = doc.get(split)
     if not entries:
@@ -216,7 +216,7 @@ def import_yolo(
     """
     dataset_yaml = Path(dataset_yaml)
     doc, root, names = read_dataset_yaml(dataset_yaml)
-    sources = {s: _list_images(doc, root, s, dataset_yaml) for s in ("train", "val")}
+    sources = {s: list_split_images(doc, root, s, dataset_yaml) for s in ("train", "val")}
     out_dir = Path(out_dir)
     skips = dict.fromkeys(_YOLO_SKIPS, 0)
     examples: dict[str, list[str]] = {k: [] for k in _YOLO_SKIPS}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from yoloqat.errors import CheckpointError
 from yoloqat.quant.convert import (
     QuantRecipe,
     float_conv_like,
@@ -27,10 +28,6 @@ from yoloqat.quant.convert import (
 )
 
 FORMAT = "yoloqat-qat-v1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt or not the expected kind (one-line message)."""
 
 
 def bake(model: nn.Module) -> nn.Module:
@@ -119,3 +116,35 @@ def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"checkpoint {str(path)!r} does not match its recipe ({first})") from None
     return model.eval(), payload
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Every floating-point entry of the state_dict is finite (a diverged run's are not)."""
+    return all(
+        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
+    )
+
+
+def load_ultralytics_model(path: Path, what: str = "checkpoint") -> nn.Module:
+    """The float model of an Ultralytics ``.pt`` (its EMA, else its model), on CPU in eval mode.
+
+    Ultralytics checkpoints are pickled modules, so this uses the full unpickler: load only
+    files from a trusted source.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} not found; run the stage that writes it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001  (torch raises many types for a corrupt file)
+        raise CheckpointError(
+            f"{what} {str(path)!r} is unreadable or corrupt ({type(exc).__name__})"
+        ) from None
+    model = None
+    if isinstance(ckpt, dict):
+        model = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
+    if not isinstance(model, nn.Module) or not hasattr(model, "model"):
+        raise CheckpointError(
+            f"{what} {str(path)!r} is not an Ultralytics checkpoint (no model under 'ema'/'model')"
+        )
+    return model.float().cpu().eval()

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from yoloqat.numbers import finite_or_none
+
 
 def clean_metric_name(name: str) -> str:
     """``metrics/mAP50-95(B)`` -> ``val/mAP50-95``; ``lr/pg0`` and ``train/box_loss`` kept."""
@@ -20,12 +22,6 @@ def clean_metric_name(name: str) -> str:
     return name.replace("(B)", "")
 
 
-def finite_or_none(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 class EpochLogger:

@@ -20,9 +20,9 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from yoloqat.numbers import finite_or_none
 from yoloqat.quant.convert import QuantRecipe, quantize_model
 from yoloqat.quant.ema import make_ema
-from yoloqat.train.live import finite_or_none
 
 SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
 
@@ -36,11 +36,11 @@ class QATSettings:
     """
 
     recipe: dict[str, Any]
-    ema: bool = True
-    ema_decay: float = 0.9999
-    ema_tau: float = 2000.0
-    track_every: int = 1
-    out_dir: str = "models/qat"
+    ema: bool
+    ema_decay: float
+    ema_tau: float
+    track_every: int
+    out_dir: str
 
     def to_env(self) -> None:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))

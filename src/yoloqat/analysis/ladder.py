@@ -29,14 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yoloqat.analysis.experiments import FAILED, PENDING, ExpRecord, run_dvc
 from yoloqat.config import (
     MODELS,
     LadderConfig,
     QATConfig,
     load_config_for,
 )
-from yoloqat.experiments import FAILED, PENDING, ExpRecord, run_dvc
-from yoloqat.stability import LABELS, Verdict, finite_number, summarize_group
+from yoloqat.curves.stability import LABELS, Verdict, summarize_group
+from yoloqat.numbers import finite_number, nan_if_none
 
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
 RUNG_BITS = QATConfig().bits  # 4: the rung variant is W4A16
@@ -46,10 +47,6 @@ GRID = ((True, True), (True, False), (False, True), (False, False))  # (ema, qc)
 JUDGED, PENDING_RUN, UNJUDGED, FAILED_RUN = "judged", "pending", "unjudged", "failed"
 _STATUS_RANK = {JUDGED: 3, PENDING_RUN: 2, UNJUDGED: 1, FAILED_RUN: 0}
 _KIND_RANK = {"experiment": 2, "baseline": 1, "workspace": 0}
-
-
-class LadderError(ValueError):
-    """Something the ladder cannot work with; the message is one line."""
 
 
 def _bool_text(b: Any) -> str:
@@ -124,11 +121,6 @@ def select_runs(records: Iterable[ExpRecord]) -> dict[MethodKey, dict[int, tuple
 # the table
 
 
-def _nan(x: Any) -> float:
-    v = finite_number(x)
-    return math.nan if v is None else v
-
-
 def as_verdict(rec: ExpRecord) -> Verdict:
     """The record's verdict metrics as a :class:`Verdict` (best/final fall back to qat's)."""
     v, qat = rec.verdict, rec.metrics.get("qat", {})
@@ -141,11 +133,11 @@ def as_verdict(rec: ExpRecord) -> Verdict:
     return Verdict(
         label=str(rec.label),
         epochs=int(v.get("epochs") or qat.get("epochs") or 0),
-        best=_nan(best),
+        best=nan_if_none(best),
         best_epoch=int(v.get("best_epoch") or 0),
-        final=_nan(final),
-        final_over_best=_nan(v.get("final_over_best")),
-        max_drawdown=_nan(v.get("max_drawdown")),
+        final=nan_if_none(final),
+        final_over_best=nan_if_none(v.get("final_over_best")),
+        max_drawdown=nan_if_none(v.get("max_drawdown")),
         collapse_events=int(v.get("collapse_events") or 0),
         epochs_collapsed=int(v.get("epochs_collapsed") or 0),
         swings=int(v.get("swings") or 0),

@@ -51,14 +51,6 @@ from typing import Any
 
 from yoloqat.config import StabilityConfig
 
-
-def finite_number(x: Any) -> float | None:
-    """A JSON metric value as a float, or None when it is missing, a bool, text, NaN or inf."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    f = float(x)
-    return f if math.isfinite(f) else None
-
 LABELS = ("stable", "collapsed", "unstable", "diverged", "no_learning")
 DEFAULT_STABILITY = StabilityConfig()
 

@@ -5,73 +5,21 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from yoloqat.config import Config
-from yoloqat.data.errors import DataError
+from yoloqat.errors import CheckpointError
+from yoloqat.paths import FP_CHECKPOINT, FP_DIR, FP_RESULTS
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
 from yoloqat.train.live import EpochLogger, curve_summary
-
-FP_DIR = Path("models/fp")
-FP_LIVE = Path("results/train_fp")
-DATASET_YAML = Path("data/prepared/dataset.yaml")
-
-MODEL_YAML = {"yolo10n": "yolov10n.yaml", "yolo10s": "yolov10s.yaml", "yolo10m": "yolov10m.yaml"}
-
-
-def require_dataset(path: Path = DATASET_YAML) -> Path:
-    if not path.is_file():
-        raise DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)")
-    return path
-
-
-def ultralytics_overrides(
-    cfg: Config, *, model: str, epochs: int, batch: int, optimizer: str, lr0: float,
-    weight_decay: float, warmup_epochs: float, workers: int, project: str, name: str,
-    amp: bool = True, patience: int = 100,
-) -> dict[str, Any]:
-    """The Ultralytics args shared by the FP and QAT trainers (augmentation kept identical)."""
-    return {
-        "model": model,
-        "data": str(require_dataset().resolve()),
-        "epochs": epochs,
-        "imgsz": cfg.data.imgsz,
-        "batch": batch,
-        # Ultralytics accumulates gradients up to a nominal batch of 64; on a few hundred
-        # images that leaves a handful of optimizer steps per epoch.  One step per batch.
-        "nbs": batch,
-        "device": cfg.device,
-        "workers": workers,
-        "seed": cfg.seed,
-        "deterministic": True,
-        "optimizer": optimizer,
-        "lr0": lr0,
-        "weight_decay": weight_decay,
-        "warmup_epochs": warmup_epochs,
-        "patience": patience,
-        "amp": amp,
-        "plots": False,  # plotting fetches a font from the network
-        # Validate YOLOv10's one-to-one (end-to-end, NMS-free) head: the head that is exported.
-        "nms": False,
-        "val": True,
-        "project": project,
-        "name": name,
-        "exist_ok": True,
-        "verbose": True,
-        # Short runs on small images: mosaic would shrink objects to a few pixels, and a
-        # final mosaic-free phase is what the model is judged on.
-        "mosaic": 0.0,
-        "close_mosaic": 0,
-        "cache": False,
-    }
+from yoloqat.train.overrides import MODEL_YAML, require_dataset, ultralytics_overrides
 
 
 def train_fp(cfg: Config) -> dict[str, Any]:
     require_dataset()
-    fresh_outputs(FP_DIR, FP_LIVE)
+    fresh_outputs(FP_DIR, FP_RESULTS)
     t0 = time.time()
-    logger = EpochLogger(FP_LIVE)
+    logger = EpochLogger(FP_RESULTS)
     init = str(cfg.resolve(cfg.fp.init_checkpoint)) if cfg.fp.init_checkpoint else None
     if cfg.fp.epochs == 0:
         summary = _evaluate_only(cfg, init, logger)
@@ -102,8 +50,8 @@ def _train(cfg: Config, init: str | None, logger: EpochLogger) -> dict[str, Any]
         trainer.train()
         best = trainer.best if trainer.best.exists() else trainer.last
         if not best.exists():
-            raise DataError("train_fp produced no checkpoint (training stopped before one epoch)")
-        shutil.copy2(best, FP_DIR / "best.pt")
+            raise CheckpointError("training stopped before one epoch; no checkpoint was produced")
+        shutil.copy2(best, FP_CHECKPOINT)
         if trainer.last.exists():
             shutil.copy2(trainer.last, FP_DIR / "last.pt")
         status = "diverged" if trainer.diverged else "completed"
@@ -118,7 +66,7 @@ def _evaluate_only(cfg: Config, init: str | None, logger: EpochLogger) -> dict[s
     from ultralytics import YOLO
 
     if init is None:
-        raise DataError("fp.epochs=0 needs fp.init_checkpoint (a trained Ultralytics .pt)")
+        raise CheckpointError("fp.epochs=0 needs fp.init_checkpoint (a trained Ultralytics .pt)")
     model = YOLO(init)
     metrics = model.val(
         data=str(require_dataset().resolve()), imgsz=cfg.data.imgsz, batch=cfg.fp.batch,
@@ -128,6 +76,6 @@ def _evaluate_only(cfg: Config, init: str | None, logger: EpochLogger) -> dict[s
     row = {"epoch": 1.0, "val/mAP50-95": float(metrics.box.map), "val/mAP50": float(metrics.box.map50)}
     logger.history.append(row)
     logger.log_row(row)
-    shutil.copy2(init, FP_DIR / "best.pt")
+    shutil.copy2(init, FP_CHECKPOINT)
     return {"status": "evaluated", "epochs": 0, **curve_summary([row["val/mAP50-95"]]),
             "best_mAP50": row["val/mAP50"]}

@@ -5,20 +5,24 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from yoloqat.config import Config
-from yoloqat.fp import FP_DIR, MODEL_YAML, require_dataset, ultralytics_overrides
+from yoloqat.errors import CheckpointError
+from yoloqat.paths import (
+    FP_CHECKPOINT,
+    QAT_BEST_STEM,
+    QAT_DIR,
+    QAT_LAST_STEM,
+    QAT_LAYER_CSV,
+    QAT_RESULTS,
+)
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
-from yoloqat.quant.checkpoint import CheckpointError, save_qat_checkpoint
+from yoloqat.quant.checkpoint import save_qat_checkpoint
 from yoloqat.quant.convert import QuantRecipe
 from yoloqat.quant.ema import averaging_window, ema_decay_at
 from yoloqat.train.live import EpochLogger, curve_summary
-
-QAT_DIR = Path("models/qat")
-QAT_LIVE = Path("results/qat")
-LAYER_CSV = QAT_LIVE / "oscillation_layers.csv"
+from yoloqat.train.overrides import MODEL_YAML, require_dataset, ultralytics_overrides
 
 
 def recipe_of(cfg: Config) -> QuantRecipe:
@@ -29,7 +33,7 @@ def recipe_of(cfg: Config) -> QuantRecipe:
 def init_model_arg(cfg: Config) -> str:
     """What the trainer starts from: the FP checkpoint, the bare yaml, or a user checkpoint."""
     if cfg.qat.init == "fp":
-        best = FP_DIR / "best.pt"
+        best = FP_CHECKPOINT
         if not best.is_file():
             raise CheckpointError(f"qat.init=fp needs {best}; run the train_fp stage first")
         return str(best.resolve())
@@ -42,14 +46,14 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
     require_dataset()
-    fresh_outputs(QAT_DIR, QAT_LIVE)
+    fresh_outputs(QAT_DIR, QAT_RESULTS)
     t0 = time.time()
     recipe = recipe_of(cfg)
     settings = QATSettings(
         recipe=recipe.to_dict(), ema=cfg.ema, ema_decay=cfg.qat.ema_decay, ema_tau=cfg.qat.ema_tau,
         track_every=cfg.qat.track_every, out_dir=str(QAT_DIR.resolve()),
     )
-    logger = EpochLogger(QAT_LIVE, extra=lambda tr: tr.tracker.epoch_summary() if tr.tracker else {})
+    logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.tracker.epoch_summary() if tr.tracker else {})
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
         overrides = ultralytics_overrides(
             cfg, model=init_model_arg(cfg), epochs=cfg.qat.epochs, batch=cfg.qat.batch,
@@ -60,16 +64,16 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         trainer = QATTrainer(overrides=overrides, settings=settings)
         trainer.add_callback("on_fit_epoch_end", logger.on_fit_epoch_end)
         trainer.train()
-    if not (QAT_DIR / "best.qat.pt").is_file():
+    if not QAT_BEST_STEM.with_suffix(".qat.pt").is_file():
         # Diverged before the first save: keep the (non-finite) model so the DAG's outputs exist;
         # downstream stages read status=diverged and pass it on instead of evaluating it.
         names = trainer.data["names"]
-        for stem in ("last", "best"):
-            save_qat_checkpoint(trainer.ema.ema, recipe, QAT_DIR / stem, {"epoch": 0}, names)
+        for stem in (QAT_LAST_STEM, QAT_BEST_STEM):
+            save_qat_checkpoint(trainer.ema.ema, recipe, stem, {"epoch": 0}, names)
     tracker = trainer.tracker
-    LAYER_CSV.parent.mkdir(parents=True, exist_ok=True)
+    QAT_LAYER_CSV.parent.mkdir(parents=True, exist_ok=True)
     if tracker is not None:
-        tracker.write_layer_csv(LAYER_CSV)
+        tracker.write_layer_csv(QAT_LAYER_CSV)
     steps = int(trainer.ema.updates) if trainer.ema is not None else 0
     curve = logger.curve()
     curve50 = logger.curve("val/mAP50")

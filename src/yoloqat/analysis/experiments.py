@@ -15,10 +15,7 @@ reads a DVCLive TSV at an experiment's git revision (the plots are git-tracked,
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -27,26 +24,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PARAMS_FILE = "params.yaml"
+from yoloqat.curves.reader import DVCLIVE_MAP, on_epochs, parse_tsv, steps_up_to
+from yoloqat.errors import CurveError, ExperimentsError
+from yoloqat.paths import (
+    DVCLIVE_PLOTS,
+    EVALUATE_METRICS,
+    FP_METRICS,
+    FP_RESULTS,
+    PARAMS,
+    QAT_METRICS,
+    QAT_RESULTS,
+    QC_METRICS,
+    VERDICT_METRICS,
+)
+
+PARAMS_FILE = PARAMS.as_posix()
 METRIC_FILES = {
-    "qat": "results/qat/metrics.json",
-    "verdict": "results/verdict/metrics.json",
-    "evaluate": "results/evaluate/metrics.json",
-    "train_fp": "results/train_fp/metrics.json",
+    "qat": QAT_METRICS.as_posix(),
+    "qc": QC_METRICS.as_posix(),
+    "verdict": VERDICT_METRICS.as_posix(),
+    "evaluate": EVALUATE_METRICS.as_posix(),
+    "train_fp": FP_METRICS.as_posix(),
 }
 PARAM_KEYS = ("model", "ema", "qc", "seed", "qat.bits", "qat.init")
-QAT_PLOTS = "results/qat/plots/metrics"
-MAP_TSV = f"{QAT_PLOTS}/val/mAP50-95.tsv"
-OSC_TSV = f"{QAT_PLOTS}/osc/frac_oscillating.tsv"
-FP_MAP_TSV = "results/train_fp/plots/metrics/val/mAP50-95.tsv"
+MAP_TSV = (QAT_RESULTS / DVCLIVE_MAP).as_posix()
+OSC_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "osc" / "frac_oscillating.tsv").as_posix()
+FP_MAP_TSV = (FP_RESULTS / DVCLIVE_MAP).as_posix()
 
 # states of a record; "done" = the run finished (its metrics may still say diverged)
 DONE, FAILED, QUEUED, RUNNING = "done", "failed", "queued", "running"
 PENDING = (QUEUED, RUNNING)
-
-
-class ExperimentsError(RuntimeError):
-    """dvc could not list the experiments, or the JSON is not what dvc prints; one line."""
 
 
 @dataclass(frozen=True)
@@ -231,23 +238,6 @@ def read_experiments(
 # per-epoch curves at a revision
 
 
-def parse_tsv(text: str) -> list[tuple[float, float]]:
-    """(step, value) pairs of a DVCLive metric TSV, sorted by step (a repeated step keeps
-    its last value); raises ValueError when it is not one."""
-    rows = [r for r in csv.reader(io.StringIO(text), delimiter="\t") if any(c.strip() for c in r)]
-    if not rows or "step" not in rows[0]:
-        raise ValueError("not a DVCLive metric TSV (no step column)")
-    header = [h.strip() for h in rows[0]]
-    values = [i for i, h in enumerate(header) if h not in ("step", "timestamp")]
-    if len(values) != 1:
-        raise ValueError("not a DVCLive metric TSV (expected one value column)")
-    k, v = header.index("step"), values[0]
-    out: dict[float, float] = {}
-    for r in rows[1:]:
-        out[float(r[k])] = float(r[v])
-    return sorted(out.items())
-
-
 def read_text_at(repo: str | Path, rev: str, path: str) -> str | None:
     """A git-tracked file at ``rev`` (the working tree for ``workspace``); None if absent."""
     if rev == "workspace":
@@ -264,22 +254,16 @@ def read_text_at(repo: str | Path, rev: str, path: str) -> str | None:
 
 
 def read_series(repo: str | Path, rev: str, path: str) -> list[float] | None:
-    """The values of a DVCLive TSV at ``rev``, one per step (0, 1, ...; a step missing from
-    the file, e.g. a NaN DVCLive refused to log, is NaN); None if absent or unreadable."""
+    """The values of a DVCLive TSV at ``rev``, one per step 0 .. last (the curve reader's rule:
+    a missing or non-finite step is NaN); None if absent or unreadable."""
     text = read_text_at(repo, rev, path)
     if text is None:
         return None
     try:
-        pairs = parse_tsv(text)
-    except (ValueError, IndexError):
+        by_step = parse_tsv(text, f"{rev[:7]}:{path}")
+    except CurveError:
         return None
-    if not pairs:
-        return []
-    by_step = dict(pairs)
-    last = int(max(by_step))
-    if any(s < 0 or s != int(s) for s in by_step):
-        return [v for _, v in pairs]
-    return [by_step.get(float(i), math.nan) for i in range(last + 1)]
+    return on_epochs(by_step, steps_up_to(by_step))
 
 
 def read_curves(record: ExpRecord, repo: str | Path = ".") -> dict[str, list[float] | None]:

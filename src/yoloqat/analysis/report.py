@@ -18,11 +18,12 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from yoloqat.experiments import ExpRecord, read_curves
-from yoloqat.ladder import Decision, GroupRow, as_verdict, markdown_table, w4a16_map
+from yoloqat.analysis.experiments import ExpRecord, read_curves
+from yoloqat.analysis.ladder import Decision, GroupRow, as_verdict, markdown_table, w4a16_map
+from yoloqat.paths import LADDER_REPORTS
 
 CurveReader = Callable[[ExpRecord], dict[str, list[float] | None]]
-DEFAULT_OUT = Path("reports/ladder")
+DEFAULT_OUT = LADDER_REPORTS
 
 
 def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:

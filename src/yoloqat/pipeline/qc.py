@@ -2,46 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from yoloqat.config import Config
-from yoloqat.correction import (
+from yoloqat.errors import CorrectionError
+from yoloqat.paths import QAT_LAST, QAT_METRICS, QC_DIR, QC_METRICS, QC_RESULTS, QC_STEM
+from yoloqat.pipeline.status import SKIPPED_DIVERGED, diverged_upstream
+from yoloqat.provenance import fresh_outputs, run_metadata, write_json
+from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint, weights_finite
+from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs
+from yoloqat.quant.correction import (
     correction_stats,
     fold_qc_into_bn,
     insert_correction,
     train_correction,
 )
-from yoloqat.fp import require_dataset
-from yoloqat.provenance import fresh_outputs, run_metadata, write_json
-from yoloqat.qat import QAT_DIR, QAT_LIVE
-from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint
-from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs
-from yoloqat.validation import calibration_batches, validate_model
+from yoloqat.train.overrides import require_dataset
+from yoloqat.train.validation import calibration_batches, validate_model
 
-QC_DIR = Path("models/qc")
-QC_RESULTS = Path("results/qc")
 FOLD_TOLERANCE = 1e-4
-
-
-class CorrectionError(ValueError):
-    """The folded model does not reproduce the corrected one, or integers moved."""
-
-
-def qat_status() -> str:
-    path = QAT_LIVE / "metrics.json"
-    if not path.is_file():
-        return "unknown"
-    return str(json.loads(path.read_text()).get("status", "unknown"))
-
-
-def _finite(model: torch.nn.Module) -> bool:
-    return all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
 
 
 def raw_head_outputs(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -94,10 +77,10 @@ def check_fold(model: torch.nn.Module, images: torch.Tensor) -> float:
     diff = relative_max_diff(unfolded, folded)
     for n, q in quant_convs(model):
         if not torch.equal(int_weight(q).integers, before_ints[id(q)]):
-            raise CorrectionError(f"qc: folding changed the integer weights of {n}")
+            raise CorrectionError(f"folding changed the integer weights of {n}")
     if not diff <= FOLD_TOLERANCE:
         raise CorrectionError(
-            f"qc: folded model differs from the corrected one by {diff:.3g} (relative; > {FOLD_TOLERANCE})"
+            f"folded model differs from the corrected one by {diff:.3g} (relative; > {FOLD_TOLERANCE})"
         )
     return diff
 
@@ -108,16 +91,18 @@ def run_qc(cfg: Config) -> dict[str, Any]:
     from ultralytics.utils.torch_utils import select_device
 
     data_yaml = str(require_dataset().resolve())
-    source = QAT_DIR / "last.qat.pt"
+    source = QAT_LAST
     model, payload = load_qat_checkpoint(source)
     recipe = QuantRecipe.from_dict(payload["recipe"])
     fresh_outputs(QC_DIR, QC_RESULTS)
     t0 = time.time()
-    status = qat_status()
-    summary: dict[str, Any] = {"qc": cfg.qc, "source": str(source), "qat_status": status}
-    if status == "diverged" or not _finite(model):
-        summary.update(status="skipped_diverged", applied=False)
-        save_qat_checkpoint(model, recipe, QC_DIR / "best", payload.get("info", {}), payload["names"])
+    diverged = diverged_upstream(cfg, QAT_METRICS)
+    summary: dict[str, Any] = {"qc": cfg.qc, "source": str(source),
+                               "qat_status": "diverged" if diverged else "completed"}
+    if diverged or not weights_finite(model):
+        summary.update(status=SKIPPED_DIVERGED, applied=False)
+        save_qat_checkpoint(model, recipe, QC_STEM,
+                            payload.get("info", {}), payload["names"])
         return _finish(cfg, summary, t0)
 
     device = select_device(cfg.device, verbose=False)
@@ -149,14 +134,15 @@ def run_qc(cfg: Config) -> dict[str, Any]:
         )
     summary["delta_mAP50-95"] = summary["after_mAP50-95"] - summary["before_mAP50-95"]
     info = {**payload.get("info", {}), "qc": summary["status"]}
-    save_qat_checkpoint(model.cpu(), recipe, QC_DIR / "best", info, payload["names"])
+    save_qat_checkpoint(model.cpu(), recipe, QC_STEM, info,
+                        payload["names"])
     return _finish(cfg, summary, t0)
 
 
 def _finish(cfg: Config, summary: dict[str, Any], t0: float) -> dict[str, Any]:
     summary["seconds"] = round(time.time() - t0, 1)
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-    write_json(QC_RESULTS / "metrics.json", clean)
+    write_json(QC_METRICS, clean)
     write_json(QC_DIR / "metadata.json", run_metadata(cfg, "qc", cfg.device, {"summary": clean}))
     print(
         f"qc: {clean['status']} mAP50-95 before={clean.get('before_mAP50-95')} "

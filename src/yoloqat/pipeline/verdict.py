@@ -23,23 +23,22 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.config import Config
-from yoloqat.judge import DVCLIVE_MAP, JudgeError, read_curve
+from yoloqat.curves.reader import DVCLIVE_MAP, read_curve
+from yoloqat.curves.stability import classify_run
+from yoloqat.errors import CurveError, VerdictError
+from yoloqat.numbers import finite_number
+from yoloqat.paths import (
+    EVALUATE_METRICS,
+    FP_METRICS,
+    FP_RESULTS,
+    QAT_METRICS,
+    QAT_RESULTS,
+    VERDICT_METRICS,
+)
+from yoloqat.pipeline.status import DIVERGED
 from yoloqat.provenance import write_json
-from yoloqat.stability import classify_run, finite_number
-
-QAT_LIVE = Path("results/qat")
-QAT_METRICS = QAT_LIVE / "metrics.json"
-EVAL_METRICS = Path("results/evaluate/metrics.json")
-FP_METRICS = Path("results/train_fp/metrics.json")
-FP_CURVE = Path("results/train_fp") / DVCLIVE_MAP
-VERDICT_DIR = Path("results/verdict")
-VERDICT_METRICS = VERDICT_DIR / "metrics.json"
 
 EVAL_FIELDS = ("gap_mAP50-95", "w4a16_mAP50-95", "fp32_mAP50-95")
-
-
-class VerdictError(ValueError):
-    """The qat outputs are missing or unreadable; the message is one line."""
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -59,18 +58,18 @@ def _fp_best(cfg: Config) -> float | None:
         best = finite_number(_read_json(path, "train_fp metrics").get("best"))
         if best is not None:
             return best
-    curve_path = cfg.resolve(FP_CURVE)
+    curve_path = cfg.resolve(FP_RESULTS / DVCLIVE_MAP)
     if curve_path.is_file():
         try:
             values = [v for v in read_curve(curve_path).values if math.isfinite(v)]
-        except JudgeError:
+        except CurveError:
             return None
         return max(values) if values else None
     return None
 
 
 def _eval_fields(cfg: Config) -> dict[str, float]:
-    path = cfg.resolve(EVAL_METRICS)
+    path = cfg.resolve(EVALUATE_METRICS)
     if not path.is_file():
         return {}
     data = _read_json(path, "evaluate metrics")
@@ -108,18 +107,18 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     if not isinstance(status, str):
         raise VerdictError(f"{QAT_METRICS} has no status; expected 'completed' or 'diverged'")
 
-    live = cfg.resolve(QAT_LIVE)
+    live = cfg.resolve(QAT_RESULTS)
     curve: list[float] = []
     losses: list[float] | None = None
     if (live / DVCLIVE_MAP).is_file():
         try:
             run = read_curve(live)
-        except JudgeError as exc:
-            raise VerdictError(str(exc).removeprefix("judge: ")) from None
+        except CurveError as exc:
+            raise VerdictError(str(exc)) from None
         curve, losses = run.values, run.losses
-    elif status != "diverged":
+    elif status != DIVERGED:
         raise VerdictError(
-            f"{QAT_LIVE / DVCLIVE_MAP} not found; the qat stage logs val mAP50-95 per epoch there"
+            f"{QAT_RESULTS / DVCLIVE_MAP} not found; the qat stage logs val mAP50-95 per epoch there"
         )
 
     verdict = classify_run(curve, losses, cfg.stability, status)

@@ -1,0 +1,125 @@
+"""``yoloqat judge PATH...``: read training curves and print a stability verdict per curve.
+
+A PATH may be an Ultralytics ``results.csv`` (of any YOLO version) or run folder, a DVCLive
+metric TSV, or a DVCLive folder such as ``results/qat``; a DVCLive folder gives one row per
+validation curve it holds (``val``, ``val_live``, ``val_ema``).  Reading follows
+:mod:`yoloqat.curves.reader` (the one rule for missing and non-finite epochs); the verdict
+rules are :mod:`yoloqat.curves.stability`'s, with thresholds from the ``stability`` block of
+``--params`` (default ``params.yaml``) when that file exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from yoloqat.config import StabilityConfig, load_config_for
+from yoloqat.curves.reader import PRIMARY, RunCurve, read_curve
+from yoloqat.curves.stability import Verdict, classify_run
+from yoloqat.errors import ConfigError, CurveError
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def stability_config(params: str | Path) -> StabilityConfig:
+    """The ``stability`` thresholds of a params file, or the defaults when it is absent.
+
+    The whole file is validated with :func:`load_config`; if something outside the
+    ``stability`` block is wrong (e.g. a dataset path missing on this machine) the block
+    is validated on its own, so judging a curve does not need the training setup.
+    """
+    return load_config_for(params, "stability").stability
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "nan" if not math.isfinite(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+TABLE_COLUMNS = (
+    ("path", "path"),
+    ("curve", "curve"),
+    ("label", "label"),
+    ("best", "best"),
+    ("best_ep", "best_epoch"),
+    ("final", "final"),
+    ("final/best", "final_over_best"),
+    ("max_dd", "max_drawdown"),
+    ("collapses", "collapse_events"),
+    ("ep_collapsed", "epochs_collapsed"),
+)
+
+
+def format_table(rows: list[tuple[str, str, Verdict]]) -> str:
+    cells = [[h for h, _ in TABLE_COLUMNS]]
+    for name, key, v in rows:
+        d = {"path": name, "curve": key.removesuffix("/mAP50-95"),
+             **{f: getattr(v, f) for _, f in TABLE_COLUMNS[2:]}}
+        digits = {"final_over_best": 3, "max_drawdown": 3}
+        cells.append([_fmt(d[f], digits.get(f, 4)) for _, f in TABLE_COLUMNS])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(TABLE_COLUMNS))]
+    lines = []
+    for r in cells:
+        parts = [c.ljust(w) for c, w in zip(r[:3], widths[:3], strict=True)]
+        parts += [c.rjust(w) for c, w in zip(r[3:], widths[3:], strict=True)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="yoloqat judge",
+        description="Label training runs stable / collapsed / unstable / diverged / "
+        "no_learning from their whole validation mAP50-95 curve.",
+    )
+    ap.add_argument(
+        "paths", nargs="+", metavar="PATH",
+        help="results.csv, DVCLive metric .tsv, or DVCLive/Ultralytics run directory",
+    )
+    ap.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    ap.add_argument(
+        "--params", default="params.yaml",
+        help="params file whose stability block sets the thresholds (default: params.yaml; "
+        "defaults are used when it does not exist)",
+    )
+    return ap
+
+
+def judged_rows(curves: list[RunCurve], cfg: StabilityConfig) -> list[tuple[str, str, Verdict]]:
+    """(path, curve key, verdict) for every val curve of every run, the primary curve first."""
+    rows = []
+    for c in curves:
+        for key, values in c.series.items() or [(PRIMARY, c.values)]:
+            rows.append((c.name, key, classify_run(values, c.losses, cfg)))
+    return rows
+
+
+def judge_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = stability_config(args.params)
+        curves = [read_curve(p) for p in args.paths]
+    except (CurveError, ConfigError) as exc:
+        print(f"yoloqat judge: error: {exc}", file=sys.stderr)
+        return 2
+    rows = judged_rows(curves, cfg)
+    if args.json:
+        sources = {c.name: c.source for c in curves}
+        out = [{"path": name, "curve": key, "source": sources[name], **v.as_dict()}
+               for name, key, v in rows]
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(judge_main(sys.argv[1:]))

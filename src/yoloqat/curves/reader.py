@@ -1,0 +1,217 @@
+"""The one reader of per-epoch training curves, with one rule for missing and non-finite epochs.
+
+Sources:
+
+* a DVCLive folder (``results/qat``) holding ``plots/metrics/<group>/mAP50-95.tsv`` for every
+  validation curve it logged (``val``: the model the run deploys; ``val_live`` / ``val_ema``:
+  the paired live and EMA weights) and ``plots/metrics/train/*loss*.tsv``;
+* a single DVCLive metric TSV (``step``, optionally ``timestamp``, one value column);
+* an Ultralytics ``results.csv`` of any YOLO version (older ones pad header names), or a run
+  folder holding one.
+
+The rule (used by the verdict stage, ``yoloqat judge``, the ladder and the report alike): a
+curve has one value per epoch of the run; an epoch whose value is missing (DVCLive refuses to
+log NaN, so a diverged epoch leaves a gap) or not finite is NaN, and a NaN anywhere makes the
+stability verdict ``diverged``.  In a DVCLive folder the run's epochs are every step that any of
+its TSVs logged (the learning rate is logged every epoch), so even a NaN final epoch is seen.
+A repeated step (a resumed run) keeps its last value.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from yoloqat.errors import CurveError
+from yoloqat.paths import DVCLIVE_PLOTS
+
+MAP_NAME = "mAP50-95.tsv"
+PRIMARY = "val/mAP50-95"  # the curve of the model a run deploys
+LIVE, EMA = "val_live/mAP50-95", "val_ema/mAP50-95"
+DVCLIVE_MAP = DVCLIVE_PLOTS / "val" / MAP_NAME
+DVCLIVE_LOSS_DIR = DVCLIVE_PLOTS / "train"
+MAP_COLUMNS = ("metrics/mAP50-95(B)", "metrics/mAP_0.5:0.95", "metrics/mAP50-95", "val/mAP50-95")
+TSV_INDEX_COLUMNS = ("step", "timestamp")
+
+
+@dataclass(frozen=True)
+class RunCurve:
+    name: str  # the path as given, used as the run's label
+    values: list[float]  # the primary val mAP50-95 per epoch, NaN where missing/non-finite
+    losses: list[float] | None = None  # summed training loss per epoch, if logged
+    source: str = "ultralytics_csv"  # ultralytics_csv | dvclive_tsv | dvclive_dir
+    path: Path = field(default_factory=Path)
+    series: dict[str, list[float]] = field(default_factory=dict)  # every val curve by key
+
+
+def expected_inputs() -> str:
+    return (
+        "an Ultralytics results.csv, a DVCLive metric .tsv, or a DVCLive directory with "
+        f"{DVCLIVE_MAP}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# parsing
+
+
+def _number(text: str, where: str, row: int, column: str) -> float:
+    t = text.strip()
+    if not t:
+        raise CurveError(f"{where} row {row} has an empty {column} value")
+    try:
+        return float(t)
+    except ValueError:
+        raise CurveError(f"{where} row {row} has {t!r} in column {column}; expected a number") from None
+
+
+def _rows(text: str, where: str, delimiter: str) -> tuple[list[str], list[list[str]]]:
+    try:
+        rows = [
+            [c.strip() for c in r]
+            for r in csv.reader(io.StringIO(text), delimiter=delimiter)
+            if any(c.strip() for c in r)
+        ]
+    except csv.Error as exc:
+        raise CurveError(f"{where} cannot be parsed ({exc})") from None
+    if not rows:
+        raise CurveError(f"{where} is empty; expected a header and one row per epoch")
+    if len(rows) == 1:
+        raise CurveError(f"{where} has a header but no rows; expected one row per epoch")
+    return rows[0], rows[1:]
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise CurveError(f"{path} does not exist; expected {expected_inputs()}")
+    if not path.is_file():
+        raise CurveError(f"{path} is not a file; expected {expected_inputs()}")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CurveError(f"{path} cannot be read ({type(exc).__name__})") from None
+
+
+def _cell(row: list[str], i: int) -> str:
+    return row[i] if i < len(row) else ""
+
+
+def parse_tsv(text: str, where: str) -> dict[int, float]:
+    """A DVCLive metric TSV as {step: value}; a repeated step keeps its last value."""
+    header, body = _rows(text, where, "\t")
+    if "step" not in header:
+        raise CurveError(f"{where} has no step column; expected a DVCLive metric TSV")
+    others = [i for i, h in enumerate(header) if h not in TSV_INDEX_COLUMNS]
+    if len(others) != 1:
+        raise CurveError(
+            f"{where} has {len(others)} value columns; expected a DVCLive metric TSV "
+            "with step and exactly one value column"
+        )
+    k, col = header.index("step"), others[0]
+    out: dict[int, float] = {}
+    for n, row in enumerate(body, start=2):
+        step = _number(_cell(row, k), where, n, "step")
+        if step < 0 or step != int(step):
+            raise CurveError(f"{where} row {n} has step {step:g}; expected 0, 1, 2, ...")
+        out[int(step)] = _number(_cell(row, col), where, n, header[col])
+    return out
+
+
+def on_epochs(by_step: dict[int, float], steps: Iterable[int]) -> list[float]:
+    """The one rule: a value for every step of the run, NaN where missing or not finite."""
+    out = []
+    for s in steps:
+        v = by_step.get(s, math.nan)
+        out.append(v if math.isfinite(v) else math.nan)
+    return out
+
+
+def steps_up_to(*series: dict[int, float]) -> list[int]:
+    """0 .. the last step logged by any series (a gap inside is an epoch without a value)."""
+    last = max((max(s) for s in series if s), default=-1)
+    return list(range(last + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# the three sources
+
+
+def read_results_csv(path: Path, name: str | None = None) -> RunCurve:
+    where = str(path)
+    header, body = _rows(_read_text(path), where, ",")
+    lookup = {h: i for i, h in enumerate(header)}
+    lower = {h.lower(): i for i, h in enumerate(header)}
+    col = next((lookup[c] for c in MAP_COLUMNS if c in lookup), None)
+    if col is None:
+        col = next((lower[c.lower()] for c in MAP_COLUMNS if c.lower() in lower), None)
+    if col is None:
+        raise CurveError(f"{where} has no mAP50-95 column (looked for {', '.join(MAP_COLUMNS)})")
+    loss_cols = [i for i, h in enumerate(header) if h.startswith("train/") and h.endswith("loss")]
+    epoch_col = lookup.get("epoch")
+    keyed: dict[float, tuple[float, float | None]] = {}
+    for n, row in enumerate(body, start=2):
+        key = float(n) if epoch_col is None else _number(_cell(row, epoch_col), where, n, "epoch")
+        value = _number(_cell(row, col), where, n, header[col])
+        loss = (
+            math.fsum(_number(_cell(row, i), where, n, header[i]) for i in loss_cols)
+            if loss_cols else None
+        )
+        keyed[key] = (value if math.isfinite(value) else math.nan, loss)
+    rows = [keyed[k] for k in sorted(keyed)]
+    values = [r[0] for r in rows]
+    return RunCurve(
+        name=name or where, values=values,
+        losses=[r[1] for r in rows if r[1] is not None] if loss_cols else None,
+        source="ultralytics_csv", path=path, series={PRIMARY: values},
+    )
+
+
+def read_tsv(path: Path, name: str | None = None) -> RunCurve:
+    by_step = parse_tsv(_read_text(path), str(path))
+    values = on_epochs(by_step, steps_up_to(by_step))
+    return RunCurve(name=name or str(path), values=values, source="dvclive_tsv", path=path,
+                    series={PRIMARY: values})
+
+
+def read_live_dir(path: Path, name: str | None = None) -> RunCurve:
+    """Every val curve and the summed training loss of a DVCLive folder, on the run's epochs."""
+    plots = path / DVCLIVE_PLOTS
+    every = {f: parse_tsv(_read_text(f), str(f)) for f in sorted(plots.rglob("*.tsv"))}
+    steps = steps_up_to(*every.values())
+    series = {
+        f"{f.parent.relative_to(plots).as_posix()}/{f.stem}": on_epochs(s, steps)
+        for f, s in every.items()
+        if f.name == MAP_NAME and f.parent.name.startswith("val")
+    }
+    if PRIMARY not in series:
+        raise CurveError(f"{path} has no {DVCLIVE_MAP}; expected {expected_inputs()}")
+    loss_files = [f for f in every if f.parent == path / DVCLIVE_LOSS_DIR and "loss" in f.name]
+    losses = None
+    if loss_files:
+        losses = [math.fsum(every[f].get(s, math.nan) for f in loss_files) for s in steps]
+    return RunCurve(name=name or str(path), values=series[PRIMARY], losses=losses,
+                    source="dvclive_dir", path=path, series=dict(sorted(series.items())))
+
+
+def read_curve(path: str | Path) -> RunCurve:
+    """Read one run's curves; raises CurveError with a one-line message."""
+    name = str(path)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CurveError(f"{p} does not exist; expected {expected_inputs()}")
+    if p.is_dir():
+        if (p / DVCLIVE_MAP).is_file():
+            return read_live_dir(p, name)
+        if (p / "results.csv").is_file():
+            return read_results_csv(p / "results.csv", name)
+        raise CurveError(
+            f"{p} is a directory without {DVCLIVE_MAP} or results.csv; "
+            "expected a DVCLive or Ultralytics run directory"
+        )
+    if p.suffix.lower() == ".tsv":
+        return read_tsv(p, name)
+    return read_results_csv(p, name)

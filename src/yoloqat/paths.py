@@ -1,0 +1,68 @@
+"""Every artifact path of the DVC pipeline, once, relative to the repository root.
+
+dvc.yaml declares the same paths as stage outputs; ``tests/test_layout.py`` checks that each
+output named here is declared there.  Code resolves them with ``Config.resolve`` so a stage
+works from any working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+# prepare
+DATASET_DIR = Path("data/prepared")
+DATASET_YAML = DATASET_DIR / "dataset.yaml"
+MANIFEST = DATASET_DIR / "manifest.json"
+
+# train_fp
+FP_DIR = Path("models/fp")
+FP_CHECKPOINT = FP_DIR / "best.pt"
+FP_RESULTS = Path("results/train_fp")
+
+# qat
+QAT_DIR = Path("models/qat")
+# a QAT checkpoint "stem" is written as <stem>.qat.pt (rebuildable) + <stem>.pt (baked)
+QAT_BEST_STEM, QAT_LAST_STEM = QAT_DIR / "best", QAT_DIR / "last"
+QAT_LAST = QAT_LAST_STEM.with_suffix(".qat.pt")
+QAT_RESULTS = Path("results/qat")
+QAT_LAYER_CSV = QAT_RESULTS / "oscillation_layers.csv"
+
+# qc
+QC_DIR = Path("models/qc")
+QC_STEM = QC_DIR / "best"
+QC_CHECKPOINT = QC_STEM.with_suffix(".qat.pt")
+QC_RESULTS = Path("results/qc")
+
+# export
+ONNX_DIR = Path("models/onnx")
+W4A16_ONNX = ONNX_DIR / "w4a16.onnx"
+FP32_ONNX = ONNX_DIR / "fp32.onnx"
+EXPORT_RESULTS = Path("results/export")
+
+# evaluate
+EVALUATE_RESULTS = Path("results/evaluate")
+
+# verdict
+VERDICT_RESULTS = Path("results/verdict")
+
+# files inside a stage's results folder
+METRICS_NAME = "metrics.json"
+METADATA_NAME = "metadata.json"
+DVCLIVE_PLOTS = Path("plots/metrics")  # DVCLive's per-metric TSVs under a Live folder
+
+
+def metrics_file(results_dir: Path) -> Path:
+    return results_dir / METRICS_NAME
+
+
+QAT_METRICS = metrics_file(QAT_RESULTS)
+QC_METRICS = metrics_file(QC_RESULTS)
+FP_METRICS = metrics_file(FP_RESULTS)
+EXPORT_METRICS = metrics_file(EXPORT_RESULTS)
+EVALUATE_METRICS = metrics_file(EVALUATE_RESULTS)
+VERDICT_METRICS = metrics_file(VERDICT_RESULTS)
+
+# analysis outputs (not part of the DVC pipeline)
+LADDER_REPORTS = Path("reports/ladder")

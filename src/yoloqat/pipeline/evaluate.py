@@ -1,0 +1,184 @@
+"""The evaluate stage: accuracy, size and speed of the exported W4A16 and FP32 ONNX models.
+
+Both ONNX models run in onnxruntime over the val split with one preprocessing path (Ultralytics'
+``LetterBox`` to ``data.imgsz``, RGB, CHW, /255) and one postprocessing path (the end-to-end
+head's ``(N, k, 6)`` rows above ``evaluate.conf``, mapped back to original pixels with
+``ultralytics.utils.ops.scale_boxes``).  mAP comes from Ultralytics' own metric code
+(``box_iou``, the validator's ``match_predictions``, ``DetMetrics``/``ap_per_class``); nothing
+here computes AP by hand.  The fake-quant PyTorch model (``models/qc/best.qat.pt``) goes through
+the same path, so |mAP(ORT W4A16) - mAP(PyTorch fake-quant)| measures the export alone.
+
+Predictions and the ground truth are also written in COCO format, so anyone can re-score them
+with pycocotools (``image_id`` is the file stem -- an int when the stem is numeric, as in
+Ultralytics' own JSON -- ``category_id`` the class index, ``bbox`` ``[x, y, w, h]`` in original
+pixels).
+
+Latency is the median of ``evaluate.latency_runs`` batch-1 runs after
+``evaluate.latency_warmup`` warm-up runs, the two models interleaved run by run (alternating
+which goes first) so both see the same machine load; throughput is images/s at batch 8, measured
+the same way.  onnxruntime uses as many intra-op threads as the machine has cores.  By default
+onnxruntime keeps ``DequantizeLinear`` in the graph, so the INT4 weights are expanded on every run
+(``w4a16_latency_ms``, the headline ``latency_ratio``); ``w4a16_prefolded_*`` times the same file
+with the dequantization constant-folded once at session load (float weights in RAM, INT4 only on
+disk), measured in the same interleaved loop.
+
+When the export stage reports ``skipped_diverged`` (QAT diverged, no W4A16 model), only the FP32
+model is scored: the W4A16 fields are null, ``status`` is ``skipped_diverged`` and
+``predictions_w4a16.json`` is an empty list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from yoloqat.config import Config
+from yoloqat.data.splits import letterbox_batch, read_split
+from yoloqat.deploy.runtime import measure_speed, onnx_runner, open_session, torch_runner
+from yoloqat.deploy.scoring import (
+    coco_ground_truth,
+    coco_predictions,
+    detection_metrics,
+    predict_split,
+)
+from yoloqat.paths import (
+    DATASET_YAML,
+    EVALUATE_METRICS,
+    EVALUATE_RESULTS,
+    EXPORT_METRICS,
+    FP32_ONNX,
+    QC_CHECKPOINT,
+    W4A16_ONNX,
+)
+from yoloqat.pipeline.status import SKIPPED_DIVERGED, diverged_upstream
+from yoloqat.provenance import fresh_outputs, run_metadata, write_json
+from yoloqat.quant.checkpoint import load_qat_checkpoint
+
+THROUGHPUT_BATCH = 8
+PARITY_TARGET = 0.005
+
+
+def _write_compact_json(path: Path, data: Any) -> None:
+    """COCO files hold up to max_det rows per image: one compact line, written atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+
+
+def _round(v: float | None, nd: int = 5) -> float | None:
+    return None if v is None else round(float(v), nd)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    rows = [(k, v) for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def evaluate_models(cfg: Config) -> dict[str, Any]:
+    """Score both ONNX models (and the fake-quant PyTorch model) on val; write results/evaluate."""
+    t0 = time.time()
+    imgsz, ev = cfg.data.imgsz, cfg.evaluate
+    threads = os.cpu_count() or 1
+    skipped = diverged_upstream(cfg, EXPORT_METRICS) is not None
+
+    # Validate every input before anything is written.
+    fp_sess = open_session(cfg.resolve(FP32_ONNX), imgsz, ev.device, threads)
+    w_sess = None if skipped else open_session(cfg.resolve(W4A16_ONNX), imgsz, ev.device, threads)
+    samples, names = read_split(cfg.resolve(DATASET_YAML), "val", require_labels=True)
+    runners = {"fp32": onnx_runner(fp_sess)}
+    if w_sess is not None:
+        qat_model, _ = load_qat_checkpoint(cfg.resolve(QC_CHECKPOINT))
+        k = w_sess.get_outputs()[0].shape[1]  # the rows the ONNX head keeps (pinned at export)
+        max_det = k if isinstance(k, int) else cfg.export.max_det
+        runners["w4a16"] = onnx_runner(w_sess)
+        runners["pytorch_w4a16"] = torch_runner(qat_model, max_det, imgsz)
+
+    preds = predict_split(runners, samples, imgsz, ev.batch, ev.conf)
+    scores = {k: detection_metrics(samples, d, names) for k, d in preds.items()}
+
+    onnx_runners = {k: v for k, v in runners.items() if k in ("fp32", "w4a16")}
+    if w_sess is not None:
+        folded = open_session(cfg.resolve(W4A16_ONNX), imgsz, ev.device, threads, fold_dequantize=True)
+        onnx_runners["w4a16_prefolded"] = onnx_runner(folded)
+    x1 = letterbox_batch(samples[:1], imgsz)
+    x8 = letterbox_batch([samples[i % len(samples)] for i in range(THROUGHPUT_BATCH)], imgsz)
+    lat = measure_speed(onnx_runners, x1, ev.latency_warmup, ev.latency_runs)
+    thr = measure_speed(onnx_runners, x8, ev.latency_warmup, ev.latency_runs)
+
+    fp_size = cfg.resolve(FP32_ONNX).stat().st_size
+    m: dict[str, Any] = {
+        "status": SKIPPED_DIVERGED if skipped else "evaluated",
+        "images": len(samples),
+        "instances": int(sum(len(s.classes) for s in samples)),
+        "fp32_mAP50-95": _round(scores["fp32"]["mAP50-95"]),
+        "fp32_mAP50": _round(scores["fp32"]["mAP50"]),
+        "w4a16_mAP50-95": None,
+        "w4a16_mAP50": None,
+        "pytorch_w4a16_mAP50-95": None,
+        "pytorch_w4a16_mAP50": None,
+        "parity_abs_diff": None,
+        "parity_ok": None,
+        "gap_mAP50-95": None,
+        "fp32_size_bytes": fp_size,
+        "w4a16_size_bytes": None,
+        "size_ratio": None,
+        "fp32_latency_ms": _round(lat["fp32"] * 1e3, 3),
+        "w4a16_latency_ms": None,
+        "latency_ratio": None,
+        "fp32_throughput_ips": _round(THROUGHPUT_BATCH / thr["fp32"], 1),
+        "w4a16_throughput_ips": None,
+    }
+    if not skipped:
+        w, pt, fp = scores["w4a16"], scores["pytorch_w4a16"], scores["fp32"]
+        w_size = cfg.resolve(W4A16_ONNX).stat().st_size
+        parity = abs(w["mAP50-95"] - pt["mAP50-95"])
+        m.update(
+            {
+                "w4a16_mAP50-95": _round(w["mAP50-95"]),
+                "w4a16_mAP50": _round(w["mAP50"]),
+                "pytorch_w4a16_mAP50-95": _round(pt["mAP50-95"]),
+                "pytorch_w4a16_mAP50": _round(pt["mAP50"]),
+                "parity_abs_diff": _round(parity, 6),
+                "parity_ok": parity <= PARITY_TARGET,
+                "gap_mAP50-95": _round(fp["mAP50-95"] - w["mAP50-95"]),
+                "w4a16_size_bytes": w_size,
+                "size_ratio": _round(w_size / fp_size, 4),
+                "w4a16_latency_ms": _round(lat["w4a16"] * 1e3, 3),
+                "latency_ratio": _round(lat["w4a16"] / lat["fp32"], 3),
+                "w4a16_throughput_ips": _round(THROUGHPUT_BATCH / thr["w4a16"], 1),
+                "w4a16_prefolded_latency_ms": _round(lat["w4a16_prefolded"] * 1e3, 3),
+                "w4a16_prefolded_latency_ratio": _round(lat["w4a16_prefolded"] / lat["fp32"], 3),
+                "w4a16_prefolded_throughput_ips": _round(
+                    THROUGHPUT_BATCH / thr["w4a16_prefolded"], 1
+                ),
+            }
+        )
+    m.update(
+        {
+            "conf": ev.conf,
+            "imgsz": imgsz,
+            "device": ev.device,
+            "providers": fp_sess.get_providers(),
+            "ort_intra_op_threads": threads,
+            "latency_warmup": ev.latency_warmup,
+            "latency_runs": ev.latency_runs,
+            "throughput_batch": THROUGHPUT_BATCH,
+            "seconds": round(time.time() - t0, 1),
+        }
+    )
+
+    out = cfg.resolve(EVALUATE_RESULTS)
+    fresh_outputs(out)
+    _write_compact_json(out / "ground_truth_coco.json", coco_ground_truth(samples, names))
+    for key in ("fp32", "w4a16"):
+        # A diverged run has no W4A16 model: an empty list keeps the DVC outputs complete.
+        rows = coco_predictions(samples, preds[key]) if key in preds else []
+        _write_compact_json(out / f"predictions_{key}.json", rows)
+    write_json(cfg.resolve(EVALUATE_METRICS), m)
+    write_json(out / "metadata.json", run_metadata(cfg, "evaluate", ev.device, {"summary": m}))
+    print(format_table(m))
+    return m

@@ -1,0 +1,52 @@
+"""What every DVC stage entry does around its one job: config, offline setup, clean errors.
+
+A stage that fails on bad input prints one line ``<stage>: error: <message>`` to stderr (the
+stage is named once: messages never carry it), removes the outputs it owns (so DVC never caches
+a half-written result) and exits with status 2.  The expected error types come from the light
+:mod:`yoloqat.errors`, so the error path imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from yoloqat.config import Config, load_config
+from yoloqat.errors import YoloqatError
+from yoloqat.provenance import clean_on_failure
+
+
+def one_line(stage: str, exc: BaseException) -> str:
+    """``<stage>: error: <first line of the message>``, with any repeated stage prefix dropped."""
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    while msg.startswith(f"{stage}: "):
+        msg = msg[len(stage) + 2:]
+    return f"{stage}: error: {msg}"
+
+
+def run_stage(
+    name: str, job: Callable[[Config], None], outputs: Callable[[Config], list[Path]]
+) -> int:
+    parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"DVC stage {name}")
+    parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.params)
+    except YoloqatError as exc:
+        print(one_line(name, exc), file=sys.stderr)
+        return 2
+    os.chdir(cfg.root)
+    from yoloqat.offline import configure_offline
+
+    configure_offline()
+    try:
+        with clean_on_failure(*outputs(cfg)):
+            job(cfg)
+    except YoloqatError as exc:
+        print(one_line(name, exc), file=sys.stderr)
+        return 2
+    return 0

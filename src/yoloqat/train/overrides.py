@@ -1,0 +1,59 @@
+"""The Ultralytics trainer arguments of this project, shared by the FP and QAT trainers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from yoloqat.config import Config
+from yoloqat.errors import DataError
+from yoloqat.paths import DATASET_YAML
+
+MODEL_YAML = {"yolo10n": "yolov10n.yaml", "yolo10s": "yolov10s.yaml", "yolo10m": "yolov10m.yaml"}
+
+
+def require_dataset(path: Path = DATASET_YAML) -> Path:
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)")
+    return path
+
+
+def ultralytics_overrides(
+    cfg: Config, *, model: str, epochs: int, batch: int, optimizer: str, lr0: float,
+    weight_decay: float, warmup_epochs: float, workers: int, project: str, name: str,
+    amp: bool = True, patience: int = 100,
+) -> dict[str, Any]:
+    """The Ultralytics args shared by the FP and QAT trainers (augmentation kept identical)."""
+    return {
+        "model": model,
+        "data": str(require_dataset().resolve()),
+        "epochs": epochs,
+        "imgsz": cfg.data.imgsz,
+        "batch": batch,
+        # Ultralytics accumulates gradients up to a nominal batch of 64; on a few hundred
+        # images that leaves a handful of optimizer steps per epoch.  One step per batch.
+        "nbs": batch,
+        "device": cfg.device,
+        "workers": workers,
+        "seed": cfg.seed,
+        "deterministic": True,
+        "optimizer": optimizer,
+        "lr0": lr0,
+        "weight_decay": weight_decay,
+        "warmup_epochs": warmup_epochs,
+        "patience": patience,
+        "amp": amp,
+        "plots": False,  # plotting fetches a font from the network
+        # Validate YOLOv10's one-to-one (end-to-end, NMS-free) head: the head that is exported.
+        "nms": False,
+        "val": True,
+        "project": project,
+        "name": name,
+        "exist_ok": True,
+        "verbose": True,
+        # Short runs on small images: mosaic would shrink objects to a few pixels, and a
+        # final mosaic-free phase is what the model is judged on.
+        "mosaic": 0.0,
+        "close_mosaic": 0,
+        "cache": False,
+    }
