@@ -61,7 +61,10 @@ def test_repo_params_load_with_documented_defaults():
         ({"correction__lr": -1.0}, "correction.lr=-1.0"),
         ({"export__opset": 17}, "export.opset=17"),
         ({"evaluate__device": "tpu"}, "evaluate.device='tpu'"),
-        ({"stability__collapse_ratio": 0.9}, "stability.recovered_ratio=0.8"),
+        ({"stability__collapse_ratio": 0.9}, "stability.dip_ratio=0.6"),
+        ({"stability__smooth_epochs": 0}, "stability.smooth_epochs=0"),
+        ({"stability__learned_fraction": 1.5}, "stability.learned_fraction=1.5"),
+        ({"ladder__min_seeds": 0}, "ladder.min_seeds=0"),
         ({"fp__init_checkpoint": "no/such.pt"}, "fp.init_checkpoint='no/such.pt'"),
     ],
 )

@@ -80,21 +80,33 @@ def qat_repo(tmp_path_factory):
     return repo
 
 
-def test_same_seed_same_val_curve_and_outputs(qat_repo):
-    extra = {"qat": {"epochs": 2, "batch": 8, "init": "scratch"}}
-    first = _run_qat_stage(qat_repo, extra)
-    tsv1 = (qat_repo / "results/qat/plots/metrics/train/box_loss.tsv").read_text()
-    second = _run_qat_stage(qat_repo, extra)
-    tsv2 = (qat_repo / "results/qat/plots/metrics/train/box_loss.tsv").read_text()
-    assert first["status"] == "completed" and first["epochs"] == 2
-    assert tsv1 == tsv2
-    for key in ("best", "final", "osc/flip_rate", "osc/frac_oscillating"):
-        assert first[key] == second[key], key
+def _tsv(repo, name):
+    return (repo / "results/qat/plots/metrics" / name).read_text()
+
+
+def test_paired_curves_ema_on_off_share_one_training_trajectory(qat_repo):
+    """Same seed, EMA on then off: bit-identical training (losses, oscillations) and live curve;
+    the EMA run also logs its EMA curve, and the deployed curve is the EMA one."""
+    on = _run_qat_stage(qat_repo, {"qat": {"epochs": 2, "batch": 8, "init": "scratch"}})
+    on_tsv = {n: _tsv(qat_repo, n) for n in ("train/box_loss.tsv", "val_live/mAP50-95.tsv",
+                                            "val_ema/mAP50-95.tsv", "val/mAP50-95.tsv")}
+    off = _run_qat_stage(qat_repo, {"qat": {"epochs": 2, "batch": 8, "init": "scratch"},
+                                    "ema": False})
+    assert on["status"] == off["status"] == "completed" and on["epochs"] == 2
+    assert on_tsv["train/box_loss.tsv"] == _tsv(qat_repo, "train/box_loss.tsv")
+    assert on_tsv["val_live/mAP50-95.tsv"].splitlines()[1:] == \
+        _tsv(qat_repo, "val_live/mAP50-95.tsv").splitlines()[1:]
+    assert on_tsv["val/mAP50-95.tsv"].split("\n")[1:] == on_tsv["val_ema/mAP50-95.tsv"].split("\n")[1:]
+    assert not (qat_repo / "results/qat/plots/metrics/val_ema").exists()  # EMA off: no EMA curve
+    for key in ("osc/flip_rate", "osc/frac_oscillating"):
+        assert on[key] == off[key], key
+    assert on["live_best"] == off["live_best"] == off["best"]
+    assert on["ema_best"] == on["best"] and "ema_best" not in off
     for name in ("last.qat.pt", "best.qat.pt", "last.pt", "best.pt", "metadata.json"):
         assert (qat_repo / "models/qat" / name).is_file()
     rows = (qat_repo / "results/qat/oscillation_layers.csv").read_text().splitlines()
     assert len(rows) == 1 + 107  # header + every quantized conv of yolov10n
-    assert first["ema"] is True and first["ema_window_steps"] >= 1.0
+    assert on["ema"] is True and on["ema_window_steps"] >= 1.0
 
 
 def test_nonfinite_loss_stops_training_and_marks_diverged():

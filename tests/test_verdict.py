@@ -54,14 +54,19 @@ def test_stable_run_writes_the_verdict_and_run_params(tmp_path):
     assert out["best"] == 0.28 and out["best_epoch"] == 6 and out["final"] == 0.28
     assert out["final_over_best"] == 1.0
     assert out["collapse_events"] == 0 and out["epochs_collapsed"] == 0 and out["swings"] == 0
-    assert out["max_drawdown"] == pytest.approx((0.28 - 0.275) / 0.28)
+    assert out["max_drawdown"] == pytest.approx(0.0)  # 0.275 is not below the 3-epoch median
     assert out["status"] == "completed"
     assert {k: out[k] for k in ("model", "ema", "qc", "seed", "bits", "init")} == {
         "model": "yolo10s", "ema": False, "qc": True, "seed": 2, "bits": 4, "init": "fp",
     }
     assert "reason" in out and isinstance(out["reason"], str)
-    for key in ("fp_best", "gap_to_fp", "gap_mAP50-95", "w4a16_mAP50-95", "fp32_mAP50-95"):
+    # EMA off: the deployed curve is the live one; there is no EMA curve
+    assert out["live_label"] == "stable" and out["live_best"] == 0.28
+    assert out["ema_label"] is None and out["ema_best"] is None
+    for key in ("gap_to_fp", "gap_mAP50-95", "w4a16_mAP50-95", "fp32_mAP50-95"):
         assert key not in out  # no evaluate / train_fp outputs here
+    assert out["fp_best"] is None and out["fp_control_best"] is None
+    assert out["qc_delta_mAP50-95"] is None
 
 
 def test_collapse_curve_is_collapsed(tmp_path):
@@ -69,9 +74,9 @@ def test_collapse_curve_is_collapsed(tmp_path):
     out = judge_qat_run(make_cfg(tmp_path))
     assert out["label"] == "collapsed"
     assert out["best"] == 0.226 and out["best_epoch"] == 3
-    assert out["collapse_events"] == 1  # 0.097 never gets back above 80 % of 0.226
-    assert out["epochs_collapsed"] == 5
-    assert out["max_drawdown"] == pytest.approx((0.226 - 0.001) / 0.226)
+    assert out["collapse_events"] == 1  # 0.097 never gets back above 80 % of the running best
+    assert out["epochs_collapsed"] == 4  # 0.097 is above half of the running best (0.15)
+    assert out["max_drawdown"] == pytest.approx((0.15 - 0.001) / 0.15)  # rb: 3-epoch median
 
 
 def test_diverged_status_wins_over_a_good_curve(tmp_path):
@@ -122,10 +127,64 @@ def test_fp_best_falls_back_to_the_fp_curve(tmp_path):
     assert out["gap_to_fp"] == pytest.approx(0.06)
 
 
+def write_live_ema(root: Path, live: list[float], ema: list[float]) -> None:
+    plots = root / "results/qat/plots/metrics"
+    write_tsv(plots / "val_live/mAP50-95.tsv", "mAP50-95", live)
+    write_tsv(plots / "val_ema/mAP50-95.tsv", "mAP50-95", ema)
+
+
+def test_paired_live_and_ema_curves_each_get_a_verdict(tmp_path):
+    live = [0.2, 0.25, 0.28, 0.28, 0.1, 0.27, 0.28, 0.28]  # one collapse that recovered
+    write_qat(tmp_path, STABLE)  # the deployed (EMA) curve
+    write_live_ema(tmp_path, live, STABLE)
+    out = judge_qat_run(make_cfg(tmp_path, ema=True))
+    assert out["label"] == out["ema_label"] == "stable"
+    assert out["live_label"] == "unstable" and out["live_collapse_events"] == 1
+    assert out["live_best"] == 0.28 and out["live_dips"] == 1
+    assert out["ema_best"] == out["best"] == 0.28
+    rows = (tmp_path / "results/verdict/curves.csv").read_text().splitlines()
+    assert rows[0] == "epoch,FP,FP continued,QAT live,QAT EMA"
+    assert rows[5] == "5,,,0.10000,0.27000" and len(rows) == 9
+
+
+def test_a_nan_epoch_in_the_live_curve_is_diverged(tmp_path):
+    write_qat(tmp_path, STABLE)
+    plots = tmp_path / "results/qat/plots/metrics"
+    write_live_ema(tmp_path, STABLE, STABLE)
+    lines = (plots / "val_live/mAP50-95.tsv").read_text().splitlines()
+    (plots / "val_live/mAP50-95.tsv").write_text("\n".join(lines[:4] + lines[5:]) + "\n")
+    out = judge_qat_run(make_cfg(tmp_path, ema=True))
+    assert out["live_label"] == "diverged" and "epoch 4" in out["live_reason"]
+    assert out["label"] == "stable"
+
+
+def test_qc_delta_and_the_equal_training_control(tmp_path):
+    write_qat(tmp_path, STABLE)
+    (tmp_path / "results/qc").mkdir(parents=True)
+    (tmp_path / "results/qc/metrics.json").write_text(json.dumps(
+        {"applied": True, "delta_mAP50-95": 0.004, "status": "applied"}))
+    fp = tmp_path / "results/train_fp"
+    write_tsv(fp / "plots/metrics/val/mAP50-95.tsv", "mAP50-95", [0.1, 0.2, 0.25])
+    (fp / "metrics.json").write_text(json.dumps({"best": 0.25}))
+    control = tmp_path / "results/fp_control"
+    write_tsv(control / "plots/metrics/val/mAP50-95.tsv", "mAP50-95", [0.26, 0.3])
+    (control / "metrics.json").write_text(json.dumps({"best": 0.3, "status": "completed"}))
+    out = judge_qat_run(make_cfg(tmp_path))
+    assert out["qc_delta_mAP50-95"] == 0.004
+    assert out["fp_best"] == 0.25 and out["fp_control_best"] == 0.3
+    assert out["gap_to_fp"] == pytest.approx(0.3 - 0.28)  # equal training: the control
+    rows = (tmp_path / "results/verdict/curves.csv").read_text().splitlines()
+    assert rows[1:5] == ["1,0.10000,,,", "2,0.20000,,,", "3,0.25000,,,", "4,,0.26000,0.05000,"]
+    (tmp_path / "results/qc/metrics.json").write_text(json.dumps(
+        {"applied": False, "delta_mAP50-95": 0.0, "status": "passed_through"}))
+    assert judge_qat_run(make_cfg(tmp_path))["qc_delta_mAP50-95"] is None
+
+
 def test_thresholds_come_from_the_stability_block(tmp_path):
-    write_qat(tmp_path, [0.1, 0.2, 0.3, 0.2, 0.3, 0.3])
+    write_qat(tmp_path, [0.1, 0.2, 0.3, 0.3, 0.3, 0.2, 0.3, 0.3])
     assert judge_qat_run(make_cfg(tmp_path))["label"] != "collapsed"
-    strict = make_cfg(tmp_path, stability={"collapse_ratio": 0.7, "recovered_ratio": 0.9})
+    strict = make_cfg(tmp_path, stability={"collapse_ratio": 0.7, "dip_ratio": 0.7,
+                                           "recovered_ratio": 0.9, "grace_epochs": 0})
     assert judge_qat_run(strict)["label"] == "unstable"  # one collapse that recovered
 
 

@@ -156,6 +156,9 @@ class FPConfig:
     init_checkpoint: str | None = None
     workers: int = 0
     patience: int = 100
+    # Train an "FP continued" control for as many epochs, with the same optimizer settings, as
+    # QAT adds, so the W4A16-vs-FP gap compares equal training.
+    control: bool = True
 
 
 @dataclass(frozen=True)
@@ -208,18 +211,22 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class StabilityConfig:
-    collapse_ratio: float = 0.5  # a point below this fraction of the running best is collapsed
-    recovered_ratio: float = 0.8  # back above this fraction of the running best ends a collapse
+    collapse_ratio: float = 0.5  # below this fraction of the running best: a collapse
+    dip_ratio: float = 0.6  # at or below this fraction of the running best: a dip (not stable)
+    recovered_ratio: float = 0.8  # back above this fraction of the running best ends a fall
     min_peak: float = 0.02  # a best below this means the run never learned
+    learned_fraction: float = 0.3  # falls count once the running best reaches this x the top
+    grace_epochs: int = 2  # falls in the first epochs never count
+    smooth_epochs: int = 3  # running best over the trailing median of this many epochs
     swing_ratio: float = 0.25  # a drawdown this deep counts as a large swing
     max_swings: int = 2  # more large swings than this without collapse: unstable
-    final_ratio: float = 0.8  # a stable run ends at least this close to its best
+    final_ratio: float = 0.8  # a stable run ends at least this close to its running best
 
 
 @dataclass(frozen=True)
 class LadderConfig:
-    min_seeds: int = 3
-    seeds: tuple[int, ...] = (0, 1, 2)
+    min_seeds: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -301,6 +308,7 @@ def _fp(raw: dict[str, Any], root: Path) -> FPConfig:
         ),
         workers=_int("fp.workers", b.get("workers", d.workers), 0),
         patience=_int("fp.patience", b.get("patience", d.patience), 1),
+        control=_bool("fp.control", b.get("control", d.control)),
     )
 
 
@@ -416,22 +424,27 @@ def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
         StabilityConfig,
         {
             "collapse_ratio": lambda k, v: _float(k, v, 0.0, 1.0, lo_open=True),
+            "dip_ratio": lambda k, v: _float(k, v, 0.0, 1.0, lo_open=True),
             "recovered_ratio": lambda k, v: _float(k, v, 0.0, 1.0, lo_open=True),
             "min_peak": lambda k, v: _float(k, v, 0.0, 1.0),
+            "learned_fraction": lambda k, v: _float(k, v, 0.0, 1.0),
+            "grace_epochs": lambda k, v: _int(k, v, 0),
+            "smooth_epochs": lambda k, v: _int(k, v, 1, 9),
             "swing_ratio": lambda k, v: _float(k, v, 0.0, 1.0, lo_open=True),
             "max_swings": lambda k, v: _int(k, v, 0),
             "final_ratio": lambda k, v: _float(k, v, 0.0, 1.0),
         },
     )
-    if stab.recovered_ratio <= stab.collapse_ratio:
+    if not stab.collapse_ratio <= stab.dip_ratio < stab.recovered_ratio:
         raise _fail(
-            "stability.recovered_ratio",
-            stab.recovered_ratio,
-            f"a value above stability.collapse_ratio ({stab.collapse_ratio})",
+            "stability.dip_ratio",
+            stab.dip_ratio,
+            f"a value in [stability.collapse_ratio, stability.recovered_ratio) = "
+            f"[{stab.collapse_ratio}, {stab.recovered_ratio})",
         )
     ladder_raw = _section(raw, "ladder")
     _no_unknown("ladder", ladder_raw, LadderConfig)
-    seeds = ladder_raw.get("seeds", [0, 1, 2])
+    seeds = ladder_raw.get("seeds", list(LadderConfig().seeds))
     if not isinstance(seeds, list) or not seeds or not all(
         isinstance(s, int) and not isinstance(s, bool) for s in seeds
     ):
@@ -480,7 +493,7 @@ def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
         ),
         stability=stab,
         ladder=LadderConfig(
-            min_seeds=_int("ladder.min_seeds", ladder_raw.get("min_seeds", 3), 1),
+            min_seeds=_int("ladder.min_seeds", ladder_raw.get("min_seeds", LadderConfig().min_seeds), 1),
             seeds=tuple(seeds),
         ),
         root=root,

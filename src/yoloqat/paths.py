@@ -21,6 +21,11 @@ FP_DIR = Path("models/fp")
 FP_CHECKPOINT = FP_DIR / "best.pt"
 FP_RESULTS = Path("results/train_fp")
 
+# fp_control
+FP_CONTROL_DIR = Path("models/fp_control")
+FP_CONTROL_CHECKPOINT = FP_CONTROL_DIR / "best.pt"
+FP_CONTROL_RESULTS = Path("results/fp_control")
+
 # qat
 QAT_DIR = Path("models/qat")
 # a QAT checkpoint "stem" is written as <stem>.qat.pt (rebuildable) + <stem>.pt (baked)
@@ -60,9 +65,11 @@ def metrics_file(results_dir: Path) -> Path:
 QAT_METRICS = metrics_file(QAT_RESULTS)
 QC_METRICS = metrics_file(QC_RESULTS)
 FP_METRICS = metrics_file(FP_RESULTS)
+FP_CONTROL_METRICS = metrics_file(FP_CONTROL_RESULTS)
 EXPORT_METRICS = metrics_file(EXPORT_RESULTS)
 EVALUATE_METRICS = metrics_file(EVALUATE_RESULTS)
 VERDICT_METRICS = metrics_file(VERDICT_RESULTS)
+VERDICT_CURVES = VERDICT_RESULTS / "curves.csv"  # FP, FP continued, QAT live/EMA on one axis
 
 # analysis outputs (not part of the DVC pipeline)
 LADDER_REPORTS = Path("reports/ladder")

@@ -1,43 +1,41 @@
-"""The stability verdict for one training run, judged on its whole validation curve.
+"""The stability verdict for one training curve, judged on the whole curve.
 
-Pure functions, no I/O.  :func:`classify_run` takes the per-epoch validation mAP50-95
-curve (and optionally per-epoch training losses and a run status) and returns a
-:class:`Verdict`; :func:`summarize_group` condenses the verdicts of several seeds.
+Pure functions, no I/O.  :func:`classify_run` takes a per-epoch validation mAP50-95 curve (and
+optionally per-epoch training losses and a run status) and returns a :class:`Verdict`;
+:func:`summarize_group` condenses the verdicts of several seeds.
 
 Why the whole curve: the failure this project validates (YOLOv10m, W4A16 QAT) peaked,
 collapsed, partly recovered and collapsed again several times.  A test on the last point
 alone ("final / best < 0.5") passes such a run whenever it happens to end on a recovery.
 
-Definitions (thresholds come from :class:`yoloqat.config.StabilityConfig`; ``rb`` is the
-running best, the maximum of the finite curve values up to and including the epoch):
+Definitions (thresholds from :class:`yoloqat.config.StabilityConfig`):
 
-* ``best`` / ``best_epoch``: the maximum finite value and its 1-based epoch (first one
-  on ties); ``final``: the last value; ``final_over_best``: ``final / best``.
-* ``max_drawdown``: the largest ``(rb - value) / rb`` over the curve, in ``[0, 1]``
-  (0 while ``rb <= 0``).
-* The curve is *armed* once ``rb >= min_peak``; before that nothing counts as a drop.
-* A **collapse event** starts at an armed epoch whose value is ``< collapse_ratio * rb``
-  and ends at the first later epoch whose value is ``>= recovered_ratio * rb``
-  (hysteresis: wobbling around the collapse line is one event, not many).
-  ``epochs_collapsed`` counts the armed epochs whose value is ``< collapse_ratio * rb``.
-  The run *ends collapsed* when the last event has not ended by the last epoch.
-* A **swing** is counted the same way with the entry line ``(1 - swing_ratio) * rb``
-  (a drawdown deeper than ``swing_ratio``); it ends at ``recovered_ratio * rb`` when that
-  line lies above the entry line (the defaults), else half-way back,
-  ``(1 - swing_ratio / 2) * rb``.  Every collapse is also a swing.
-* Non-finite curve values are ignored by the statistics above.
+* ``smooth[t]``: the median of the last ``smooth_epochs`` finite values up to epoch t (fewer
+  at the start).  ``rb[t]``, the *running best*, is the maximum of ``smooth`` up to t: one
+  noisy high epoch cannot raise it, so a plateau's noise is not mistaken for a fall.
+* ``best`` / ``best_epoch``: the maximum finite raw value and its 1-based epoch;
+  ``final``: the last value; ``final_over_best``: ``final / best``.
+* ``max_drawdown``: the largest ``(rb - value) / rb`` over the curve, in ``[0, 1]``.
+* An epoch is *armed* (can start a fall) once the run has learned: its epoch number is above
+  ``grace_epochs`` and ``rb >= max(min_peak, learned_fraction * max(smooth))``.  Before that,
+  the noise of a from-scratch start is not a collapse.
+* A **collapse** starts at an armed epoch whose value is ``< collapse_ratio * rb`` and ends at
+  the first later epoch whose value is ``>= recovered_ratio * rb`` (hysteresis: wobbling
+  around the line is one event).  A **dip** is counted the same way with the entry line
+  ``dip_ratio * rb`` (``<=``); every collapse is also a dip.  A **swing** uses the entry line
+  ``(1 - swing_ratio) * rb``.
+* The run *ends low* when ``smooth`` at the last epoch is ``< final_ratio * rb``.
 
 Labels, first rule that applies:
 
-1. ``diverged``: ``status == "diverged"``, or any curve value or loss is NaN or inf.
+1. ``diverged``: ``status == "diverged"``, or any curve value or loss is NaN or inf (a
+   missing epoch is NaN: see :mod:`yoloqat.curves.reader`).
 2. ``no_learning``: ``best < min_peak`` (also: an empty curve).
-3. ``collapsed``: ``collapse_events >= 1`` and (the run ends collapsed, or
-   ``final < final_ratio * best``, or ``collapse_events >= 2``).  So the label never
-   depends on the last epoch alone: two collapses are "collapsed" even when the run ends
-   on a full recovery.
-4. ``unstable``: a single collapse that recovered and ends within ``final_ratio`` of best;
-   or ``swings > max_swings``; or ``final < final_ratio * best``.
-5. ``stable``: everything else.  A noisy plateau (a few percent either way) and a slow
+3. ``collapsed``: at least one collapse, and the run ends collapsed, ends low, or collapsed
+   twice or more (so a run that collapses twice is collapsed even when it ends recovered).
+4. ``unstable``: any dip (a fall to ``dip_ratio`` of the running best, recovered or not,
+   including one recovered collapse); or more than ``max_swings`` swings; or the run ends low.
+5. ``stable``: everything else.  A plateau with a few percent of epoch-to-epoch noise and a slow
    late decline of a few percent are stable.
 """
 
@@ -66,6 +64,7 @@ class Verdict:
     max_drawdown: float
     collapse_events: int
     epochs_collapsed: int
+    dips: int
     swings: int
     reason: str
 
@@ -86,12 +85,14 @@ class _Hysteresis:
 
     enter: float  # fraction of the running best
     exit: float
+    inclusive: bool = False  # value <= line enters (else value < line)
     events: int = 0
-    below: int = 0  # epochs strictly below the entry line
+    below: int = 0  # armed epochs below the entry line
     active: bool = False
 
     def step(self, value: float, rb: float) -> None:
-        if value < self.enter * rb:
+        line = self.enter * rb
+        if value < line or (self.inclusive and value <= line):
             self.below += 1
             if not self.active:
                 self.active = True
@@ -111,6 +112,25 @@ def _pct(x: float) -> str:
     return f"{100.0 * x:.0f}%"
 
 
+def smoothed(values: Sequence[float], window: int) -> list[float]:
+    """Trailing median of the last ``window`` finite values at each epoch (NaN before any)."""
+    out, recent = [], []
+    for v in values:
+        if _finite(v):
+            recent = [*recent, v][-window:]
+        out.append(statistics.median(recent) if recent else math.nan)
+    return out
+
+
+def running_best(smooth: Sequence[float]) -> list[float]:
+    out, best = [], -math.inf
+    for s in smooth:
+        if _finite(s):
+            best = max(best, s)
+        out.append(best if best > -math.inf else math.nan)
+    return out
+
+
 def classify_run(
     curve: Sequence[float],
     losses: Sequence[float] | None = None,
@@ -121,43 +141,46 @@ def classify_run(
     values = [float(v) for v in curve]
     loss_values = [float(v) for v in losses] if losses is not None else []
     epochs = len(values)
+    smooth = smoothed(values, cfg.smooth_epochs)
+    rb_curve = running_best(smooth)
+    top = max((s for s in smooth if _finite(s)), default=math.nan)
+    arm_at = max(cfg.min_peak, cfg.learned_fraction * top) if _finite(top) else math.inf
 
     swing_enter = 1.0 - cfg.swing_ratio
-    swing_exit = cfg.recovered_ratio
-    if swing_exit <= swing_enter:
-        swing_exit = 1.0 - cfg.swing_ratio / 2
+    swing_exit = cfg.recovered_ratio if cfg.recovered_ratio > swing_enter else 1 - cfg.swing_ratio / 2
     collapse = _Hysteresis(cfg.collapse_ratio, cfg.recovered_ratio)
+    dip = _Hysteresis(cfg.dip_ratio, cfg.recovered_ratio, inclusive=True)
     swing = _Hysteresis(swing_enter, swing_exit)
 
-    best = -math.inf
-    best_epoch = 0
-    max_dd = 0.0
-    for i, v in enumerate(values):
+    best, best_epoch, max_dd = -math.inf, 0, 0.0
+    for i, (v, rb) in enumerate(zip(values, rb_curve, strict=True)):
         if not _finite(v):
             continue
         if v > best:
             best, best_epoch = v, i + 1
-        rb = best
-        if rb > 0:
+        if _finite(rb) and rb > 0:
             max_dd = max(max_dd, (rb - v) / rb)
-        if rb >= cfg.min_peak:
-            collapse.step(v, rb)
-            swing.step(v, rb)
+        if i + 1 > cfg.grace_epochs and _finite(rb) and rb >= arm_at:
+            for counter in (collapse, dip, swing):
+                counter.step(v, rb)
 
     if best_epoch == 0:
         best = math.nan
     final = values[-1] if values else math.nan
     final_over_best = final / best if _finite(best) and best > 0 and _finite(final) else math.nan
     max_dd = min(max(max_dd, 0.0), 1.0)
+    rb_end = rb_curve[-1] if rb_curve else math.nan
+    end_level = smooth[-1] if smooth else math.nan
+    ends_low = _finite(end_level) and _finite(rb_end) and end_level < cfg.final_ratio * rb_end
+    end_text = f"{_pct(end_level / rb_end)} of its running best" if ends_low else ""
 
     bad_curve = [i + 1 for i, v in enumerate(values) if not _finite(v)]
     bad_loss = [i + 1 for i, v in enumerate(loss_values) if not _finite(v)]
     events = collapse.events
-    ends_low = _finite(final) and _finite(best) and final < cfg.final_ratio * best
 
     if status == "diverged" or bad_curve or bad_loss:
         if bad_curve:
-            reason = f"validation metric is NaN/inf from epoch {bad_curve[0]}"
+            reason = f"validation metric is NaN/inf/missing at epoch {bad_curve[0]}"
         elif bad_loss:
             reason = f"training loss is NaN/inf at epoch {bad_loss[0]}"
         else:
@@ -172,7 +195,7 @@ def classify_run(
         if collapse.active:
             ending = f"ends collapsed at {_pct(final_over_best)} of best"
         elif ends_low:
-            ending = f"ends at {_pct(final_over_best)} of best"
+            ending = f"ends at {end_text}"
         else:
             ending = f"ends on a recovery at {_pct(final_over_best)} of best"
         label = "collapsed"
@@ -180,11 +203,12 @@ def classify_run(
             f"collapsed {events} time(s) below {_pct(cfg.collapse_ratio)} of the running best "
             f"for {collapse.below} epoch(s); best {best:.4f} at epoch {best_epoch}; {ending}"
         )
-    elif events == 1:
+    elif dip.events >= 1:
         label = "unstable"
+        kind = "one collapse that recovered" if events == 1 else f"{dip.events} dip(s)"
         reason = (
-            f"one brief collapse ({collapse.below} epoch(s)) that recovered; "
-            f"ends at {_pct(final_over_best)} of best"
+            f"{kind}: fell to <= {_pct(cfg.dip_ratio)} of the running best for "
+            f"{dip.below} epoch(s); ends at {_pct(final_over_best)} of best"
         )
     elif swing.events > cfg.max_swings:
         label = "unstable"
@@ -195,8 +219,7 @@ def classify_run(
     elif ends_low:
         label = "unstable"
         reason = (
-            f"ends at {_pct(final_over_best)} of best {best:.4f} "
-            f"(below final_ratio {cfg.final_ratio:g}) without collapsing"
+            f"ends at {end_text} (below final_ratio {cfg.final_ratio:g}) without collapsing"
         )
     else:
         label = "stable"
@@ -215,6 +238,7 @@ def classify_run(
         max_drawdown=max_dd,
         collapse_events=events,
         epochs_collapsed=collapse.below,
+        dips=dip.events,
         swings=swing.events,
         reason=reason,
     )

@@ -46,6 +46,7 @@ from yoloqat.paths import (
     EXPORT_RESULTS,
     FP32_ONNX,
     FP_CHECKPOINT,
+    FP_CONTROL_CHECKPOINT,
     ONNX_DIR,
     QAT_METRICS,
     QC_CHECKPOINT,
@@ -56,6 +57,12 @@ from yoloqat.pipeline.status import SKIPPED_DIVERGED, diverged_upstream
 from yoloqat.provenance import run_metadata, write_json
 from yoloqat.quant.checkpoint import load_qat_checkpoint, load_ultralytics_model, weights_finite
 from yoloqat.quant.fold import FoldedConv, fold_float, fold_quantized
+
+
+def fp_reference(cfg: Config) -> Path:
+    """The FP32 model W4A16 is compared with: "FP continued" for QAT's epochs when
+    ``fp.control`` is on (equal training), else the FP baseline QAT started from."""
+    return FP_CONTROL_CHECKPOINT if cfg.fp.control else FP_CHECKPOINT
 
 
 def parity_batch(cfg: Config, n: int) -> np.ndarray:
@@ -111,7 +118,8 @@ def export_models(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     imgsz = cfg.data.imgsz
     onnx_dir, results_dir = cfg.resolve(ONNX_DIR), cfg.resolve(EXPORT_RESULTS)
-    fp_model = load_ultralytics_model(cfg.resolve(FP_CHECKPOINT), "FP checkpoint")
+    fp_source = fp_reference(cfg)
+    fp_model = load_ultralytics_model(cfg.resolve(fp_source), "FP checkpoint")
     upstream = diverged_upstream(cfg, QAT_METRICS, QC_METRICS)
     diverged = str(upstream) if upstream else None
     qat_model, payload = (None, {}) if diverged else load_qat_checkpoint(cfg.resolve(QC_CHECKPOINT))
@@ -148,6 +156,7 @@ def export_models(cfg: Config) -> dict[str, Any]:
     fp_parity = compare_end2end(fp_out, *fp_ref)
 
     metrics: dict[str, Any] = {
+        "fp32_source": fp_source.as_posix(),
         "opset": cfg.export.opset,
         "imgsz": imgsz,
         "max_det": int(fp_out.shape[1]),

@@ -53,7 +53,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         recipe=recipe.to_dict(), ema=cfg.ema, ema_decay=cfg.qat.ema_decay, ema_tau=cfg.qat.ema_tau,
         track_every=cfg.qat.track_every, out_dir=str(QAT_DIR.resolve()),
     )
-    logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.tracker.epoch_summary() if tr.tracker else {})
+    logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
         overrides = ultralytics_overrides(
             cfg, model=init_model_arg(cfg), epochs=cfg.qat.epochs, batch=cfg.qat.batch,
@@ -83,6 +83,8 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         "epochs": len(curve),
         **curve_summary(curve),
         **curve_summary(curve50, prefix="mAP50_"),
+        **curve_summary(logger.curve("val_live/mAP50-95"), prefix="live_"),
+        **(curve_summary(logger.curve("val_ema/mAP50-95"), prefix="ema_") if cfg.ema else {}),
         "steps": steps,
         "ema": cfg.ema,
         "ema_decay_final": ema_decay_at(steps, cfg.qat.ema_decay, cfg.qat.ema_tau) if cfg.ema else 0.0,

@@ -1,15 +1,27 @@
-"""The train_fp stage: the float YOLOv10 reference and QAT starting point."""
+"""The float stages: train_fp (the FP reference and QAT's starting point) and fp_control.
+
+fp_control continues the FP model for exactly the epochs, batch and optimizer settings QAT
+uses, without quantization ("FP continued"), so the W4A16-vs-FP gap compares equal training
+even when the FP baseline has not reached a plateau.
+"""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from yoloqat.config import Config
 from yoloqat.errors import CheckpointError
-from yoloqat.paths import FP_CHECKPOINT, FP_DIR, FP_RESULTS
+from yoloqat.paths import (
+    FP_CHECKPOINT,
+    FP_CONTROL_DIR,
+    FP_CONTROL_RESULTS,
+    FP_DIR,
+    FP_RESULTS,
+)
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
 from yoloqat.train.live import EpochLogger, curve_summary
 from yoloqat.train.overrides import MODEL_YAML, require_dataset, ultralytics_overrides
@@ -24,7 +36,12 @@ def train_fp(cfg: Config) -> dict[str, Any]:
     if cfg.fp.epochs == 0:
         summary = _evaluate_only(cfg, init, logger)
     else:
-        summary = _train(cfg, init, logger)
+        f = cfg.fp
+        summary = _train(cfg, logger, FP_DIR, {
+            "model": init or MODEL_YAML[cfg.model], "epochs": f.epochs, "batch": f.batch,
+            "optimizer": f.optimizer, "lr0": f.lr0, "weight_decay": f.weight_decay,
+            "warmup_epochs": f.warmup_epochs, "workers": f.workers, "patience": f.patience,
+        })
     summary["seconds"] = round(time.time() - t0, 1)
     logger.finish(summary)
     write_json(FP_DIR / "metadata.json", run_metadata(cfg, "train_fp", cfg.device, {"summary": summary}))
@@ -35,25 +52,48 @@ def train_fp(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def _train(cfg: Config, init: str | None, logger: EpochLogger) -> dict[str, Any]:
+def train_fp_control(cfg: Config) -> dict[str, Any]:
+    """FP continued from models/fp/best.pt with QAT's schedule; off (nothing trained) when
+    ``fp.control`` is false."""
+    fresh_outputs(FP_CONTROL_DIR, FP_CONTROL_RESULTS)
+    t0 = time.time()
+    logger = EpochLogger(FP_CONTROL_RESULTS)
+    if not cfg.fp.control:
+        summary: dict[str, Any] = {"status": "off", "epochs": 0}
+    else:
+        if not FP_CHECKPOINT.is_file():
+            raise CheckpointError(f"{FP_CHECKPOINT} not found; run the train_fp stage first")
+        require_dataset()
+        q = cfg.qat
+        summary = _train(cfg, logger, FP_CONTROL_DIR, {
+            "model": str(FP_CHECKPOINT.resolve()), "epochs": q.epochs, "batch": q.batch,
+            "optimizer": q.optimizer, "lr0": q.lr0, "weight_decay": q.weight_decay,
+            "warmup_epochs": q.warmup_epochs, "workers": q.workers, "patience": max(q.epochs, 1),
+        })
+    summary["seconds"] = round(time.time() - t0, 1)
+    logger.finish(summary)
+    write_json(FP_CONTROL_DIR / "metadata.json",
+               run_metadata(cfg, "fp_control", cfg.device, {"summary": summary}))
+    print(f"fp_control: status={summary['status']} best mAP50-95={summary.get('best')} "
+          f"final={summary.get('final')} in {summary['seconds']} s")
+    return summary
+
+
+def _train(cfg: Config, logger: EpochLogger, out_dir: Path, hyper: dict[str, Any]) -> dict[str, Any]:
+    """Train a float model with Ultralytics; copy its best/last checkpoints into ``out_dir``."""
     from yoloqat.train.trainer import FPTrainer
 
     with tempfile.TemporaryDirectory(prefix="yoloqat-fp-") as runs:
-        overrides = ultralytics_overrides(
-            cfg, model=init or MODEL_YAML[cfg.model], epochs=cfg.fp.epochs, batch=cfg.fp.batch,
-            optimizer=cfg.fp.optimizer, lr0=cfg.fp.lr0, weight_decay=cfg.fp.weight_decay,
-            warmup_epochs=cfg.fp.warmup_epochs, workers=cfg.fp.workers, project=runs, name="fp",
-            patience=cfg.fp.patience,
-        )
+        overrides = ultralytics_overrides(cfg, project=runs, name="fp", **hyper)
         trainer = FPTrainer(overrides=overrides)
         trainer.add_callback("on_fit_epoch_end", logger.on_fit_epoch_end)
         trainer.train()
         best = trainer.best if trainer.best.exists() else trainer.last
         if not best.exists():
             raise CheckpointError("training stopped before one epoch; no checkpoint was produced")
-        shutil.copy2(best, FP_CHECKPOINT)
+        shutil.copy2(best, out_dir / "best.pt")
         if trainer.last.exists():
-            shutil.copy2(trainer.last, FP_DIR / "last.pt")
+            shutil.copy2(trainer.last, out_dir / "last.pt")
         status = "diverged" if trainer.diverged else "completed"
     curve = logger.curve()
     summary = {"status": status, "epochs": len(curve), **curve_summary(curve)}

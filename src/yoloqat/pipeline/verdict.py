@@ -23,16 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.config import Config
-from yoloqat.curves.reader import DVCLIVE_MAP, read_curve
-from yoloqat.curves.stability import classify_run
+from yoloqat.curves.reader import DVCLIVE_MAP, EMA, LIVE, PRIMARY, read_curve
+from yoloqat.curves.stability import Verdict, classify_run
 from yoloqat.errors import CurveError, VerdictError
 from yoloqat.numbers import finite_number
 from yoloqat.paths import (
     EVALUATE_METRICS,
+    FP_CONTROL_METRICS,
+    FP_CONTROL_RESULTS,
     FP_METRICS,
     FP_RESULTS,
     QAT_METRICS,
     QAT_RESULTS,
+    QC_METRICS,
+    VERDICT_CURVES,
     VERDICT_METRICS,
 )
 from yoloqat.pipeline.status import DIVERGED
@@ -93,10 +97,63 @@ def run_params(cfg: Config) -> dict[str, Any]:
     }
 
 
-def judge_qat_run(cfg: Config) -> dict[str, Any]:
-    """Classify the qat stage's run and write ``results/verdict/metrics.json``.
+CURVE_PREFIXES = {PRIMARY: "", LIVE: "live_", EMA: "ema_"}
+PER_CURVE_FIELDS = ("label", "best", "best_epoch", "final", "max_drawdown", "collapse_events",
+                    "dips", "reason")
+CURVES_CSV_COLUMNS = ("epoch", "FP", "FP continued", "QAT live", "QAT EMA")
 
-    Raises :class:`VerdictError` when the qat outputs are missing.  A run whose summary says
+
+def _curve_fields(prefix: str, verdict: Verdict | None) -> dict[str, Any]:
+    if verdict is None:  # EMA off: the EMA curve does not exist
+        return {f"{prefix}{k}": None for k in PER_CURVE_FIELDS}
+    d = verdict.as_dict()
+    return {f"{prefix}{k}": d[k] for k in PER_CURVE_FIELDS}
+
+
+def _qc_delta(cfg: Config) -> float | None:
+    """QC's own effect: mAP50-95 after minus before QC on the same checkpoint (qc stage)."""
+    path = cfg.resolve(QC_METRICS)
+    if not path.is_file():
+        return None
+    data = _read_json(path, "qc metrics")
+    return finite_number(data.get("delta_mAP50-95")) if data.get("applied") else None
+
+
+def _control(cfg: Config) -> tuple[float | None, list[float]]:
+    """The FP-continued control's best and curve (None, [] when off or absent)."""
+    path = cfg.resolve(FP_CONTROL_METRICS)
+    if not path.is_file():
+        return None, []
+    best = finite_number(_read_json(path, "fp_control metrics").get("best"))
+    live = cfg.resolve(FP_CONTROL_RESULTS)
+    curve = read_curve(live).values if (live / DVCLIVE_MAP).is_file() else []
+    return best, curve
+
+
+def write_curves_csv(path: Path, fp: list[float], control: list[float],
+                     series: dict[str, list[float]]) -> None:
+    """One table for the top-level plot: FP epochs first, then QAT's (and FP continued's)
+    epochs after them, numbered from 1; a blank cell where a series has no value."""
+    live, ema = series.get(LIVE, series.get(PRIMARY, [])), series.get(EMA, [])
+    n_after = max(len(live), len(ema), len(control))
+
+    def cell(curve: list[float], i: int) -> str:
+        return f"{curve[i]:.5f}" if i < len(curve) and math.isfinite(curve[i]) else ""
+
+    rows = [",".join(CURVES_CSV_COLUMNS)]
+    rows += [f"{i + 1},{cell(fp, i)},,," for i in range(len(fp))]
+    rows += [f"{len(fp) + i + 1},,{cell(control, i)},{cell(live, i)},{cell(ema, i)}"
+             for i in range(n_after)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+
+
+def judge_qat_run(cfg: Config) -> dict[str, Any]:
+    """Classify every val curve of the qat run and write ``results/verdict/metrics.json``.
+
+    ``label`` is the deployed curve's (EMA when on, live when off); ``live_label`` and
+    ``ema_label`` (None when EMA is off) judge the paired curves of the same run.  Raises
+    :class:`VerdictError` when the qat outputs are missing.  A run whose summary says
     ``diverged`` is judged even without a curve (it may have diverged before the first
     validation)."""
     metrics_path = cfg.resolve(QAT_METRICS)
@@ -107,31 +164,47 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     if not isinstance(status, str):
         raise VerdictError(f"{QAT_METRICS} has no status; expected 'completed' or 'diverged'")
 
-    live = cfg.resolve(QAT_RESULTS)
-    curve: list[float] = []
+    live_dir = cfg.resolve(QAT_RESULTS)
+    series: dict[str, list[float]] = {}
     losses: list[float] | None = None
-    if (live / DVCLIVE_MAP).is_file():
+    if (live_dir / DVCLIVE_MAP).is_file():
         try:
-            run = read_curve(live)
+            run = read_curve(live_dir)
         except CurveError as exc:
             raise VerdictError(str(exc)) from None
-        curve, losses = run.values, run.losses
+        series, losses = run.series, run.losses
     elif status != DIVERGED:
         raise VerdictError(
             f"{QAT_RESULTS / DVCLIVE_MAP} not found; the qat stage logs val mAP50-95 per epoch there"
         )
+    if LIVE not in series and not cfg.ema:
+        series[LIVE] = series.get(PRIMARY, [])  # EMA off: the deployed curve is the live one
 
-    verdict = classify_run(curve, losses, cfg.stability, status)
-    out: dict[str, Any] = {**verdict.as_dict(), "status": status, **run_params(cfg)}
+    verdicts = {key: classify_run(series.get(key, []), losses, cfg.stability, status)
+                for key in (PRIMARY, LIVE) }
+    verdicts[EMA] = (classify_run(series.get(EMA, []), losses, cfg.stability, status)
+                     if cfg.ema else None)
+    primary = verdicts[PRIMARY]
+    assert primary is not None
+    out: dict[str, Any] = {**primary.as_dict(), "status": status, **run_params(cfg)}
+    out.update(_curve_fields("live_", verdicts[LIVE]))
+    out.update(_curve_fields("ema_", verdicts[EMA]))
+    out["qc_delta_mAP50-95"] = _qc_delta(cfg)
     fp_best = _fp_best(cfg)
-    if fp_best is not None:
-        out["fp_best"] = fp_best
-        if out.get("best") is not None:
-            out["gap_to_fp"] = fp_best - out["best"]
+    control_best, control_curve = _control(cfg)
+    out["fp_best"] = fp_best
+    out["fp_control_best"] = control_best
+    reference = control_best if control_best is not None else fp_best
+    if reference is not None and out.get("best") is not None:
+        out["gap_to_fp"] = reference - out["best"]
     out.update(_eval_fields(cfg))
+    fp_curve = (read_curve(cfg.resolve(FP_RESULTS)).values
+                if cfg.resolve(FP_RESULTS / DVCLIVE_MAP).is_file() else [])
+    write_curves_csv(cfg.resolve(VERDICT_CURVES), fp_curve, control_curve, series)
     write_json(cfg.resolve(VERDICT_METRICS), out)
+    ema_text = f", EMA curve {verdicts[EMA].label}" if verdicts[EMA] is not None else ""
     print(
-        f"verdict: {cfg.model} ema={cfg.ema} qc={cfg.qc} seed={cfg.seed} -> {verdict.label} "
-        f"({verdict.reason})"
+        f"verdict: {cfg.model} ema={cfg.ema} qc={cfg.qc} seed={cfg.seed} -> {primary.label} "
+        f"({primary.reason}); live curve {verdicts[LIVE].label}{ema_text}"
     )
     return out

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -97,8 +101,37 @@ def _install_ema(trainer: Any) -> None:
     trainer.ema = make_ema(trainer.model, enabled=s.ema, decay=s.ema_decay, tau=s.ema_tau)
 
 
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without moving Python's, NumPy's or torch's (CPU and CUDA) random state."""
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _map_pair(metrics: dict[str, Any]) -> dict[str, float | None]:
+    return {
+        "mAP50-95": finite_or_none(metrics.get("metrics/mAP50-95(B)")),
+        "mAP50": finite_or_none(metrics.get("metrics/mAP50(B)")),
+    }
+
+
 class QATTrainer(FPTrainer):
-    """W4A16 QAT: quantize in ``get_model``, explicit EMA, oscillation tracking, Brevitas-safe saves."""
+    """W4A16 QAT: quantize in ``get_model``, explicit EMA, oscillation tracking, Brevitas-safe saves.
+
+    Every validation scores the model the run deploys (Ultralytics validates ``ema.ema``: the
+    EMA weights when EMA is on, a live-weight mirror when off) and, when EMA is on, also the
+    live weights, on the same val split: ``paired_metrics`` holds ``val_live`` and ``val_ema``.
+    Validation never changes the weights or BN statistics, so one run yields both curves of
+    the same training trajectory.
+    """
 
     def __init__(self, *args: Any, settings: QATSettings | None = None, **kwargs: Any) -> None:
         if settings is not None:
@@ -107,6 +140,7 @@ class QATTrainer(FPTrainer):
         self.recipe = QuantRecipe.from_dict(self.qat_settings.recipe)
         self.tracker: Any = None
         self.saved_epochs: list[int] = []
+        self.paired_metrics: dict[str, dict[str, float | None]] = {}
         super().__init__(*args, **kwargs)
         self.add_callback("on_pretrain_routine_end", _install_ema)
         self.add_callback("on_pretrain_routine_end", _install_tracker)
@@ -119,6 +153,41 @@ class QATTrainer(FPTrainer):
         super().optimizer_step()
         if self.tracker is not None:
             self.tracker.step()
+
+    def validate(self) -> tuple[Any, Any]:
+        metrics, fitness = super().validate()
+        self.paired_metrics = {}
+        if metrics is None:
+            return metrics, fitness
+        if self.qat_settings.ema:
+            self.paired_metrics["val_ema"] = _map_pair(metrics)
+            self.paired_metrics["val_live"] = self._validate_live()
+        else:
+            self.paired_metrics["val_live"] = _map_pair(metrics)
+        return metrics, fitness
+
+    def _validate_live(self) -> dict[str, float | None]:
+        """Score the live fake-quant weights with the same validator (it reads ``ema.ema``).
+
+        Iterating a DataLoader draws from the global RNGs; restoring them afterwards keeps the
+        training trajectory bit-identical to a run without this extra pass (EMA off)."""
+        deployed = self.ema.ema
+        self.ema.ema = unwrap_model(self.model)
+        try:
+            with preserved_rng():
+                live = self.validator(self)
+        finally:
+            self.ema.ema = deployed
+        return _map_pair(live or {})
+
+    def epoch_extras(self) -> dict[str, float | None]:
+        """What the epoch logger adds for QAT: paired val curves and oscillation statistics."""
+        row: dict[str, float | None] = {}
+        for group, values in self.paired_metrics.items():
+            row.update({f"{group}/{k}": v for k, v in values.items()})
+        if self.tracker is not None:
+            row.update(self.tracker.epoch_summary())
+        return row
 
     def save_model(self) -> bool:
         """Save recipe + state_dict (Brevitas modules cannot be pickled) and a baked checkpoint."""
