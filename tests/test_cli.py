@@ -13,7 +13,7 @@ import yaml
 from yoloqat.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "exp_show.json"
-GRID_CMD = "dvc exp run --queue -S model=yolo10s -S ema=true,false -S qc=true,false -S seed=0,1,2"
+GRID_CMD = "dvc exp run --queue -S model=yolo10s -S ema=true -S qc=true -S seed=2"
 
 
 def write_tsv(path: Path, values: list[float]) -> Path:
@@ -25,7 +25,9 @@ def write_tsv(path: Path, values: list[float]) -> Path:
 @pytest.fixture
 def params(tmp_path) -> Path:
     p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump({"ladder": {"min_seeds": 3, "seeds": [0, 1, 2]}}))
+    # the settings the fixture's experiments were run with
+    p.write_text(yaml.safe_dump({"qat": {"bits": 4, "init": "fp"},
+                                 "ladder": {"min_seeds": 3, "seeds": [0, 1, 2]}}))
     return p
 
 
@@ -52,13 +54,12 @@ def test_ladder_from_json_no_report(params, capsys):
                  str(params)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split()[:7] == ["model", "ema", "qc", "bits", "init", "runs", "verdicts"]
-    assert lines[1].split()[:7] == ["yolo10n", "true", "true", "4", "fp", "3", "stable"]
-    assert "  yolo10n: passed (3/3 seeds stable)" in lines
-    assert "  yolo10s: incomplete (1/3 seeds judged, 1 stable, 1 queued/running)" in lines
+    assert lines[0].split()[:3] == ["model", "setting", "seeds"]
+    assert lines[1].split()[:3] == ["yolo10n", "default", "3"]
+    assert ("  yolo10n: passed (EMA not stable in 0/3 seeds, live (control) in 3/3, "
+            "paired p = 0.125)") in lines
+    assert "  yolo10s: incomplete (1/3 seeds, 1 queued)" in lines
     assert "  yolo10m: waiting for yolo10s" in lines
-    assert "  yolo10s ema=true qc=true: 1/3 seeds (1 queued/running)  <- required to pass the " \
-           "rung" in lines
     assert lines[-1].startswith("Next rung: yolo10s.")
     assert "would run" not in out
 
@@ -68,7 +69,7 @@ def test_ladder_json_and_queue_next_dry_run(params, capsys):
     assert main([*argv, "--json", "--queue-next", "--dry-run"]) == 0
     cap = capsys.readouterr()
     data = json.loads(cap.out)  # stdout stays pure JSON
-    assert [r["runs"] for r in data["table"]] == [3, 3, 2, 3, 1]
+    assert [len(g["runs"]) for g in data["groups"]] == [3, 1]
     assert data["decision"]["next_rung"] == "yolo10s"
     assert [r["state"] for r in data["decision"]["rungs"]] == ["passed", "incomplete",
                                                                 "not_started"]
@@ -81,12 +82,14 @@ def test_ladder_json_and_queue_next_dry_run(params, capsys):
 
 def test_ladder_min_seeds_from_params(tmp_path, capsys):
     p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump({"ladder": {"min_seeds": 1, "seeds": [0]}}))
+    p.write_text(yaml.safe_dump({"qat": {"bits": 4, "init": "fp"},
+                                 "ladder": {"min_seeds": 1, "seeds": [0]}}))
     assert main(["ladder", "--from-json", str(FIXTURE), "--no-report", "--params", str(p),
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    # yolo10s has one stable seed: with min_seeds=1 it passes and yolo10m is next
-    assert data["decision"]["next_rung"] == "yolo10m"
+    # yolo10s has one stable EMA seed but no control curve failed there: it cannot pass
+    assert data["decision"]["next_rung"] is None
+    assert [r["state"] for r in data["decision"]["rungs"]][:2] == ["passed", "no_failure"]
 
 
 def test_ladder_writes_reports(params, tmp_path, capsys):

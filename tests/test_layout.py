@@ -161,7 +161,8 @@ def test_every_artifact_path_is_a_declared_output_or_inside_one():
         for key in ("outs", "metrics", "plots"):
             for entry in spec.get(key, []):
                 declared.append(next(iter(entry)) if isinstance(entry, dict) else entry)
-    for name in ("DATASET_DIR", "FP_DIR", "FP_RESULTS", "QAT_DIR", "QAT_RESULTS", "QC_DIR",
+    for name in ("DATASET_DIR", "FP_DIR", "FP_RESULTS", "FP_CONTROL_DIR", "FP_CONTROL_RESULTS",
+                 "VERDICT_CURVES", "QAT_DIR", "QAT_RESULTS", "QC_DIR",
                  "QC_RESULTS", "ONNX_DIR", "EXPORT_RESULTS", "EVALUATE_RESULTS",
                  "VERDICT_RESULTS"):
         p = getattr(paths, name).as_posix()

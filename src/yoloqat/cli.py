@@ -36,7 +36,8 @@ def _ladder_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--json", action="store_true", help="print the table and decision as JSON")
     ap.add_argument("--queue-next", action="store_true",
-                    help="queue the next rung's ema x qc x seed grid with dvc exp run --queue")
+                    help="queue the next rung's missing seeds (ema=true qc=true: one run gives "
+                    "the live and EMA curves and the QC delta) with dvc exp run --queue")
     ap.add_argument("--dry-run", action="store_true",
                     help="with --queue-next: print the dvc command instead of running it")
     ap.add_argument("--from-json", metavar="FILE",
@@ -57,7 +58,7 @@ def ladder_main(argv: list[str]) -> int:
     from yoloqat.analysis.ladder import (
         decide,
         format_table,
-        group_rows,
+        group_runs,
         ladder_json,
         ladder_settings,
         queue_next,
@@ -71,10 +72,10 @@ def ladder_main(argv: list[str]) -> int:
     quiet = args.json  # keep stdout pure JSON
     messages: list[str] = []
     try:
-        ladder_cfg, init = ladder_settings(params)
+        ladder_cfg, configured = ladder_settings(params)
         records = read_experiments(repo, args.from_json, all_commits=not args.head_only)
-        rows = group_rows(records)
-        decision = decide(rows, ladder_cfg, init)
+        rows = group_runs(records)
+        decision = decide(rows, ladder_cfg, configured)
         if args.json:
             print(json.dumps(ladder_json(rows, decision), indent=2))
         else:

@@ -29,6 +29,7 @@ from yoloqat.errors import CurveError, ExperimentsError
 from yoloqat.paths import (
     DVCLIVE_PLOTS,
     EVALUATE_METRICS,
+    FP_CONTROL_METRICS,
     FP_METRICS,
     FP_RESULTS,
     PARAMS,
@@ -45,9 +46,12 @@ METRIC_FILES = {
     "verdict": VERDICT_METRICS.as_posix(),
     "evaluate": EVALUATE_METRICS.as_posix(),
     "train_fp": FP_METRICS.as_posix(),
+    "fp_control": FP_CONTROL_METRICS.as_posix(),
 }
 PARAM_KEYS = ("model", "ema", "qc", "seed", "qat.bits", "qat.init")
 MAP_TSV = (QAT_RESULTS / DVCLIVE_MAP).as_posix()
+LIVE_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "val_live" / "mAP50-95.tsv").as_posix()
+EMA_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "val_ema" / "mAP50-95.tsv").as_posix()
 OSC_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "osc" / "frac_oscillating.tsv").as_posix()
 FP_MAP_TSV = (FP_RESULTS / DVCLIVE_MAP).as_posix()
 
@@ -166,9 +170,24 @@ def _get(d: Any, dotted: str) -> Any:
     return d
 
 
+def flatten(block: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested params mapping as dotted keys (lists stay values)."""
+    if not isinstance(block, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in block.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def _params(data: dict[str, Any]) -> dict[str, Any]:
+    """Every params.yaml value of the run as dotted keys; PARAM_KEYS are always present."""
     block = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
-    return {k: _get(block, k) for k in PARAM_KEYS}
+    return {**dict.fromkeys(PARAM_KEYS), **flatten(block)}
 
 
 def _metrics(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -267,10 +286,13 @@ def read_series(repo: str | Path, rev: str, path: str) -> list[float] | None:
 
 
 def read_curves(record: ExpRecord, repo: str | Path = ".") -> dict[str, list[float] | None]:
-    """The per-epoch curves the report plots: ``map`` (val mAP50-95), ``osc``
+    """The per-epoch curves the report plots: ``map`` (the deployed val mAP50-95), ``live`` and
+    ``ema`` (the paired curves; None for runs made before they were logged), ``osc``
     (osc/frac_oscillating) and ``fp_map`` (the FP baseline's val mAP50-95)."""
     return {
         "map": read_series(repo, record.rev, MAP_TSV),
+        "live": read_series(repo, record.rev, LIVE_TSV),
+        "ema": read_series(repo, record.rev, EMA_TSV),
         "osc": read_series(repo, record.rev, OSC_TSV),
         "fp_map": read_series(repo, record.rev, FP_MAP_TSV),
     }

@@ -1,22 +1,34 @@
-"""The model ladder yolo10n -> yolo10s -> yolo10m: group runs by method, decide the next rung.
+"""The model ladder yolo10n -> yolo10s -> yolo10m: pool seeds of one setting, decide on evidence.
 
-Grouping.  Records (from :mod:`yoloqat.experiments`) are grouped by model and method
-``(ema, qc, bits, init)``.  Within a group each seed counts once: when several records share
-a seed (the workspace and the experiment it came from, a committed copy, a rerun), the one
-kept is, in order, the one with a verdict label, then a queued/running one, then one with
-metrics but no verdict, then a failed one; ties go to experiments over baseline commits over
-the workspace, then to the newest.  A run is *judged* when its verdict metrics carry a label.
+Grouping.  Runs are grouped by model and *setting*: every param of the run except ``seed``,
+the method switches ``ema`` and ``qc``, and the params that do not change a run (``device``,
+``evaluate.*``, ``ladder.*``).  Runs whose settings differ in anything else (epochs, lr,
+``data.*``, EMA decay, bits, stability thresholds, ...) are never pooled.  Within a setting each
+seed counts once: records are merged per seed (an ``ema=true`` run gives the live and the EMA
+curve, a ``qc=true`` run the QC delta); among duplicates the judged, newest experiment wins.
+A failed experiment is listed as failed and never judged, even when DVC shows its baseline's
+metrics; a run whose verdict lacks the paired curves (made before they were logged) is shown
+as "no live curve".
 
-Rung decision.  A rung (model) passes when its EMA+QC variant (ema=true, qc=true, bits 4,
-init = params' ``qat.init``) has at least ``ladder.min_seeds`` judged seeds and every one of
-them is ``stable``.  One judged seed with another label fails the rung, and the ladder stops
-there (the method is not stable at that size).  The rungs are walked in order, so a later
-rung is never recommended before every earlier one has passed.
+Per setting, over seeds: the *control* is the live curve (the training trajectory itself; for
+``ema=false`` runs it is the deployed curve), the *method* the EMA curve (EMA+QC: the same
+curve, QC being post-hoc, plus QC's own measured effect).  A curve *fails* when its verdict is
+not ``stable``.  Reported: failures of each, the paired one-sided exact McNemar p-value that
+EMA fails less often than live, mean max drawdown, and QC delta mean +- std with the number of
+seeds it improved.
 
-Queueing.  ``--queue-next`` queues the next rung's whole ema x qc x seed grid in one
-``dvc exp run --queue`` call; the seeds are the ``ladder.seeds`` that some grid variant still
-lacks (neither judged nor queued).  dvc expands ``-S`` lists into a full product, so a
-combination that already exists is queued again; the command says which.
+Rung decision, on the setting that params.yaml configures (with the rung's model):
+
+* ``incomplete`` / ``not_started``: fewer than ``ladder.min_seeds`` seeds with an EMA curve;
+* ``failed``: some EMA(+QC) curve is not stable: the method does not hold at this size;
+* ``no_failure``: every EMA curve is stable but the control never failed in any seed: the
+  rung cannot show anything (no failure was reproduced);
+* ``passed``: the control failed in at least one seed and every EMA curve is stable.
+
+The rungs are walked in order and the ladder stops at the first rung that has not passed, so
+a larger model is never recommended before a smaller one has shown the method working.
+``--queue-next`` queues the missing seeds of that rung (``ema=true qc=true``: one run gives
+both curves and the QC delta).
 """
 
 from __future__ import annotations
@@ -29,69 +41,97 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yoloqat.analysis.experiments import FAILED, PENDING, ExpRecord, run_dvc
-from yoloqat.config import (
-    MODELS,
-    LadderConfig,
-    QATConfig,
-    load_config_for,
-)
-from yoloqat.curves.stability import LABELS, Verdict, summarize_group
-from yoloqat.numbers import finite_number, nan_if_none
+import yaml
+
+from yoloqat.analysis.experiments import FAILED, PENDING, ExpRecord, flatten, run_dvc
+from yoloqat.analysis.paired import PairedOutcome, paired_outcome
+from yoloqat.config import MODELS, LadderConfig, load_config_for
+from yoloqat.numbers import finite_number
 
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
-RUNG_BITS = QATConfig().bits  # 4: the rung variant is W4A16
-GRID = ((True, True), (True, False), (False, True), (False, False))  # (ema, qc)
+NOT_SETTING = frozenset({"seed", "ema", "qc", "model", "device"})
+NOT_SETTING_PREFIXES = ("evaluate.", "ladder.")
 
-# what a seed's chosen record says
-JUDGED, PENDING_RUN, UNJUDGED, FAILED_RUN = "judged", "pending", "unjudged", "failed"
-_STATUS_RANK = {JUDGED: 3, PENDING_RUN: 2, UNJUDGED: 1, FAILED_RUN: 0}
-_KIND_RANK = {"experiment": 2, "baseline": 1, "workspace": 0}
+PASSED, FAILED_RUNG, NO_FAILURE = "passed", "failed", "no_failure"
+INCOMPLETE, NOT_STARTED = "incomplete", "not_started"
 
 
-def _bool_text(b: Any) -> str:
-    return str(b).lower() if isinstance(b, bool) else str(b)
+def _text(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-@dataclass(frozen=True, order=True)
-class MethodKey:
+# --------------------------------------------------------------------------------------------
+# settings and per-seed runs
+
+
+@dataclass(frozen=True)
+class Setting:
     model: str
-    ema: bool
-    qc: bool
-    bits: int
-    init: str
+    values: tuple[tuple[str, str], ...]  # every setting param, sorted, as text
 
-    def sort_key(self) -> tuple:
-        rank = RUNGS.index(self.model) if self.model in RUNGS else len(RUNGS)
-        return (rank, self.model, not self.ema, not self.qc, self.bits, self.init)
-
-    def variant(self) -> str:
-        return f"ema={_bool_text(self.ema)} qc={_bool_text(self.qc)}"
-
-    def describe(self) -> str:
-        return f"{self.model} {self.variant()} bits={self.bits} init={self.init}"
+    def describe(self, keys: Iterable[str]) -> str:
+        d = dict(self.values)
+        shown = [f"{k}={d.get(k, '-')}" for k in keys]
+        return " ".join(shown) if shown else "default"
 
 
-def method_key(rec: ExpRecord) -> MethodKey | None:
+def setting_values(params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(
+        (k, _text(v)) for k, v in params.items()
+        if k not in NOT_SETTING and not k.startswith(NOT_SETTING_PREFIXES) and v is not None
+    ))
+
+
+def setting_of(rec: ExpRecord) -> Setting | None:
     p = rec.params
-    model, ema, qc, bits, init = (p.get(k) for k in ("model", "ema", "qc", "qat.bits", "qat.init"))
-    if not isinstance(model, str) or not isinstance(ema, bool) or not isinstance(qc, bool):
+    if not isinstance(p.get("model"), str) or not isinstance(p.get("ema"), bool):
         return None
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    if not isinstance(p.get("qc"), bool):
         return None
-    return MethodKey(model, ema, qc, bits, str(init) if init is not None else "fp")
+    return Setting(p["model"], setting_values(p))
 
 
-def run_status(rec: ExpRecord) -> str | None:
-    """judged | pending | unjudged | failed; None when the record is not a QAT run (a code
-    commit, or a workspace / experiment that has no qat results, e.g. only train_fp ran)."""
-    if rec.label is not None:
-        return JUDGED
-    if rec.state in PENDING:
-        return PENDING_RUN
-    if rec.state == FAILED:
-        return FAILED_RUN
-    return UNJUDGED if "qat" in rec.metrics else None
+@dataclass(frozen=True)
+class CurveResult:
+    label: str
+    best: float | None
+    final: float | None
+    max_drawdown: float | None
+    collapse_events: int
+    reason: str
+
+    @property
+    def failed(self) -> bool:
+        return self.label != "stable"
+
+
+def _curve(v: dict[str, Any], prefix: str) -> CurveResult | None:
+    label = v.get(f"{prefix}label")
+    if not isinstance(label, str):
+        return None
+    return CurveResult(
+        label=label, best=finite_number(v.get(f"{prefix}best")),
+        final=finite_number(v.get(f"{prefix}final")),
+        max_drawdown=finite_number(v.get(f"{prefix}max_drawdown")),
+        collapse_events=int(v.get(f"{prefix}collapse_events") or 0),
+        reason=str(v.get(f"{prefix}reason") or ""),
+    )
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    names: list[str] = field(default_factory=list)  # the experiments it was merged from
+    live: CurveResult | None = None  # the control curve
+    ema: CurveResult | None = None  # the method curve
+    qc_delta: float | None = None
+    w4a16: float | None = None
+    gap: float | None = None  # FP reference (control when trained) minus W4A16, onnxruntime
+    note: str = ""
+
+
+def _is_failed(rec: ExpRecord) -> bool:
+    return rec.state == FAILED or bool(rec.error)
 
 
 def _seed(rec: ExpRecord) -> int | None:
@@ -99,216 +139,243 @@ def _seed(rec: ExpRecord) -> int | None:
     return s if isinstance(s, int) and not isinstance(s, bool) else None
 
 
-def _priority(rec: ExpRecord, status: str) -> tuple:
-    return (_STATUS_RANK[status], _KIND_RANK.get(rec.kind, 0), rec.timestamp or "")
+_KIND_RANK = {"experiment": 2, "baseline": 1, "workspace": 0}
 
 
-def select_runs(records: Iterable[ExpRecord]) -> dict[MethodKey, dict[int, tuple[str, ExpRecord]]]:
-    """method -> seed -> (status, record), one record per seed (see the module docstring)."""
-    out: dict[MethodKey, dict[int, tuple[str, ExpRecord]]] = {}
-    for rec in records:
-        key, seed, status = method_key(rec), _seed(rec), run_status(rec)
-        if key is None or seed is None or status is None:
-            continue
-        seeds = out.setdefault(key, {})
-        old = seeds.get(seed)
-        if old is None or _priority(rec, status) > _priority(old[1], old[0]):
-            seeds[seed] = (status, rec)
-    return out
+def _newest_first(recs: Iterable[ExpRecord]) -> list[ExpRecord]:
+    return sorted(recs, key=lambda r: (_KIND_RANK.get(r.kind, 0), r.timestamp or ""), reverse=True)
+
+
+def merge_seed(seed: int, recs: Sequence[ExpRecord]) -> SeedRun:
+    """One seed's evidence from its judged records; each field from the first record that has
+    it, in the order EMA+QC, EMA only, EMA off (newest first within each)."""
+    run = SeedRun(seed)
+    lacks_live = False
+    # EMA+QC runs first (the method), then EMA-only, then EMA-off controls; newest first
+    ordered = sorted(_newest_first(recs), key=lambda r: (not r.params["ema"], not r.params["qc"]))
+    for rec in ordered:
+        v = rec.verdict
+        run.names.append(rec.name)
+        if rec.params["ema"]:
+            ema = _curve(v, "ema_") or (_curve(v, "") if "live_label" not in v else None)
+            run.ema = run.ema or ema
+            lacks_live = lacks_live or "live_label" not in v
+            run.live = run.live or _curve(v, "live_")
+        else:
+            run.live = run.live or _curve(v, "live_") or _curve(v, "")
+        if rec.params["qc"] and run.qc_delta is None:
+            run.qc_delta = finite_number(v.get("qc_delta_mAP50-95"))
+        run.w4a16 = run.w4a16 if run.w4a16 is not None else finite_number(v.get("w4a16_mAP50-95"))
+        run.gap = run.gap if run.gap is not None else finite_number(v.get("gap_mAP50-95"))
+    if run.live is None and lacks_live:
+        run.note = "no live curve"
+    return run
 
 
 # --------------------------------------------------------------------------------------------
-# the table
+# groups
 
 
-def as_verdict(rec: ExpRecord) -> Verdict:
-    """The record's verdict metrics as a :class:`Verdict` (best/final fall back to qat's)."""
-    v, qat = rec.verdict, rec.metrics.get("qat", {})
-    best = finite_number(v.get("best"))
-    final = finite_number(v.get("final"))
-    if best is None and "best" not in v:
-        best = finite_number(qat.get("best"))
-    if final is None and "final" not in v:
-        final = finite_number(qat.get("final"))
-    return Verdict(
-        label=str(rec.label),
-        epochs=int(v.get("epochs") or qat.get("epochs") or 0),
-        best=nan_if_none(best),
-        best_epoch=int(v.get("best_epoch") or 0),
-        final=nan_if_none(final),
-        final_over_best=nan_if_none(v.get("final_over_best")),
-        max_drawdown=nan_if_none(v.get("max_drawdown")),
-        collapse_events=int(v.get("collapse_events") or 0),
-        epochs_collapsed=int(v.get("epochs_collapsed") or 0),
-        swings=int(v.get("swings") or 0),
-        reason=str(v.get("reason") or ""),
-    )
-
-
-def w4a16_map(rec: ExpRecord) -> float | None:
-    """onnxruntime W4A16 mAP50-95 (evaluate stage, or the verdict's copy of it)."""
-    ev = finite_number(rec.metrics.get("evaluate", {}).get("w4a16_mAP50-95"))
-    return ev if ev is not None else finite_number(rec.verdict.get("w4a16_mAP50-95"))
-
-
-def fp_best(rec: ExpRecord) -> float | None:
-    v = finite_number(rec.verdict.get("fp_best"))
-    return v if v is not None else finite_number(rec.metrics.get("train_fp", {}).get("best"))
-
-
-def gap_to_fp(rec: ExpRecord) -> float | None:
-    """FP best minus the QAT best (PyTorch val mAP50-95)."""
-    gap = finite_number(rec.verdict.get("gap_to_fp"))
-    if gap is not None:
-        return gap
-    fp, best = fp_best(rec), as_verdict(rec).best
-    return fp - best if fp is not None and math.isfinite(best) else None
-
-
-def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
     if not xs:
         return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) >= 2 else None)
 
 
 @dataclass
-class GroupRow:
-    key: MethodKey
-    runs: int  # judged seeds
-    seeds: list[int]
-    counts: dict[str, int]
-    all_stable: bool
-    best_mean: float | None
-    best_std: float | None
-    final_mean: float | None
-    final_std: float | None
-    w4a16_mean: float | None
-    w4a16_std: float | None
-    w4a16_runs: int
-    gap_fp_mean: float | None
-    fp_best_mean: float | None
-    pending: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
-    unjudged: list[int] = field(default_factory=list)
-    records: list[ExpRecord] = field(default_factory=list, repr=False)  # judged, by seed
+class Group:
+    setting: Setting
+    runs: list[SeedRun]  # judged seeds, by seed
+    pending: list[tuple[str, int]] = field(default_factory=list)  # (experiment, seed)
+    failed: list[tuple[str, int]] = field(default_factory=list)
+    unjudged: list[tuple[str, int]] = field(default_factory=list)
+    records: list[ExpRecord] = field(default_factory=list, repr=False)  # judged, for curves
 
     @property
     def model(self) -> str:
-        return self.key.model
+        return self.setting.model
 
-    def as_dict(self) -> dict[str, Any]:
+    def ema_runs(self) -> list[SeedRun]:
+        return [r for r in self.runs if r.ema is not None]
+
+    def paired(self) -> PairedOutcome:
+        return paired_outcome([(r.live.failed, r.ema.failed) for r in self.runs
+                               if r.live is not None and r.ema is not None])
+
+    def stats(self) -> dict[str, Any]:
+        live = [r.live for r in self.runs if r.live is not None]
+        ema = [r.ema for r in self.runs if r.ema is not None]
+        qc = [r.qc_delta for r in self.runs if r.qc_delta is not None]
+        w4 = [r.w4a16 for r in self.runs if r.w4a16 is not None]
+        gaps = [r.gap for r in self.runs if r.gap is not None]
+
+        def dd(curves: list[CurveResult]) -> float | None:
+            vals = [c.max_drawdown for c in curves if c.max_drawdown is not None]
+            return statistics.fmean(vals) if vals else None
+
+        qc_mean, qc_std = _mean_std(qc)
+        w4_mean, w4_std = _mean_std(w4)
         return {
-            "model": self.key.model, "ema": self.key.ema, "qc": self.key.qc,
-            "bits": self.key.bits, "init": self.key.init, "runs": self.runs,
-            "seeds": self.seeds, "counts": self.counts, "all_stable": self.all_stable,
-            "best_mean": self.best_mean, "best_std": self.best_std,
-            "final_mean": self.final_mean, "final_std": self.final_std,
-            "w4a16_mean": self.w4a16_mean, "w4a16_std": self.w4a16_std,
-            "w4a16_runs": self.w4a16_runs, "gap_fp_mean": self.gap_fp_mean,
-            "fp_best_mean": self.fp_best_mean, "pending": self.pending, "failed": self.failed,
-            "unjudged": self.unjudged, "experiments": [r.name for r in self.records],
+            "seeds": [r.seed for r in self.runs],
+            "live_n": len(live), "live_failed": sum(c.failed for c in live),
+            "live_collapsed": sum(c.label == "collapsed" for c in live),
+            "ema_n": len(ema), "ema_failed": sum(c.failed for c in ema),
+            "ema_collapsed": sum(c.label == "collapsed" for c in ema),
+            "live_max_drawdown_mean": dd(live), "ema_max_drawdown_mean": dd(ema),
+            "paired": self.paired().as_dict(),
+            "qc_n": len(qc), "qc_delta_mean": qc_mean, "qc_delta_std": qc_std,
+            "qc_improved": sum(1 for x in qc if x > 0),
+            "w4a16_mean": w4_mean, "w4a16_std": w4_std,
+            "gap_mean": _mean_std(gaps)[0],
         }
 
 
-def group_rows(records: Iterable[ExpRecord]) -> list[GroupRow]:
-    """One row per model and method, in ladder order (ema/qc on first)."""
-    rows = []
-    for key, seeds in select_runs(records).items():
-        judged = [(s, rec) for s, (st, rec) in sorted(seeds.items()) if st == JUDGED]
-        recs = [rec for _, rec in judged]
-        summary = summarize_group([as_verdict(r) for r in recs])
-        w4 = [x for x in (w4a16_map(r) for r in recs) if x is not None]
-        gaps = [x for x in (gap_to_fp(r) for r in recs) if x is not None]
-        fps = [x for x in (fp_best(r) for r in recs) if x is not None]
-        w4_mean, w4_std = _mean_std(w4)
-        rows.append(GroupRow(
-            key=key,
-            runs=summary["runs"],
-            seeds=[s for s, _ in judged],
-            counts=summary["counts"],
-            all_stable=summary["all_stable"],
-            best_mean=summary["best_mean"], best_std=summary["best_std"],
-            final_mean=summary["final_mean"], final_std=summary["final_std"],
-            w4a16_mean=w4_mean, w4a16_std=w4_std, w4a16_runs=len(w4),
-            gap_fp_mean=_mean_std(gaps)[0], fp_best_mean=_mean_std(fps)[0],
-            pending=sorted(s for s, (st, _) in seeds.items() if st == PENDING_RUN),
-            failed=sorted(s for s, (st, _) in seeds.items() if st == FAILED_RUN),
-            unjudged=sorted(s for s, (st, _) in seeds.items() if st == UNJUDGED),
-            records=recs,
-        ))
-    return sorted(rows, key=lambda r: r.key.sort_key())
+def group_runs(records: Iterable[ExpRecord]) -> list[Group]:
+    """One group per model and setting, in ladder order."""
+    buckets: dict[Setting, list[ExpRecord]] = {}
+    for rec in records:
+        setting = setting_of(rec)
+        if setting is not None and _seed(rec) is not None:
+            buckets.setdefault(setting, []).append(rec)
+    groups = []
+    for setting, recs in buckets.items():
+        by_seed: dict[int, list[ExpRecord]] = {}
+        pending, failed, unjudged, judged_recs = [], [], [], []
+        for rec in recs:
+            seed = _seed(rec)
+            if _is_failed(rec):
+                failed.append((rec.name, seed))
+            elif rec.state in PENDING:
+                pending.append((rec.name, seed))
+            elif rec.label is not None:
+                by_seed.setdefault(seed, []).append(rec)
+                judged_recs.append(rec)
+            elif "qat" in rec.metrics:
+                unjudged.append((rec.name, seed))
+        runs = [merge_seed(s, rs) for s, rs in sorted(by_seed.items())]
+        if runs or pending or failed or unjudged:
+            groups.append(Group(setting, runs, sorted(pending), sorted(failed), sorted(unjudged),
+                                judged_recs))
+    return sorted(groups, key=lambda g: (_rung_rank(g.model), g.model, g.setting.values))
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+def _rung_rank(model: str) -> int:
+    return RUNGS.index(model) if model in RUNGS else len(RUNGS)
 
 
-def _pm(mean: float | None, std: float | None) -> str:
+def differing_keys(groups: Sequence[Group]) -> list[str]:
+    """The setting params whose values differ between groups (what tells them apart)."""
+    keys: dict[str, set[str]] = {}
+    for g in groups:
+        d = dict(g.setting.values)
+        for k in {k for gg in groups for k, _ in gg.setting.values}:
+            keys.setdefault(k, set()).add(d.get(k, "-"))
+    return sorted(k for k, vals in keys.items() if len(vals) > 1)
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
     if mean is None:
         return "-"
-    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
-
-
-def counts_text(counts: dict[str, int]) -> str:
-    parts = [f"{label} {n}" for label in LABELS if (n := counts.get(label, 0))]
-    return ", ".join(parts) or "-"
+    return _f(mean, digits) if std is None else f"{_f(mean, digits)} ± {_f(std, digits)}"
 
 
 TABLE_HEADER = (
-    "model", "ema", "qc", "bits", "init", "runs", "verdicts", "best mAP50-95",
-    "final mAP50-95", "ORT W4A16 mAP50-95", "gap to FP", "queued/running", "failed",
-    "no verdict",
+    "model", "setting", "seeds", "live not stable", "EMA not stable", "p (EMA < live)",
+    "live max dd", "EMA max dd", "QC delta (improved/n)", "ORT W4A16", "gap to FP",
+    "queued", "failed",
 )
 
 
-def table_cells(rows: Sequence[GroupRow]) -> list[list[str]]:
+def table_cells(groups: Sequence[Group]) -> list[list[str]]:
+    keys = differing_keys(groups)
     out = []
-    for r in rows:
+    for g in groups:
+        s = g.stats()
+        p = s["paired"]
         out.append([
-            r.key.model, _bool_text(r.key.ema), _bool_text(r.key.qc), str(r.key.bits),
-            r.key.init, str(r.runs), counts_text(r.counts), _pm(r.best_mean, r.best_std),
-            _pm(r.final_mean, r.final_std), _pm(r.w4a16_mean, r.w4a16_std),
-            _fmt(r.gap_fp_mean), str(len(r.pending)), str(len(r.failed)), str(len(r.unjudged)),
+            g.model, g.setting.describe(keys), str(len(g.runs)),
+            f"{s['live_failed']}/{s['live_n']} ({s['live_collapsed']} collapsed)",
+            f"{s['ema_failed']}/{s['ema_n']} ({s['ema_collapsed']} collapsed)",
+            f"{p['p_value']:.3f} ({p['pairs']} pairs)" if p["pairs"] else "-",
+            _f(s["live_max_drawdown_mean"], 3), _f(s["ema_max_drawdown_mean"], 3),
+            f"{_pm(s['qc_delta_mean'], s['qc_delta_std'])} ({s['qc_improved']}/{s['qc_n']})"
+            if s["qc_n"] else "-",
+            _pm(s["w4a16_mean"], s["w4a16_std"]), _f(s["gap_mean"]),
+            str(len(g.pending)), str(len(g.failed)),
         ])
     return out
 
 
-def format_table(rows: Sequence[GroupRow]) -> str:
-    """Aligned plain-text table (means ± sample std over seeds)."""
-    cells = [list(TABLE_HEADER), *table_cells(rows)]
+def format_table(groups: Sequence[Group]) -> str:
+    cells = [list(TABLE_HEADER), *table_cells(groups)]
     widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_HEADER))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in cells)
 
 
-def markdown_table(rows: Sequence[GroupRow]) -> str:
+def markdown_table(groups: Sequence[Group]) -> str:
     lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
-    lines += ["| " + " | ".join(c) + " |" for c in table_cells(rows)]
+    lines += ["| " + " | ".join(c) + " |" for c in table_cells(groups)]
+    return "\n".join(lines)
+
+
+def seed_rows_markdown(group: Group) -> str:
+    header = ("| seed | live (control) | EMA | live max dd | EMA max dd | QC delta | ORT W4A16 "
+              "| experiments |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in group.runs:
+        live = r.live.label if r.live else (r.note or "-")
+        ema = r.ema.label if r.ema else "-"
+        lines.append(
+            f"| {r.seed} | {live} | {ema} | {_f(r.live.max_drawdown if r.live else None, 3)} "
+            f"| {_f(r.ema.max_drawdown if r.ema else None, 3)} | {_f(r.qc_delta)} "
+            f"| {_f(r.w4a16)} | {', '.join(r.names)} |"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
 # the rung decision
 
-PASSED, FAILED_RUNG, INCOMPLETE, NOT_STARTED = "passed", "failed", "incomplete", "not_started"
-
 
 @dataclass
 class Rung:
     model: str
-    state: str  # passed | failed | incomplete | not_started
-    judged: int  # judged seeds of the EMA+QC variant
-    stable: int
+    state: str
+    seeds: int  # seeds with an EMA curve at the configured setting
     need: int
-    counts: dict[str, int]
-    pending: list[int]
-    missing: list[str]  # grid variants with fewer than `need` judged seeds, as text
-    missing_seeds: list[int]  # ladder seeds to queue so every grid variant has them
-    existing_in_grid: list[str] = field(default_factory=list)  # queued again by that grid
-    blocked_by: str | None = None  # an earlier rung that has not passed
+    ema_failed: int
+    live_failed: int
+    p_value: float | None
+    pending: int
+    missing_seeds: list[int]
+    other_settings: int = 0  # groups of this model at other settings (never pooled)
+    blocked_by: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def text(self) -> str:
+        if self.blocked_by:
+            return f"waiting for {self.blocked_by}"
+        counts = (f"EMA not stable in {self.ema_failed}/{self.seeds} seeds, live (control) in "
+                  f"{self.live_failed}/{self.seeds}")
+        p = f", paired p = {self.p_value:.3f}" if self.p_value is not None else ""
+        return {
+            PASSED: f"passed ({counts}{p})",
+            FAILED_RUNG: f"FAILED: EMA(+QC) is not stable ({counts}{p})",
+            NO_FAILURE: f"no failure reproduced: the rung cannot show anything ({counts})",
+            INCOMPLETE: f"incomplete ({self.seeds}/{self.need} seeds, {self.pending} queued)",
+            NOT_STARTED: "not started",
+        }[self.state]
 
 
 @dataclass
@@ -318,96 +385,57 @@ class Decision:
     summary: str
     min_seeds: int
     seeds: list[int]
-    init: str
-    bits: int = RUNG_BITS
 
     def rung(self, model: str) -> Rung:
         return next(r for r in self.rungs if r.model == model)
 
     def lines(self) -> list[str]:
-        out = [
-            (f"Ladder {' -> '.join(RUNGS)}: a rung passes when ema=true qc=true "
-             f"(bits={self.bits}, init={self.init}) has >= {self.min_seeds} judged seeds, "
-             "all stable.")
-        ]
-        for r in self.rungs:
-            if r.blocked_by:
-                what = f"waiting for {r.blocked_by}"
-            elif r.state == PASSED:
-                what = f"passed ({r.stable}/{r.judged} seeds stable)"
-            elif r.state == FAILED_RUNG:
-                what = f"FAILED ({counts_text(r.counts)})"
-            elif r.state == INCOMPLETE:
-                what = f"incomplete ({r.judged}/{r.need} seeds judged, {r.stable} stable"
-                what += f", {len(r.pending)} queued/running)" if r.pending else ")"
-            else:
-                what = "not started"
-            out.append(f"  {r.model}: {what}")
-        shown = [r for r in self.rungs if not r.blocked_by and r.missing]
-        if shown:
-            out.append("Missing variants:")
-            out += [f"  {m}" for r in shown for m in r.missing]
+        out = [(f"Ladder {' -> '.join(RUNGS)} at the configured setting: a rung passes when "
+                f"the live curve (control) fails in >= 1 seed and every EMA(+QC) curve is "
+                f"stable, over >= {self.min_seeds} seeds.")]
+        out += [f"  {r.model}: {r.text()}" + (f"; {r.other_settings} other setting(s) not pooled"
+                                              if r.other_settings and not r.blocked_by else "")
+                for r in self.rungs]
         out.append(f"Next rung: {self.next_rung or 'none'}. {self.summary}")
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "next_rung": self.next_rung, "summary": self.summary, "min_seeds": self.min_seeds,
-            "seeds": self.seeds, "bits": self.bits, "init": self.init,
-            "rungs": [r.as_dict() for r in self.rungs],
-        }
+        return {"next_rung": self.next_rung, "summary": self.summary,
+                "min_seeds": self.min_seeds, "seeds": self.seeds,
+                "rungs": [r.as_dict() for r in self.rungs]}
 
 
-def _rung(model: str, rows: dict[MethodKey, GroupRow], cfg: LadderConfig, init: str) -> Rung:
-    need = cfg.min_seeds
-    main = rows.get(MethodKey(model, True, True, RUNG_BITS, init))
-    counts = dict(main.counts) if main else {label: 0 for label in LABELS}
-    judged = main.runs if main else 0
-    stable = counts.get("stable", 0)
-    pending = list(main.pending) if main else []
-    if judged and stable < judged:
+def configured_setting(model: str, params: dict[str, Any]) -> Setting:
+    return Setting(model, setting_values(params))
+
+
+def _rung(model: str, groups: Sequence[Group], cfg: LadderConfig, params: dict[str, Any]) -> Rung:
+    want = configured_setting(model, params)
+    group = next((g for g in groups if g.setting == want), None)
+    others = sum(1 for g in groups if g.model == model and g.setting != want)
+    runs = group.ema_runs() if group else []
+    pending = len(group.pending) if group else 0
+    have = {r.seed for r in runs} | ({seed for _, seed in group.pending} if group else set())
+    missing = [s for s in cfg.seeds if s not in have]
+    ema_failed = sum(r.ema.failed for r in runs if r.ema)
+    live_failed = sum(r.live.failed for r in runs if r.live)
+    p = group.paired() if group else None
+    if len(runs) < cfg.min_seeds:
+        state = INCOMPLETE if runs or pending else NOT_STARTED
+    elif ema_failed:
         state = FAILED_RUNG
-    elif judged >= need:
-        state = PASSED
-    elif judged or pending:
-        state = INCOMPLETE
+    elif not live_failed:
+        state = NO_FAILURE
     else:
-        state = NOT_STARTED
-
-    missing, missing_seeds = [], set()
-    for ema, qc in GRID:
-        row = rows.get(MethodKey(model, ema, qc, RUNG_BITS, init))
-        n = row.runs if row else 0
-        covered = set(row.seeds + row.pending) if row else set()
-        missing_seeds |= {s for s in cfg.seeds if s not in covered}
-        if n < need:
-            text = f"{model} ema={_bool_text(ema)} qc={_bool_text(qc)}: {n}/{need} seeds"
-            if row and row.pending:
-                text += f" ({len(row.pending)} queued/running)"
-            if row and row.failed:
-                text += f" ({len(row.failed)} failed)"
-            if (ema, qc) == (True, True):
-                text += "  <- required to pass the rung"
-            missing.append(text)
-    existing = []
-    for ema, qc in GRID:
-        row = rows.get(MethodKey(model, ema, qc, RUNG_BITS, init))
-        covered = set(row.seeds + row.pending) if row else set()
-        existing += [f"ema={_bool_text(ema)} qc={_bool_text(qc)} seed={s}"
-                     for s in sorted(missing_seeds & covered)]
-    return Rung(
-        model=model, state=state, judged=judged, stable=stable, need=need, counts=counts,
-        pending=pending, missing=missing, missing_seeds=sorted(missing_seeds),
-        existing_in_grid=existing,
-    )
+        state = PASSED
+    return Rung(model, state, len(runs), cfg.min_seeds, ema_failed, live_failed,
+                p.p_value if p and p.pairs else None, pending, missing, others)
 
 
-def decide(rows: Sequence[GroupRow], cfg: LadderConfig, init: str = "fp") -> Decision:
-    by_key = {r.key: r for r in rows}
-    rungs = [_rung(m, by_key, cfg, init) for m in RUNGS]
-    next_rung: str | None = None
-    summary = f"EMA+QC is stable on every rung ({', '.join(RUNGS)}): the ladder is complete."
-    blocker: str | None = None
+def decide(groups: Sequence[Group], cfg: LadderConfig, params: dict[str, Any]) -> Decision:
+    rungs = [_rung(m, groups, cfg, params) for m in RUNGS]
+    next_rung, blocker = None, None
+    summary = "EMA+QC held on every rung where the control failed: the ladder is complete."
     for r in rungs:
         if blocker:
             r.blocked_by = blocker
@@ -416,19 +444,16 @@ def decide(rows: Sequence[GroupRow], cfg: LadderConfig, init: str = "fp") -> Dec
             continue
         blocker = r.model
         if r.state == FAILED_RUNG:
-            summary = (
-                f"EMA+QC is not stable on {r.model} ({counts_text(r.counts)}); the ladder stops "
-                "here: do not climb to a larger model."
-            )
+            summary = (f"EMA(+QC) is not stable on {r.model}: the ladder stops here; do not "
+                       "climb to a larger model.")
+        elif r.state == NO_FAILURE:
+            summary = (f"On {r.model} the control never failed, so stability of EMA(+QC) shows "
+                       "nothing; reproduce the failure first (a setting where the live curve "
+                       "collapses) before climbing.")
         else:
             next_rung = r.model
-            have = f"{r.judged}/{r.need} judged EMA+QC seeds"
-            if r.pending and not r.missing_seeds:
-                summary = (f"{r.model} has {have}; {len(r.pending)} queued/running: "
-                           "start or wait for the queue.")
-            else:
-                summary = f"{r.model} has {have}; run its grid next."
-    return Decision(rungs, next_rung, summary, cfg.min_seeds, list(cfg.seeds), init)
+            summary = f"{r.model} needs {r.need - r.seeds} more seed(s) at this setting."
+    return Decision(rungs, next_rung, summary, cfg.min_seeds, list(cfg.seeds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,47 +461,35 @@ def decide(rows: Sequence[GroupRow], cfg: LadderConfig, init: str = "fp") -> Dec
 
 
 def queue_command(model: str, seeds: Sequence[int]) -> list[str]:
-    """``dvc exp run --queue`` for the rung's ema x qc x seed grid (dvc expands the grid)."""
-    return [
-        "dvc", "exp", "run", "--queue", "-S", f"model={model}", "-S", "ema=true,false",
-        "-S", "qc=true,false", "-S", "seed=" + ",".join(str(s) for s in seeds),
-    ]
+    """One ``ema=true qc=true`` run per seed gives the live and EMA curves and the QC delta."""
+    return ["dvc", "exp", "run", "--queue", "-S", f"model={model}", "-S", "ema=true",
+            "-S", "qc=true", "-S", "seed=" + ",".join(str(s) for s in seeds)]
 
 
 QUEUE_START = ["dvc", "queue", "start"]
 
 
 def queue_next(
-    decision: Decision,
-    repo: str | Path = ".",
-    dry_run: bool = False,
+    decision: Decision, repo: str | Path = ".", dry_run: bool = False,
     echo: Callable[[str], None] = print,
 ) -> list[str] | None:
-    """Queue the next rung's grid (one ``dvc exp run --queue`` call); returns the command,
-    or None when there is nothing to queue."""
+    """Queue the next rung's missing seeds (one ``dvc exp run --queue``); the command or None."""
     if decision.next_rung is None:
         echo(f"nothing to queue: {decision.summary}")
         return None
     rung = decision.rung(decision.next_rung)
     if not rung.missing_seeds:
-        echo(f"nothing to queue: every {rung.model} variant already has seeds "
-             f"{','.join(map(str, decision.seeds))} judged or queued")
+        echo(f"nothing to queue: every ladder seed of {rung.model} is judged or queued")
         return None
     cmd = queue_command(rung.model, rung.missing_seeds)
-    if rung.existing_in_grid:
-        grid = len(GRID) * len(rung.missing_seeds)
-        echo(f"note: {len(rung.existing_in_grid)} of the {grid} grid runs already exist "
-             f"(judged or queued): {', '.join(rung.existing_in_grid)}; dvc expands -S lists "
-             "into the full grid")
     if dry_run:
         echo(f"would run: {shlex.join(cmd)}")
     else:
         echo(f"$ {shlex.join(cmd)}")
-        out = run_dvc(cmd[1:], repo)
-        for line in out.splitlines():
+        for line in run_dvc(cmd[1:], repo).splitlines():
             if line.strip():
                 echo(line.rstrip())
-    echo(f"then start the queue: {shlex.join(QUEUE_START)}  (add -j N for N parallel workers)")
+    echo(f"then start the queue: {shlex.join(QUEUE_START)}")
     return cmd
 
 
@@ -484,14 +497,27 @@ def queue_next(
 # params
 
 
-def ladder_settings(params: str | Path) -> tuple[LadderConfig, str]:
-    """(ladder config, qat.init) from a params file; defaults when it does not exist.  When
-    something unrelated is invalid (e.g. a dataset path missing here) only the ladder block
-    is validated."""
-    cfg = load_config_for(params, "ladder", "qat")
-    return cfg.ladder, cfg.qat.init
+def ladder_settings(params: str | Path) -> tuple[LadderConfig, dict[str, Any]]:
+    """(ladder config, flattened params) of a params file; defaults when it does not exist.
+    When something unrelated is invalid (a dataset path missing here) only the ladder block is
+    validated."""
+    cfg = load_config_for(params, "ladder")
+    path = Path(params)
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return cfg.ladder, flatten(raw if isinstance(raw, dict) else cfg.as_dict())
 
 
-def ladder_json(rows: Sequence[GroupRow], decision: Decision) -> dict[str, Any]:
-    return {"table": [r.as_dict() for r in rows], "decision": decision.as_dict()}
-
+def ladder_json(groups: Sequence[Group], decision: Decision) -> dict[str, Any]:
+    keys = differing_keys(groups)
+    return {
+        "groups": [{"model": g.model, "setting": g.setting.describe(keys),
+                    "setting_params": dict(g.setting.values), **g.stats(),
+                    "pending": g.pending, "failed": g.failed, "unjudged": g.unjudged,
+                    "runs": [{"seed": r.seed, "experiments": r.names, "note": r.note,
+                              "live": r.live.__dict__ if r.live else None,
+                              "ema": r.ema.__dict__ if r.ema else None,
+                              "qc_delta": r.qc_delta, "w4a16": r.w4a16, "gap": r.gap}
+                             for r in g.runs]}
+                   for g in groups],
+        "decision": decision.as_dict(),
+    }

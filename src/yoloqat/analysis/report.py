@@ -1,15 +1,15 @@
 """Ladder reports: ``reports/ladder/<model>.md`` plus two PNGs per model.
 
-* ``<model>_map.png``: val mAP50-95 per epoch, one panel per method variant; each seed is
-  a thin line, the mean over seeds a bold line, the FP baseline's best (mean over seeds) a
-  dashed horizontal line.
+* ``<model>_map.png``: val mAP50-95 per epoch, one panel per setting; each seed's live curve
+  (the control) and EMA curve as thin lines, their means over seeds bold, the FP baseline's
+  best as a dashed line.  Runs made before the paired curves were logged show their deployed
+  curve as "EMA".
 * ``<model>_osc.png``: ``osc/frac_oscillating`` per epoch (fraction of int weights whose
   oscillation frequency is above Nagel's threshold), same layout.
 
-Curves are read per experiment with :func:`yoloqat.experiments.read_curves` (``git show
-REV:PATH`` of the git-tracked DVCLive TSVs), or with any ``curve_reader`` given.  Runs whose
-curves cannot be read are listed in the markdown, not plotted.  Matplotlib runs on the Agg
-backend with its bundled DejaVu font: nothing is downloaded.
+Curves are read per experiment with :func:`yoloqat.analysis.experiments.read_curves` (``git
+show REV:PATH`` of the git-tracked DVCLive TSVs), or with any ``curve_reader`` given.
+Matplotlib runs on the Agg backend with its bundled DejaVu font: nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -19,11 +19,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from yoloqat.analysis.experiments import ExpRecord, read_curves
-from yoloqat.analysis.ladder import Decision, GroupRow, as_verdict, markdown_table, w4a16_map
+from yoloqat.analysis.ladder import (
+    Decision,
+    Group,
+    differing_keys,
+    markdown_table,
+    seed_rows_markdown,
+)
+from yoloqat.numbers import finite_number
 from yoloqat.paths import LADDER_REPORTS
 
 CurveReader = Callable[[ExpRecord], dict[str, list[float] | None]]
 DEFAULT_OUT = LADDER_REPORTS
+SERIES = (("live", "live (control)", "tab:blue"), ("ema", "EMA", "tab:orange"))
 
 
 def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
@@ -36,59 +44,72 @@ def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
     return out
 
 
-def _panel_title(row: GroupRow) -> str:
-    k = row.key
-    counts = ", ".join(f"{n} {lab}" for lab, n in row.counts.items() if n)
-    return f"ema={str(k.ema).lower()} qc={str(k.qc).lower()} W{k.bits} init={k.init}\n{counts}"
+def _series(curves: dict[str, list[float] | None], rec: ExpRecord) -> dict[str, list[float]]:
+    """live/EMA curves of a run; an old run's deployed curve stands in for its method curve."""
+    out: dict[str, list[float]] = {}
+    if curves.get("live"):
+        out["live"] = list(curves["live"] or [])
+    if curves.get("ema"):
+        out["ema"] = list(curves["ema"] or [])
+    if curves.get("map") and "live" not in out and "ema" not in out:
+        out["ema" if rec.params.get("ema") else "live"] = list(curves["map"] or [])
+    return out
 
 
-def _plot(
-    path: Path,
-    model: str,
-    rows: Sequence[GroupRow],
-    curves: dict[str, dict[str, list[float] | None]],
-    key: str,
-    ylabel: str,
-    fp_line: bool,
-) -> None:
+def _fp_best(group: Group) -> float | None:
+    vals = [finite_number(r.verdict.get("fp_best")) for r in group.records]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _plot(path: Path, model: str, groups: Sequence[Group], curves: dict[str, dict],
+          key: str, ylabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = max(len(rows), 1)
+    keys = differing_keys(groups)
+    n = max(len(groups), 1)
     ncols = min(n, 2)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(5.5 * ncols, 3.6 * nrows), sharey=True, squeeze=False
-    )
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 3.8 * nrows), squeeze=False)
     flat = list(axes.flat)
-    for ax, row in zip(flat, rows, strict=False):
-        seed_curves = []
-        for rec in row.records:
-            c = curves.get(rec.name, {}).get(key)
-            if not c:
-                continue
-            seed = rec.params.get("seed")
-            ax.plot(range(1, len(c) + 1), c, lw=0.9, alpha=0.55, label=f"seed {seed}")
-            seed_curves.append(c)
-        if seed_curves:
-            m = mean_curve(seed_curves)
-            ax.plot(range(1, len(m) + 1), m, lw=2.6, color="black", label="mean")
+    for ax, group in zip(flat, groups, strict=False):
+        drawn = False
+        if key == "map":
+            for name, label, color in SERIES:
+                seeds = [c[name] for c in (curves[r.name]["series"] for r in group.records)
+                         if name in c]
+                for c in seeds:
+                    ax.plot(range(1, len(c) + 1), c, lw=0.8, alpha=0.4, color=color)
+                if seeds:
+                    m = mean_curve(seeds)
+                    ax.plot(range(1, len(m) + 1), m, lw=2.4, color=color,
+                            label=f"{label}, mean of {len(seeds)}")
+                    drawn = True
+            fp = _fp_best(group)
+            if fp is not None:
+                ax.axhline(fp, ls="--", lw=1.2, color="tab:red", label=f"FP best {fp:.3f}")
         else:
+            seeds = [c for c in (curves[r.name]["raw"].get(key) for r in group.records) if c]
+            for c in seeds:
+                ax.plot(range(1, len(c) + 1), c, lw=0.8, alpha=0.5, color="tab:blue")
+            if seeds:
+                m = mean_curve(seeds)
+                ax.plot(range(1, len(m) + 1), m, lw=2.4, color="black", label="mean")
+                drawn = True
+        if not drawn:
             ax.text(0.5, 0.5, "no curves", ha="center", va="center", transform=ax.transAxes)
-        if fp_line and row.fp_best_mean is not None:
-            ax.axhline(row.fp_best_mean, ls="--", lw=1.2, color="tab:red",
-                       label=f"FP best {row.fp_best_mean:.3f}")
-        ax.set_title(_panel_title(row), fontsize=9)
-        ax.set_xlabel("epoch")
+        ax.set_title(group.setting.describe(keys)[:90], fontsize=8)
+        ax.set_xlabel("QAT epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if seed_curves or (fp_line and row.fp_best_mean is not None):
+        if drawn:
             ax.legend(fontsize=7)
-    for ax in flat[len(rows):]:
+    for ax in flat[len(groups):]:
         ax.axis("off")
-    if not rows:
+    if not groups:
         flat[0].text(0.5, 0.5, "no judged runs", ha="center", va="center")
     fig.suptitle(f"{model}: {ylabel}", fontsize=11)
     fig.tight_layout()
@@ -97,35 +118,30 @@ def _plot(
     plt.close(fig)
 
 
-def _f(x: float | None) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
-
-
-def model_markdown(
-    model: str, rows: Sequence[GroupRow], decision: Decision, unreadable: list[str]
-) -> str:
+def model_markdown(model: str, groups: Sequence[Group], decision: Decision,
+                   unreadable: list[str]) -> str:
     lines = [f"# Ladder report: {model}", "", "## Decision", ""]
-    lines += ["```", *decision.lines(), "```", "", "## Methods (mean ± sample std over seeds)", ""]
-    lines += [markdown_table(rows) if rows else "No judged runs for this model yet.", ""]
+    lines += ["```", *decision.lines(), "```", "", "## Settings (seeds pooled only within one)",
+              ""]
+    lines += [markdown_table(groups) if groups else "No runs for this model yet.", ""]
     lines += [
-        ("best/final: PyTorch val mAP50-95 of the QAT run (qat + verdict stages); ORT W4A16: "
-         "the exported int4 model on onnxruntime (evaluate stage); gap to FP: FP baseline best "
-         "minus QAT best."),
+        ("live: the training trajectory's own weights (the control); EMA: the averaged weights "
+         "the run deploys; not stable = collapsed, unstable, diverged or no_learning. p: one-"
+         "sided exact McNemar test, paired by seed, that EMA fails less often than live. max dd: "
+         "mean deepest fall below the running best. QC delta: mAP50-95 after minus before QC "
+         "on the same checkpoint (PyTorch; the fold is exact and ONNX parity is checked). "
+         "ORT W4A16: the exported int4 model on onnxruntime; gap to FP: FP32 (the FP-continued "
+         "control when trained) minus W4A16 on onnxruntime."),
         "",
-        "## Runs",
-        "",
-        "| variant | seed | experiment | verdict | best | final | ORT W4A16 | reason |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        for rec in row.records:
-            v = as_verdict(rec)
-            lines.append(
-                f"| {row.key.variant()} W{row.key.bits} {row.key.init} | {rec.params.get('seed')} "
-                f"| {rec.name} | {v.label} | {_f(v.best)} | {_f(v.final)} "
-                f"| {_f(w4a16_map(rec))} | {v.reason.replace('|', '/')} |"
-            )
-    lines += ["", "## Curves", "", f"![val mAP50-95]({model}_map.png)", "",
+    keys = differing_keys(groups)
+    for g in groups:
+        lines += [f"### Seeds: {g.setting.describe(keys)}", "", seed_rows_markdown(g), ""]
+        for what, items in (("queued/running", g.pending), ("failed (never judged)", g.failed),
+                            ("finished without a verdict", g.unjudged)):
+            if items:
+                lines += [f"{what}: " + ", ".join(f"{n} (seed {s})" for n, s in items), ""]
+    lines += ["## Curves", "", f"![val mAP50-95]({model}_map.png)", "",
               f"![osc/frac_oscillating]({model}_osc.png)", ""]
     if unreadable:
         lines += [f"Curves could not be read for: {', '.join(unreadable)}.", ""]
@@ -133,7 +149,7 @@ def model_markdown(
 
 
 def write_reports(
-    rows: Sequence[GroupRow],
+    groups: Sequence[Group],
     decision: Decision,
     out_dir: str | Path = DEFAULT_OUT,
     repo: str | Path = ".",
@@ -145,23 +161,23 @@ def write_reports(
     reader = curve_reader or (lambda rec: read_curves(rec, repo))
     out = Path(out_dir)
     if models is None:
-        models = list(dict.fromkeys(r.model for r in rows))
+        models = list(dict.fromkeys(g.model for g in groups))
     written: list[Path] = []
     for model in models:
-        mrows = [r for r in rows if r.model == model and r.records]
-        curves: dict[str, dict[str, list[float] | None]] = {}
+        mgroups = [g for g in groups if g.model == model]
+        curves: dict[str, dict] = {}
         unreadable = []
-        for row in mrows:
-            for rec in row.records:
-                c = reader(rec)
-                curves[rec.name] = c
-                if not c.get("map"):
+        for g in mgroups:
+            for rec in g.records:
+                raw = reader(rec)
+                curves[rec.name] = {"raw": raw, "series": _series(raw, rec)}
+                if not curves[rec.name]["series"]:
                     unreadable.append(rec.name)
         out.mkdir(parents=True, exist_ok=True)
         md = out / f"{model}.md"
-        md.write_text(model_markdown(model, mrows, decision, unreadable))
+        md.write_text(model_markdown(model, mgroups, decision, unreadable))
         map_png, osc_png = out / f"{model}_map.png", out / f"{model}_osc.png"
-        _plot(map_png, model, mrows, curves, "map", "val mAP50-95", fp_line=True)
-        _plot(osc_png, model, mrows, curves, "osc", "osc/frac_oscillating", fp_line=False)
+        _plot(map_png, model, mgroups, curves, "map", "val mAP50-95")
+        _plot(osc_png, model, mgroups, curves, "osc", "osc/frac_oscillating")
         written += [md, map_png, osc_png]
     return written
