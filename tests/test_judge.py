@@ -219,11 +219,11 @@ def test_json_output_parses(tmp_path, capsys, monkeypatch):
 
 def test_params_stability_block_is_used(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    curve = write_tsv(tmp_path / "c.tsv", "mAP50-95", [0.1, 0.2, 0.3, 0.1, 0.28, 0.3, 0.31])
+    curve = write_tsv(tmp_path / "c.tsv", "mAP50-95", [0.1, 0.2, 0.3, 0.3, 0.1, 0.28, 0.3, 0.31])
     assert judge_main([str(curve), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["collapse_events"] == 1
     params = tmp_path / "p.yaml"
-    params.write_text("stability:\n  collapse_ratio: 0.3\n  recovered_ratio: 0.8\n")
+    params.write_text("stability:\n  collapse_ratio: 0.3\n  dip_ratio: 0.3\n")
     assert judge_main([str(curve), "--json", "--params", str(params)]) == 0
     row = json.loads(capsys.readouterr().out)[0]
     assert row["collapse_events"] == 0 and row["label"] == "stable"
@@ -257,3 +257,28 @@ def test_python_dash_m(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["label"] == "collapsed"
+
+
+def test_a_dvclive_dir_gives_one_row_per_val_curve_and_a_gap_is_diverged(tmp_path, capsys):
+    """val (deployed), val_ema and val_live are each judged; a step missing from one val TSV
+    while the run logged it elsewhere (DVCLive skips NaN) makes that curve diverged."""
+    run = tmp_path / "qat"
+    plots = run / "plots/metrics"
+    write_tsv(plots / "val/mAP50-95.tsv", "mAP50-95", STABLE)
+    write_tsv(plots / "val_ema/mAP50-95.tsv", "mAP50-95", STABLE)
+    write_tsv(plots / "lr/pg0.tsv", "pg0", [0.001] * len(STABLE))
+    live = plots / "val_live/mAP50-95.tsv"
+    write_tsv(live, "mAP50-95", STABLE[:-1])  # the last epoch was NaN: never logged
+    assert judge_main([str(run), "--json", "--params", str(tmp_path / "none.yaml")]) == 0
+    rows = {r["curve"]: r for r in json.loads(capsys.readouterr().out)}
+    assert list(rows) == ["val/mAP50-95", "val_ema/mAP50-95", "val_live/mAP50-95"]
+    assert rows["val/mAP50-95"]["label"] == rows["val_ema/mAP50-95"]["label"] == "stable"
+    assert rows["val_live/mAP50-95"]["label"] == "diverged"
+    assert f"epoch {len(STABLE)}" in rows["val_live/mAP50-95"]["reason"]
+
+
+def test_a_dir_without_a_val_curve_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "empty/plots/metrics/train").mkdir(parents=True)
+    assert judge_main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("yoloqat judge: error:") and err.count("\n") == 1
