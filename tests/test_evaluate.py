@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from yoloqat.config import Config, DataConfig, EvaluateConfig, ExportConfig
+from yoloqat.config import Config, DataConfig, EvaluateConfig, ExportConfig, FPConfig
 from yoloqat.data import generate_synthetic
 from yoloqat.data.splits import Sample, image_id_of, letterbox_batch, read_split
 from yoloqat.deploy.runtime import open_session
@@ -266,6 +266,7 @@ def tiny_pipeline(tmp_path_factory):
     cfg = Config(
         root=root,
         data=DataConfig(imgsz=64),
+        fp=FPConfig(control=False),
         export=ExportConfig(parity_images=2),
         evaluate=EvaluateConfig(batch=3, latency_warmup=1, latency_runs=2),
     )
@@ -320,7 +321,7 @@ def test_evaluate_rejects_a_corrupt_w4a16_model_without_writing(tiny_pipeline, t
     for d in ("models", "data"):
         shutil.copytree(root / d, tmp_path / d)
     (tmp_path / "models/onnx/w4a16.onnx").write_bytes(b"PK\x03\x04 a zip, not onnx")
-    cfg = Config(root=tmp_path, data=DataConfig(imgsz=64))
+    cfg = Config(root=tmp_path, data=DataConfig(imgsz=64), fp=FPConfig(control=False))
     with pytest.raises(EvaluateError, match=r"w4a16\.onnx"):
         evaluate_models(cfg)
     assert not (tmp_path / "results/evaluate").exists()
@@ -338,6 +339,7 @@ def test_evaluate_passes_a_diverged_export_on(tiny_pipeline, tmp_path):
     cfg = Config(
         root=tmp_path,
         data=DataConfig(imgsz=64),
+        fp=FPConfig(control=False),
         evaluate=EvaluateConfig(latency_warmup=0, latency_runs=1),
     )
     m = evaluate_models(cfg)
@@ -375,6 +377,7 @@ def test_mAP_parity_on_boxes_the_fake_quant_model_finds(tiny_pipeline, tmp_path)
     cfg = Config(
         root=tmp_path,
         data=DataConfig(imgsz=64),
+        fp=FPConfig(control=False),
         evaluate=EvaluateConfig(latency_warmup=0, latency_runs=1),
     )
     m = evaluate_models(cfg)

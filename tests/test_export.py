@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from yoloqat.config import Config, DataConfig, ExportConfig
+from yoloqat.config import Config, DataConfig, ExportConfig, FPConfig
 from yoloqat.data import generate_synthetic
 from yoloqat.deploy.head import prepare_end2end, torch_end2end_dense
 from yoloqat.deploy.runtime import compare_end2end
@@ -72,7 +73,8 @@ def make_inputs(root: Path, imgsz: int = IMGSZ, qat: bool = True) -> None:
 
 
 def config(root: Path, imgsz: int = IMGSZ) -> Config:
-    return Config(root=root, data=DataConfig(imgsz=imgsz), export=ExportConfig(parity_images=2))
+    return Config(root=root, data=DataConfig(imgsz=imgsz), export=ExportConfig(parity_images=2),
+                  fp=FPConfig(control=False))
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +249,20 @@ def test_missing_or_corrupt_inputs_raise_one_line_errors(exported, tmp_path):
         export_models(config(tmp_path))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "models/onnx").exists()
+
+
+def test_the_fp32_reference_is_the_equal_training_control_when_it_is_on(exported, tmp_path):
+    root, _, _ = exported
+    shutil.copytree(root / "models/fp", tmp_path / "models/fp")
+    shutil.copytree(root / "data", tmp_path / "data")
+    (tmp_path / "results/qat").mkdir(parents=True)
+    (tmp_path / "results/qat/metrics.json").write_text(json.dumps({"status": "diverged"}))
+    on = dataclasses.replace(config(tmp_path), fp=FPConfig(control=True))
+    with pytest.raises(CheckpointError, match=r"models/fp_control/best\.pt.* not found"):
+        export_models(on)
+    shutil.copytree(root / "models/fp", tmp_path / "models/fp_control")
+    assert export_models(on)["fp32_source"] == "models/fp_control/best.pt"
+    assert export_models(config(tmp_path))["fp32_source"] == "models/fp/best.pt"
 
 
 def test_diverged_qat_exports_fp32_only(exported, tmp_path):
