@@ -19,23 +19,26 @@ export GIT_AUTHOR_EMAIL ?= yoloqat@localhost
 export GIT_COMMITTER_EMAIL ?= yoloqat@localhost
 endif
 
-.PHONY: setup repo run test lint bench clean-results
+.PHONY: setup repo run pipeline test lint bench clean-results
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
 	@touch $@
 
 # dvc exp run needs a git repository with at least one commit and an initialised DVC.
 repo:
 	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || git init -q
-	@test -d .dvc || $(VENV)/bin/dvc init -q
+	@test -d .dvc || dvc init -q
 	@git rev-parse --verify -q HEAD >/dev/null || { git add -A && git commit -q -m "yoloqat: initial commit"; }
 
-run: setup repo
+run: setup repo pipeline
+
+# the pipeline on the embedded default, then a readable table (pixi's `run` task starts here)
+pipeline:
 	dvc exp run
 	@dvc exp show --no-pager --md --drop '.*' --keep "$(EXP_COLUMNS)"
 

@@ -30,6 +30,7 @@ def test_pixi_parses_and_has_cpu_and_cu128_environments():
 def test_pixi_names_the_same_dependencies_as_pyproject():
     py, pixi = _pyproject(), _pixi()
     runtime = {_name(r) for r in py["project"]["dependencies"]}
+    runtime |= {_name(r) for r in py["project"]["optional-dependencies"]["cpu"]}
     common = set(pixi["pypi-dependencies"]) - {"yoloqat"}
     for env in ("cpu", "cu128"):
         feature = set(pixi["feature"][env]["pypi-dependencies"])
@@ -46,3 +47,27 @@ def test_console_script_and_python_floor():
     py = _pyproject()
     assert py["project"]["scripts"]["yoloqat"] == "yoloqat.cli:main"
     assert py["project"]["requires-python"] == ">=3.11"
+
+
+def test_no_environment_installs_both_onnxruntime_builds():
+    """Both wheels install the `onnxruntime` module; whichever lands last silently wins."""
+    py, pixi = _pyproject(), _pixi()
+    base = {_name(r) for r in py["project"]["dependencies"]}  # the editable install pulls these
+    assert not base & {"onnxruntime", "onnxruntime-gpu"}
+    common = {n.lower() for n in pixi["pypi-dependencies"]}
+    assert not common & {"onnxruntime", "onnxruntime-gpu"}
+    assert "default" in pixi["environments"]
+    for env, features in pixi["environments"].items():
+        names = set()
+        for f in features:
+            names |= {n.lower() for n in pixi["feature"][f].get("pypi-dependencies", {})}
+        assert len(names & {"onnxruntime", "onnxruntime-gpu"}) == 1, env
+
+
+def test_version_ranges_have_upper_bounds_that_are_not_patch_pins():
+    py = _pyproject()
+    reqs = [*py["project"]["dependencies"], *py["project"]["optional-dependencies"]["cpu"],
+            *py["project"]["optional-dependencies"]["gpu"]]
+    for r in reqs:
+        assert "<" in r, f"{r}: no upper bound"
+        assert "<=" not in r, f"{r}: pins a patch release as the upper bound"

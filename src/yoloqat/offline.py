@@ -7,6 +7,7 @@ user's own ``~/.config/Ultralytics`` is neither read nor changed.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +25,12 @@ def configure_offline(state_dir: Path | None = None) -> Path:
     os.environ.setdefault("YOLO_VERBOSE", "true")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # torch warns "No CUDA runtime is found" on every CPU-only import of its extension loader
+    # (Ultralytics and Brevitas import it); on a CPU machine that is expected, not news.
+    import torch
+
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import ultralytics.utils as uu
 
     # Ultralytics' own DVCLive callback would write ./dvclive from every stage; the project

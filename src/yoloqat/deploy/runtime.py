@@ -18,8 +18,20 @@ import numpy as np
 from yoloqat.errors import EvaluateError
 
 
+def onnxruntime_module() -> Any:
+    """The installed onnxruntime (CPU or GPU build), or a one-line error saying how to get it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EvaluateError(
+            "onnxruntime is not installed; install one build: pip install -e '.[cpu]' "
+            "(or '.[gpu]' for CUDA, never both)"
+        ) from None
+    return onnxruntime
+
+
 def providers_for(device: str) -> list[str]:
-    import onnxruntime as ort
+    ort = onnxruntime_module()
 
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -46,8 +58,8 @@ def open_session(
     ``session.disable_quant_qdq`` so they are constant-folded to float once at load instead.
     """
     import onnx
-    import onnxruntime as ort
 
+    ort = onnxruntime_module()
     path = Path(path)
     if not path.is_file():
         raise EvaluateError(f"ONNX model {str(path)!r} not found; run the export stage")

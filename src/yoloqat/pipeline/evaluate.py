@@ -72,10 +72,33 @@ def _round(v: float | None, nd: int = 5) -> float | None:
     return None if v is None else round(float(v), nd)
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    rows = [(k, v) for k, v in metrics.items() if not isinstance(v, (dict, list))]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+def format_table(m: dict[str, Any]) -> str:
+    """The stage's terminal summary: one row per model, then the ratios."""
+
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    rows = [("model", "mAP50-95", "mAP50", "MB", "latency ms", "img/s")]
+    rows.append(("FP32 onnxruntime", f(m["fp32_mAP50-95"], ".4f"), f(m["fp32_mAP50"], ".4f"),
+                 f(m["fp32_size_bytes"] / 1e6, ".2f"), f(m["fp32_latency_ms"], ".2f"),
+                 f(m["fp32_throughput_ips"], ".1f")))
+    if m.get("w4a16_mAP50-95") is not None:
+        rows.append(("W4A16 onnxruntime", f(m["w4a16_mAP50-95"], ".4f"), f(m["w4a16_mAP50"], ".4f"),
+                     f(m["w4a16_size_bytes"] / 1e6, ".2f"), f(m["w4a16_latency_ms"], ".2f"),
+                     f(m["w4a16_throughput_ips"], ".1f")))
+        rows.append(("W4A16 PyTorch fake-quant", f(m["pytorch_w4a16_mAP50-95"], ".4f"),
+                     f(m["pytorch_w4a16_mAP50"], ".4f"), "-", "-", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    head = f"evaluate: {m['images']} val images, {m['instances']} boxes, status {m['status']}"
+    tail = "W4A16 not evaluated (QAT diverged)"
+    if m.get("w4a16_mAP50-95") is not None:
+        tail = (f"gap FP32 - W4A16 {m['gap_mAP50-95']:+.4f}; |ORT - PyTorch| "
+                f"{m['parity_abs_diff']:.4f} ({'ok' if m['parity_ok'] else 'OVER 0.005'}); "
+                f"size ratio {m['size_ratio']:.3f}; latency ratio {m['latency_ratio']:.2f} "
+                f"(prefolded {m['w4a16_prefolded_latency_ratio']:.2f}); {m['seconds']} s")
+    return "\n".join([head, *lines, tail])
 
 
 def evaluate_models(cfg: Config) -> dict[str, Any]:

@@ -22,7 +22,12 @@ from yoloqat.quant.checkpoint import save_qat_checkpoint
 from yoloqat.quant.convert import QuantRecipe
 from yoloqat.quant.ema import averaging_window, ema_decay_at
 from yoloqat.train.live import EpochLogger, curve_summary
-from yoloqat.train.overrides import MODEL_YAML, require_dataset, ultralytics_overrides
+from yoloqat.train.overrides import (
+    MODEL_YAML,
+    keep_run_files,
+    require_dataset,
+    ultralytics_overrides,
+)
 
 
 def recipe_of(cfg: Config) -> QuantRecipe:
@@ -64,6 +69,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         trainer = QATTrainer(overrides=overrides, settings=settings)
         trainer.add_callback("on_fit_epoch_end", logger.on_fit_epoch_end)
         trainer.train()
+        keep_run_files(trainer.save_dir, QAT_RESULTS)
     if not QAT_BEST_STEM.with_suffix(".qat.pt").is_file():
         # Diverged before the first save: keep the (non-finite) model so the DAG's outputs exist;
         # downstream stages read status=diverged and pass it on instead of evaluating it.

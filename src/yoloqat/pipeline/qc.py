@@ -144,8 +144,11 @@ def _finish(cfg: Config, summary: dict[str, Any], t0: float) -> dict[str, Any]:
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
     write_json(QC_METRICS, clean)
     write_json(QC_DIR / "metadata.json", run_metadata(cfg, "qc", cfg.device, {"summary": clean}))
-    print(
-        f"qc: {clean['status']} mAP50-95 before={clean.get('before_mAP50-95')} "
-        f"after={clean.get('after_mAP50-95')} steps={clean.get('steps')} in {clean['seconds']} s"
-    )
+    def r(key: str) -> str:
+        v = clean.get(key)
+        return "-" if v is None else f"{v:.4f}"
+
+    print(f"qc: {clean['status']} mAP50-95 before={r('before_mAP50-95')} "
+          f"after={r('after_mAP50-95')} (delta {r('delta_mAP50-95')}) "
+          f"steps={clean.get('steps')} in {clean['seconds']} s")
     return clean

@@ -24,7 +24,12 @@ from yoloqat.paths import (
 )
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
 from yoloqat.train.live import EpochLogger, curve_summary
-from yoloqat.train.overrides import MODEL_YAML, require_dataset, ultralytics_overrides
+from yoloqat.train.overrides import (
+    MODEL_YAML,
+    keep_run_files,
+    require_dataset,
+    ultralytics_overrides,
+)
 
 
 def train_fp(cfg: Config) -> dict[str, Any]:
@@ -37,7 +42,7 @@ def train_fp(cfg: Config) -> dict[str, Any]:
         summary = _evaluate_only(cfg, init, logger)
     else:
         f = cfg.fp
-        summary = _train(cfg, logger, FP_DIR, {
+        summary = _train(cfg, logger, FP_DIR, FP_RESULTS, {
             "model": init or MODEL_YAML[cfg.model], "epochs": f.epochs, "batch": f.batch,
             "optimizer": f.optimizer, "lr0": f.lr0, "weight_decay": f.weight_decay,
             "warmup_epochs": f.warmup_epochs, "workers": f.workers, "patience": f.patience,
@@ -65,7 +70,7 @@ def train_fp_control(cfg: Config) -> dict[str, Any]:
             raise CheckpointError(f"{FP_CHECKPOINT} not found; run the train_fp stage first")
         require_dataset()
         q = cfg.qat
-        summary = _train(cfg, logger, FP_CONTROL_DIR, {
+        summary = _train(cfg, logger, FP_CONTROL_DIR, FP_CONTROL_RESULTS, {
             "model": str(FP_CHECKPOINT.resolve()), "epochs": q.epochs, "batch": q.batch,
             "optimizer": q.optimizer, "lr0": q.lr0, "weight_decay": q.weight_decay,
             "warmup_epochs": q.warmup_epochs, "workers": q.workers, "patience": max(q.epochs, 1),
@@ -79,8 +84,11 @@ def train_fp_control(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def _train(cfg: Config, logger: EpochLogger, out_dir: Path, hyper: dict[str, Any]) -> dict[str, Any]:
-    """Train a float model with Ultralytics; copy its best/last checkpoints into ``out_dir``."""
+def _train(
+    cfg: Config, logger: EpochLogger, out_dir: Path, results_dir: Path, hyper: dict[str, Any]
+) -> dict[str, Any]:
+    """Train a float model with Ultralytics; copy its best/last checkpoints into ``out_dir`` and
+    its results.csv / args.yaml into ``results_dir``."""
     from yoloqat.train.trainer import FPTrainer
 
     with tempfile.TemporaryDirectory(prefix="yoloqat-fp-") as runs:
@@ -88,6 +96,7 @@ def _train(cfg: Config, logger: EpochLogger, out_dir: Path, hyper: dict[str, Any
         trainer = FPTrainer(overrides=overrides)
         trainer.add_callback("on_fit_epoch_end", logger.on_fit_epoch_end)
         trainer.train()
+        keep_run_files(trainer.save_dir, results_dir)
         best = trainer.best if trainer.best.exists() else trainer.last
         if not best.exists():
             raise CheckpointError("training stopped before one epoch; no checkpoint was produced")
@@ -108,11 +117,12 @@ def _evaluate_only(cfg: Config, init: str | None, logger: EpochLogger) -> dict[s
     if init is None:
         raise CheckpointError("fp.epochs=0 needs fp.init_checkpoint (a trained Ultralytics .pt)")
     model = YOLO(init)
-    metrics = model.val(
-        data=str(require_dataset().resolve()), imgsz=cfg.data.imgsz, batch=cfg.fp.batch,
-        device=cfg.device, plots=False, verbose=False, project=tempfile.mkdtemp(), name="val",
-        nms=False,  # the end-to-end head, as in training validation and export
-    )
+    with tempfile.TemporaryDirectory(prefix="yoloqat-val-") as project:
+        metrics = model.val(
+            data=str(require_dataset().resolve()), imgsz=cfg.data.imgsz, batch=cfg.fp.batch,
+            device=cfg.device, plots=False, verbose=False, project=project, name="val",
+            nms=False,  # the end-to-end head, as in training validation and export
+        )
     row = {"epoch": 1.0, "val/mAP50-95": float(metrics.box.map), "val/mAP50": float(metrics.box.map50)}
     logger.history.append(row)
     logger.log_row(row)

@@ -57,3 +57,22 @@ def ultralytics_overrides(
         "close_mosaic": 0,
         "cache": False,
     }
+
+
+ULTRALYTICS_FILES = ("results.csv", "args.yaml")
+KEPT_RUN_DIR = "ultralytics"  # results/<stage>/ultralytics/{results.csv,args.yaml}
+
+
+def keep_run_files(save_dir: Path, results_dir: Path) -> list[Path]:
+    """Copy Ultralytics' own per-epoch ``results.csv`` and ``args.yaml`` out of the temporary run
+    folder into ``results_dir/ultralytics`` (small, versioned), where Ultralytics users look."""
+    import shutil
+
+    dest = Path(results_dir) / KEPT_RUN_DIR
+    kept = []
+    for name in ULTRALYTICS_FILES:
+        src = Path(save_dir) / name
+        if src.is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            kept.append(Path(shutil.copy2(src, dest / name)))
+    return kept

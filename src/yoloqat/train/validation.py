@@ -40,15 +40,16 @@ def validate_model(
     from ultralytics.models.yolo.detect import DetectionValidator
     from ultralytics.utils import DEFAULT_CFG
 
-    args = get_cfg(DEFAULT_CFG, {
-        "data": data_yaml, "imgsz": imgsz, "batch": batch, "device": device, "split": split,
-        "plots": False, "verbose": False, "save_json": False, "half": False, "nms": False,
-        "project": tempfile.mkdtemp(prefix="yoloqat-val-"), "name": "val",
-    })
-    validator = DetectionValidator(args=args)
-    model = model.float().eval()
-    with fusion_disabled(model), torch.no_grad():
-        stats = validator(model=model)
+    with tempfile.TemporaryDirectory(prefix="yoloqat-val-") as project:
+        args = get_cfg(DEFAULT_CFG, {
+            "data": data_yaml, "imgsz": imgsz, "batch": batch, "device": device, "split": split,
+            "plots": False, "verbose": False, "save_json": False, "nms": False,
+            "project": project, "name": "val",
+        })
+        validator = DetectionValidator(args=args)
+        model = model.float().eval()
+        with fusion_disabled(model), torch.no_grad():
+            stats = validator(model=model)
     return {"mAP50-95": float(stats["metrics/mAP50-95(B)"]), "mAP50": float(stats["metrics/mAP50(B)"])}
 
 
