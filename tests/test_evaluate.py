@@ -298,11 +298,12 @@ def test_evaluate_end_to_end(tiny_pipeline, capsys):
         assert on_disk[key] is not None, key
     assert on_disk["parity_abs_diff"] <= 0.005 and on_disk["parity_ok"] is True
     assert 0 < on_disk["size_ratio"] < 1
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 5  # the short summary: header, 3 model rows, the ratios
-    assert out[1].split() == ["model", "mAP50-95", "mAP50", "MB", "latency", "ms", "img/s"]
-    assert out[3].startswith("W4A16 onnxruntime") and f"{m['w4a16_mAP50-95']:.4f}" in out[3]
-    assert "|ORT - PyTorch|" in out[4]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6  # the short summary: header, column names, 3 model rows, the ratios
+    assert lines[1].split() == ["model", "mAP50-95", "mAP50", "MB", "latency", "ms", "img/s"]
+    assert lines[3].startswith("W4A16 onnxruntime")
+    assert f"{m['w4a16_mAP50-95']:.4f}" in lines[3]
+    assert "|ORT - PyTorch|" in lines[5]
     gt = json.loads((out / "ground_truth_coco.json").read_text())
     ids = {im["id"]: im for im in gt["images"]}
     assert len(ids) == 4 and gt["annotations"]
