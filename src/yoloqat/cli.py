@@ -100,12 +100,39 @@ def ladder_main(argv: list[str]) -> int:
     return 0
 
 
+def _exps_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="yoloqat exps",
+                 description="One compact line per DVC experiment (fits in 160 columns).")
+    ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="read a saved `dvc exp show --json` instead of running dvc")
+    ap.add_argument("--head-only", action="store_true",
+                    help="only experiments of HEAD (default: of every commit, dvc exp show -A)")
+    return ap
+
+
+def exps_main(argv: list[str]) -> int:
+    from yoloqat.analysis.experiments import read_experiments
+    from yoloqat.analysis.exps import format_exps
+
+    args = _exps_parser().parse_args(argv)
+    try:
+        records = read_experiments(args.repo, args.from_json, all_commits=not args.head_only)
+    except (YoloqatError, OSError) as exc:
+        print(f"yoloqat exps: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(format_exps(records))
+    return 0
+
+
 def _main_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="yoloqat",
         description="EMA + Quantization Correction for W4A16 QAT of YOLOv10: stability tools.",
     )
-    sub = ap.add_subparsers(dest="command", metavar="{judge,ladder}")
+    sub = ap.add_subparsers(dest="command", metavar="{exps,judge,ladder}")
+    sub.add_parser("exps", help="one compact line per DVC experiment (yoloqat exps -h)",
+                   add_help=False)
     sub.add_parser("judge", help="label training curves stable / collapsed / ... "
                    "(yoloqat judge -h for its options)", add_help=False)
     sub.add_parser("ladder", help="group experiments, decide the next rung, write reports "
@@ -122,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
             return judge_main(argv[1:])
         if argv and argv[0] == "ladder":
             return ladder_main(argv[1:])
+        if argv and argv[0] == "exps":
+            return exps_main(argv[1:])
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     ap = _main_parser()
     if not argv or argv[0] in ("-h", "--help"):
         ap.print_help(sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    print(f"yoloqat: error: unknown command {argv[0]!r}; expected judge or ladder",
+    print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge or ladder",
           file=sys.stderr)
     return 2
 
