@@ -11,6 +11,9 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 
+# source (the fingerprint of the files data.path points to; prepare depends on it)
+SOURCE_FINGERPRINT = Path("data/source.json")
+
 # prepare
 DATASET_DIR = Path("data/prepared")
 DATASET_YAML = DATASET_DIR / "dataset.yaml"
