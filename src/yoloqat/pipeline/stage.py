@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from yoloqat.config import Config, load_config
-from yoloqat.errors import YoloqatError
+from yoloqat.errors import DataWarning, YoloqatError
 from yoloqat.paths import STAGE_LOCKS
 from yoloqat.pipeline.lock import one_writer
 from yoloqat.provenance import clean_on_failure
@@ -31,6 +32,18 @@ def one_line(stage: str, exc: BaseException) -> str:
     return f"{stage}: error: {msg}"
 
 
+def _say_data_warnings(stage: str) -> None:
+    """Print skipped-item warnings as ``<stage>: warning: <message>`` (no source location)."""
+    plain = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, DataWarning):
+            return f"{stage}: warning: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
 def run_stage(
     name: str, job: Callable[[Config], None], outputs: Callable[[Config], list[Path]]
 ) -> int:
@@ -43,6 +56,7 @@ def run_stage(
         print(one_line(name, exc), file=sys.stderr)
         return 2
     os.chdir(cfg.root)
+    _say_data_warnings(name)
     from yoloqat.offline import configure_offline
 
     configure_offline()
