@@ -110,6 +110,20 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def _weights_only_reason(exc: BaseException) -> str:
+    """The weights-only unpickler's own reason ("Unsupported global: GLOBAL x.Y ...").
+
+    torch's message opens with advice to retry with ``weights_only=False``, which is exactly
+    what must not be done with an untrusted file, so only the reason is kept.
+    """
+    text = str(exc)
+    if "WeightsUnpickler error:" not in text:
+        return loader_reason(exc)
+    reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("\n\n")[:2]).split()
+    first = " ".join(reason).split(". ")[0].rstrip(".")
+    return f"weights-only load refused: {first}"
+
+
 def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the fake-quant model saved by :func:`save_qat_checkpoint`."""
     from ultralytics.nn.tasks import DetectionModel
@@ -123,8 +137,8 @@ def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a corrupt file
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is unreadable, corrupt or holds more than weights "
-            f"({loader_reason(exc)})"
+            f"checkpoint {str(path)!r} is unreadable or corrupt, or holds more than weights "
+            f"({_weights_only_reason(exc)})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
