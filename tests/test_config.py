@@ -58,6 +58,9 @@ def test_repo_params_load_with_documented_defaults():
         ({"qat__init": "missing.pt"}, "qat.init='missing.pt'"),
         ({"qat__ema_decay": 1.5}, "qat.ema_decay=1.5"),
         ({"qat__lr0": 0}, "qat.lr0=0"),
+        # Ultralytics only accepts fractions; beyond 1 it would raise a traceback mid-stage
+        ({"fp__weight_decay": 2}, "fp.weight_decay=2.0"),
+        ({"qat__weight_decay": 1e12}, "qat.weight_decay=1000000000000.0"),
         ({"correction__lr": -1.0}, "correction.lr=-1.0"),
         ({"export__opset": 17}, "export.opset=17"),
         ({"evaluate__device": "tpu"}, "evaluate.device='tpu'"),
@@ -110,3 +113,23 @@ def test_stage_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_train_fp_with_a_file_that_is_not_a_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+    """The file exists (config passes); the stage loads it and reports the loader's reason."""
+    (tmp_path / "yolov10n.pt").write_text("# not a checkpoint\n")
+    path = write_params(tmp_path, fp__init_checkpoint="yolov10n.pt")
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "train_fp.py"), "--params", str(path)],
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    # torch may log a C++ warning on import (no CUDA runtime); the stage's own output is one line
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("train_fp")]
+    assert lines == [(
+        "train_fp: error: params: fp.init_checkpoint='yolov10n.pt' is not allowed; expected an "
+        "Ultralytics YOLO .pt checkpoint (unreadable or corrupt: UnpicklingError: invalid load "
+        "key, '#'.)"
+    )]
+    assert not (tmp_path / "models").exists() and not (tmp_path / "results").exists()

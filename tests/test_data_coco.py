@@ -144,7 +144,8 @@ def test_val_uses_the_train_mapping(tmp_path: Path) -> None:
     json_path = tmp_path / "val.json"
     json_path.write_text(json.dumps(data))
     mapping, names = build_category_map({"categories": CATEGORIES})
-    stats = convert_coco(json_path, images, tmp_path / "out", "val", 10, True, 0, mapping, names)
+    with pytest.warns(DataWarning, match=r"^coco val: skipped 1 unknown categories$"):
+        stats = convert_coco(json_path, images, tmp_path / "out", "val", 10, True, 0, mapping, names)
     assert _read(tmp_path / "out", "val", "v") == ["1 0.250000 0.250000 0.500000 0.500000"]
     assert stats["skipped"]["unknown_categories"] == 1
     assert stats["names"] == ["person", "airplane", "zebra"]

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from yoloqat.config import DataConfig
-from yoloqat.data import DataError, content_hash, prepare_dataset
+from yoloqat.data import DataError, DataWarning, content_hash, prepare_dataset
 from yoloqat.data import prepare as prepare_mod
 
 SMALL = DataConfig(train_images=12, val_images=4, calib_images=3, imgsz=64, num_classes=5)
@@ -194,3 +194,40 @@ def test_dataset_yaml_resolves_from_any_cwd(
     assert Path(data["train"]).is_dir() and Path(data["val"]).is_dir()
     assert data["nc"] == 5
     assert os.getcwd() == str(elsewhere)
+
+
+def test_every_skipped_kind_is_warned_and_counted_per_split(tmp_path: Path) -> None:
+    """An unknown category id (its image loses its only box) and a capped calib split are said
+    on the terminal and counted per split in the manifest."""
+    base = tmp_path / "coco"
+    (base / "annotations").mkdir(parents=True)
+    images = []
+    (base / "img").mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (i * 60, 0, 0)).save(base / "img" / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 20, "height": 20})
+    anns = [{"image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in range(3)]
+    cats = [{"id": 1, "name": "cat"}]
+    (base / "annotations" / "t.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    val_anns = [*anns[:2], {"image_id": 2, "category_id": 7, "bbox": [2, 2, 10, 10]}]
+    (base / "annotations" / "v.json").write_text(
+        json.dumps({"images": images, "annotations": val_anns, "categories": cats}))
+    cfg = DataConfig(source="coco", path="coco", coco_train_json="annotations/t.json",
+                     coco_val_json="annotations/v.json", coco_train_images="img",
+                     coco_val_images="img", train_images=3, val_images=3, calib_images=5)
+    with pytest.warns(DataWarning) as caught:
+        manifest = prepare_dataset(cfg, 0, tmp_path / "dataset", tmp_path)
+    said = sorted(str(w.message) for w in caught)
+    assert said == [
+        "calib: data.calib_images=5 but the train split has 3 images; calib holds 3",
+        "coco val: skipped 1 images without usable boxes",
+        "coco val: skipped 1 unknown categories",
+    ]
+    per_split = manifest["skipped_per_split"]
+    assert per_split["val"]["unknown_categories"] == 1
+    assert per_split["val"]["images_without_usable_boxes"] == 1
+    assert sum(per_split["train"].values()) == 0
+    assert per_split["calib"] == {"capped": 2}
+    assert [manifest["splits"][s]["images"] for s in ("train", "val", "calib")] == [3, 2, 3]
+    assert manifest["skipped"]["unknown_categories"] == 1

@@ -133,8 +133,12 @@ def test_baked_checkpoint_loads_in_ultralytics_and_matches(tmp_path, yolo_fp):
 def test_corrupt_and_foreign_checkpoints_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.qat.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="unreadable or corrupt"):
+    with pytest.raises(CheckpointError, match="unreadable or corrupt") as err:
         load_qat_checkpoint(bad)
+    assert str(err.value) == (
+        f"checkpoint {str(bad)!r} is unreadable or corrupt, or holds more than weights "
+        "(weights-only load refused: Unsupported operand 110)"
+    )
     other = tmp_path / "other.pt"
     torch.save({"model": None}, other)
     with pytest.raises(CheckpointError, match="not a yoloqat QAT checkpoint"):
@@ -188,3 +192,58 @@ def test_ema_off_mirrors_the_live_weights_exactly():
         for k, v in model.state_dict().items():
             if v.dtype.is_floating_point:
                 assert torch.equal(ema.ema.state_dict()[k], v), k
+
+
+def test_qat_checkpoint_holds_only_weights_only_types(tmp_path, yolo_fp):
+    """A .qat.pt loads with torch's weights-only unpickler, numpy scalars in info included."""
+    import numpy as np
+
+    model = quantize_model(copy.deepcopy(yolo_fp), QuantRecipe())
+    names = {i: f"c{i}" for i in range(6)}
+    info = {"epoch": 2, "fitness": np.float32(0.25), "shape": (1, 2)}
+    qat_path, _ = save_qat_checkpoint(model, QuantRecipe(), tmp_path / "best", info, names)
+    payload = torch.load(qat_path, map_location="cpu", weights_only=True)
+    assert payload["info"] == {"epoch": 2, "fitness": 0.25, "shape": [1, 2]}
+    assert type(payload["info"]["fitness"]) is float
+    assert payload["names"] == names
+    assert payload["recipe"] == QuantRecipe().to_dict()
+    assert set(payload["state_dict"]) == set(model.state_dict())
+
+
+class _Payload:
+    """Stands for any object a malicious pickle could carry (its __reduce__ could run code)."""
+
+
+def test_a_pickled_object_is_refused_with_one_line(tmp_path):
+    evil = tmp_path / "evil.qat.pt"
+    torch.save({"format": "yoloqat-qat-v1", "yaml": _Payload()}, evil)
+    with pytest.raises(CheckpointError) as err:
+        load_qat_checkpoint(evil)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg == (
+        f"checkpoint {str(evil)!r} is unreadable or corrupt, or holds more than weights "
+        "(weights-only load refused: Unsupported global: GLOBAL tests.test_quant._Payload was "
+        "not an allowed global by default)"
+    )
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_with_the_loaders_reason(tmp_path):
+    from yoloqat.quant.checkpoint import check_start_checkpoint
+
+    text = tmp_path / "notes.pt"
+    text.write_text("# my notes\n")
+    with pytest.raises(CheckpointError) as err:
+        check_start_checkpoint(text, "qat.init", "notes.pt")
+    assert str(err.value) == (
+        "params: qat.init='notes.pt' is not allowed; expected an Ultralytics YOLO .pt checkpoint "
+        "(unreadable or corrupt: UnpicklingError: invalid load key, '#'.)"
+    )
+    state = tmp_path / "state.pt"
+    torch.save({"model": {"w": torch.zeros(1)}}, state)
+    with pytest.raises(CheckpointError) as err:
+        check_start_checkpoint(state, "fp.init_checkpoint", "state.pt")
+    assert str(err.value) == (
+        "params: fp.init_checkpoint='state.pt' is not allowed; expected an Ultralytics YOLO .pt "
+        "checkpoint (not an Ultralytics checkpoint: no model under 'ema' or 'model')"
+    )

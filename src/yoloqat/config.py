@@ -301,7 +301,7 @@ def _fp(raw: dict[str, Any], root: Path) -> FPConfig:
         batch=_int("fp.batch", b.get("batch", d.batch), 1),
         optimizer=_choice("fp.optimizer", b.get("optimizer", d.optimizer), OPTIMIZERS),
         lr0=_float("fp.lr0", b.get("lr0", d.lr0), 0.0, 1.0, lo_open=True),
-        weight_decay=_float("fp.weight_decay", b.get("weight_decay", d.weight_decay), 0.0),
+        weight_decay=_float("fp.weight_decay", b.get("weight_decay", d.weight_decay), 0.0, 1.0),
         warmup_epochs=_float("fp.warmup_epochs", b.get("warmup_epochs", d.warmup_epochs), 0.0),
         init_checkpoint=_optional_path(
             "fp.init_checkpoint", b.get("init_checkpoint", d.init_checkpoint), True, root
@@ -329,7 +329,7 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         batch=_int("qat.batch", b.get("batch", d.batch), 1),
         optimizer=_choice("qat.optimizer", b.get("optimizer", d.optimizer), OPTIMIZERS),
         lr0=_float("qat.lr0", b.get("lr0", d.lr0), 0.0, 1.0, lo_open=True),
-        weight_decay=_float("qat.weight_decay", b.get("weight_decay", d.weight_decay), 0.0),
+        weight_decay=_float("qat.weight_decay", b.get("weight_decay", d.weight_decay), 0.0, 1.0),
         warmup_epochs=_float("qat.warmup_epochs", b.get("warmup_epochs", d.warmup_epochs), 0.0),
         amp=_bool("qat.amp", b.get("amp", d.amp)),
         bits=bits,

@@ -25,6 +25,10 @@ class DataWarning(UserWarning):
     """Items skipped while importing (unreadable images, malformed labels); never fatal."""
 
 
+class StageBusyError(YoloqatError):
+    """Another live process is already writing this stage's outputs."""
+
+
 class CheckpointError(YoloqatError):
     """A checkpoint that is missing, unreadable or not of the expected format."""
 

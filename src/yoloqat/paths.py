@@ -10,6 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+# one lock per stage (pipeline/lock.py); inside the git-ignored state folder, so each
+# workspace (a DVC queue copy included) has its own
+STAGE_LOCKS = Path(".yoloqat/locks")
+
+# source (the fingerprint of the files data.path points to; prepare depends on it)
+SOURCE_FINGERPRINT = Path("data/source.json")
 
 # prepare
 DATASET_DIR = Path("data/prepared")

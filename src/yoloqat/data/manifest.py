@@ -119,15 +119,16 @@ def probe_image(path: Path) -> tuple[int, int] | None:
 
 
 def warn_skipped(tag: str, skips: dict[str, int], examples: dict[str, list[str]]) -> None:
-    """One warning per kind of skipped file, with a few names, instead of one per file."""
-    for kind, files in examples.items():
-        if files:
-            shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
-            warnings.warn(
-                f"{tag}: skipped {skips[kind]} {kind.replace('_', ' ')} ({shown})",
-                DataWarning,
-                stacklevel=3,
-            )
+    """One warning per kind of skipped item that occurred (with a few names where known),
+    instead of one per item: every kind the manifest counts is also said on the terminal."""
+    for kind, count in skips.items():
+        if not count:
+            continue
+        files = examples.get(kind) or []
+        shown = " (" + ", ".join(files[:3]) + (", ..." if len(files) > 3 else "") + ")" if files else ""
+        warnings.warn(
+            f"{tag}: skipped {count} {kind.replace('_', ' ')}{shown}", DataWarning, stacklevel=3
+        )
 
 
 def unique_stem(stem: str, taken: set[str]) -> str:
@@ -144,11 +145,17 @@ def copy_calib(dataset_dir: Path, n: int, seed: int) -> int:
     """Fill images/calib with ``n`` images sampled (seeded) from the already written train split.
 
     Calibration must see the training distribution, and sampling from the written split (not the
-    source) guarantees every calib image is one that passed validation.
+    source) guarantees every calib image is one that passed validation.  Fewer train images
+    than ``n`` caps the split, with a warning; returns how many were copied.
     """
     train = image_files(images_dir(dataset_dir, "train"))
     rng = np.random.default_rng([seed, 2])
     picks = sorted(rng.permutation(len(train))[: min(n, len(train))].tolist())
+    if len(picks) < n:
+        warnings.warn(
+            f"calib: data.calib_images={n} but the train split has {len(train)} images; "
+            f"calib holds {len(picks)}", DataWarning, stacklevel=2,
+        )
     images_dir(dataset_dir, "calib").mkdir(parents=True, exist_ok=True)
     labels_dir(dataset_dir, "calib").mkdir(parents=True, exist_ok=True)
     for i in picks:
@@ -237,6 +244,11 @@ def write_manifest(dataset_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
         },
         "instances_per_class": {s: c["per_class"] for s, c in counts.items()},
         "skipped": skipped,
+        # the same counts per split (calib: "capped" = asked minus what the train split had)
+        "skipped_per_split": {
+            s: {k: int(v) for k, v in (info.get("skipped_per_split") or {}).get(s, {}).items()}
+            for s in SPLITS
+        },
     }
     for key, value in info.items():
         manifest.setdefault(key, value)

@@ -86,7 +86,7 @@ def _coco(cfg: DataConfig, seed: int, tmp: Path, root: Path) -> dict[str, Any]:
         category_map, names = stats["category_map"], stats["names"]
         runs.append(stats)
     write_dataset_yaml(tmp, runs[0]["names"])
-    copy_calib(tmp, cfg.calib_images, seed)
+    calib = copy_calib(tmp, cfg.calib_images, seed)
     return {
         "source": "coco",
         "seed": seed,
@@ -102,6 +102,10 @@ def _coco(cfg: DataConfig, seed: int, tmp: Path, root: Path) -> dict[str, Any]:
             "calib_images": cfg.calib_images,
         },
         "skipped": merge_skips(runs),
+        "skipped_per_split": {
+            "train": runs[0]["skipped"], "val": runs[1]["skipped"],
+            "calib": {"capped": cfg.calib_images - calib},
+        },
         "_origin": f"COCO {str(base / cfg.coco_train_json)!r} (images {cfg.coco_train_images!r})",
     }
 
@@ -123,6 +127,7 @@ def _yolo(cfg: DataConfig, seed: int, tmp: Path, root: Path) -> dict[str, Any]:
             "calib_images": cfg.calib_images,
         },
         "skipped": stats["skipped"],
+        "skipped_per_split": stats["skipped_per_split"],
         "_origin": f"YOLO dataset {str(dataset_yaml)!r}",
     }
 

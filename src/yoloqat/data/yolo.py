@@ -212,21 +212,24 @@ def import_yolo(
     images sampled from the imported train split.
 
     Returns stats: ``names``, per split ``images``/``instances``/``negatives``/``per_class``,
-    and ``skipped`` (counts by reason).
+    ``skipped`` (counts by reason) and ``skipped_per_split``.
     """
     dataset_yaml = Path(dataset_yaml)
     doc, root, names = read_dataset_yaml(dataset_yaml)
     sources = {s: list_split_images(doc, root, s, dataset_yaml) for s in ("train", "val")}
     out_dir = Path(out_dir)
-    skips = dict.fromkeys(_YOLO_SKIPS, 0)
-    examples: dict[str, list[str]] = {k: [] for k in _YOLO_SKIPS}
+    per_split: dict[str, dict[str, int]] = {}
     for split, limit in (("train", max_train), ("val", max_val)):
+        skips = dict.fromkeys(_YOLO_SKIPS, 0)
+        examples: dict[str, list[str]] = {k: [] for k in _YOLO_SKIPS}
         _import_split(sources[split], out_dir, split, limit, len(names), seed, skips, examples)
+        warn_skipped(f"yolo {dataset_yaml.name} {split}", skips, examples)
+        per_split[split] = skips
     write_dataset_yaml(out_dir, names)
-    copy_calib(out_dir, calib, seed)
-    warn_skipped(f"yolo {dataset_yaml.name}", skips, examples)
+    per_split["calib"] = {"capped": calib - copy_calib(out_dir, calib, seed)}
     return {
         "names": names,
         "splits": {s: split_counts(out_dir, s, names) for s in ("train", "val", "calib")},
-        "skipped": skips,
+        "skipped": {k: per_split["train"][k] + per_split["val"][k] for k in _YOLO_SKIPS},
+        "skipped_per_split": per_split,
     }

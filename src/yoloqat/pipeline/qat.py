@@ -18,7 +18,7 @@ from yoloqat.paths import (
     QAT_RESULTS,
 )
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
-from yoloqat.quant.checkpoint import save_qat_checkpoint
+from yoloqat.quant.checkpoint import check_start_checkpoint, save_qat_checkpoint
 from yoloqat.quant.convert import QuantRecipe
 from yoloqat.quant.ema import averaging_window, ema_decay_at
 from yoloqat.train.live import EpochLogger, curve_summary
@@ -44,12 +44,15 @@ def init_model_arg(cfg: Config) -> str:
         return str(best.resolve())
     if cfg.qat.init == "scratch":
         return MODEL_YAML[cfg.model]
-    return str(cfg.resolve(cfg.qat.init).resolve())
+    path = cfg.resolve(cfg.qat.init).resolve()
+    check_start_checkpoint(path, "qat.init", cfg.qat.init)
+    return str(path)
 
 
 def train_qat(cfg: Config) -> dict[str, Any]:
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
+    model_arg = init_model_arg(cfg)  # a bad checkpoint fails here, before any output exists
     require_dataset()
     fresh_outputs(QAT_DIR, QAT_RESULTS)
     t0 = time.time()
@@ -61,7 +64,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
         overrides = ultralytics_overrides(
-            cfg, model=init_model_arg(cfg), epochs=cfg.qat.epochs, batch=cfg.qat.batch,
+            cfg, model=model_arg, epochs=cfg.qat.epochs, batch=cfg.qat.batch,
             optimizer=cfg.qat.optimizer, lr0=cfg.qat.lr0, weight_decay=cfg.qat.weight_decay,
             warmup_epochs=cfg.qat.warmup_epochs, workers=cfg.qat.workers, project=runs,
             name="qat", amp=cfg.qat.amp,

@@ -2,7 +2,8 @@
 
 A stage that fails on bad input prints one line ``<stage>: error: <message>`` to stderr (the
 stage is named once: messages never carry it), removes the outputs it owns (so DVC never caches
-a half-written result) and exits with status 2.  The expected error types come from the light
+a half-written result) and exits with status 2.  Only one process runs a stage at a time
+(:mod:`yoloqat.pipeline.lock`); a second one stops with one line and touches nothing.  The expected error types come from the light
 :mod:`yoloqat.errors`, so the error path imports nothing heavy.
 """
 
@@ -11,11 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from yoloqat.config import Config, load_config
-from yoloqat.errors import YoloqatError
+from yoloqat.errors import DataWarning, YoloqatError
+from yoloqat.paths import STAGE_LOCKS
+from yoloqat.pipeline.lock import one_writer
 from yoloqat.provenance import clean_on_failure
 
 
@@ -26,6 +30,18 @@ def one_line(stage: str, exc: BaseException) -> str:
     while msg.startswith(f"{stage}: "):
         msg = msg[len(stage) + 2:]
     return f"{stage}: error: {msg}"
+
+
+def _say_data_warnings(stage: str) -> None:
+    """Print skipped-item warnings as ``<stage>: warning: <message>`` (no source location)."""
+    plain = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, DataWarning):
+            return f"{stage}: warning: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
 
 
 def run_stage(
@@ -40,11 +56,14 @@ def run_stage(
         print(one_line(name, exc), file=sys.stderr)
         return 2
     os.chdir(cfg.root)
+    _say_data_warnings(name)
     from yoloqat.offline import configure_offline
 
     configure_offline()
     try:
-        with clean_on_failure(*outputs(cfg)):
+        # The lock is taken outside clean_on_failure: a stage refused because another process
+        # is writing must leave that process's outputs alone.
+        with one_writer(STAGE_LOCKS / f"{name}.lock"), clean_on_failure(*outputs(cfg)):
             job(cfg)
     except YoloqatError as exc:
         print(one_line(name, exc), file=sys.stderr)

@@ -23,6 +23,7 @@ from yoloqat.paths import (
     FP_RESULTS,
 )
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
+from yoloqat.quant.checkpoint import check_start_checkpoint
 from yoloqat.train.live import EpochLogger, curve_summary
 from yoloqat.train.overrides import (
     MODEL_YAML,
@@ -33,11 +34,13 @@ from yoloqat.train.overrides import (
 
 
 def train_fp(cfg: Config) -> dict[str, Any]:
+    init = str(cfg.resolve(cfg.fp.init_checkpoint)) if cfg.fp.init_checkpoint else None
+    if init is not None:
+        check_start_checkpoint(init, "fp.init_checkpoint", cfg.fp.init_checkpoint)
     require_dataset()
     fresh_outputs(FP_DIR, FP_RESULTS)
     t0 = time.time()
     logger = EpochLogger(FP_RESULTS)
-    init = str(cfg.resolve(cfg.fp.init_checkpoint)) if cfg.fp.init_checkpoint else None
     if cfg.fp.epochs == 0:
         summary = _evaluate_only(cfg, init, logger)
     else:

@@ -6,12 +6,18 @@ model's yaml, the quantization recipe and the fake-quant model's state_dict;
 weights.  The baked checkpoint (``<stem>.pt``) replaces every quantized conv by a float
 ``nn.Conv2d`` holding the dequantized integer weights, in Ultralytics' own format, so
 ``ultralytics.YOLO(path)`` loads it with no project code.
+
+A ``.qat.pt`` holds only plain containers, numbers, strings and tensors, so it is read with
+``torch.load(weights_only=True)``: a file received from someone else cannot run code when it
+is loaded.  Ultralytics ``.pt`` files are pickled modules and need the full unpickler; they must
+come from a trusted source.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,20 @@ def bake(model: nn.Module) -> nn.Module:
     return baked
 
 
+def _plain(value: Any, where: str) -> Any:
+    """``value`` made of what ``weights_only=True`` accepts (dict, list, str, int, float, bool,
+    None, tensors); numpy scalars become Python numbers, anything else is a bug to report."""
+    if value is None or isinstance(value, (str, bool, int, float, torch.Tensor)):
+        return value
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, numbers.Number) and hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{where} holds a {type(value).__name__}, which a weights-only checkpoint cannot store")
+
+
 def save_qat_checkpoint(
     model: nn.Module, recipe: QuantRecipe, stem: Path, info: dict[str, Any], names: Any
 ) -> tuple[Path, Path]:
@@ -53,16 +73,16 @@ def save_qat_checkpoint(
     stem.parent.mkdir(parents=True, exist_ok=True)
     qat_path, baked_path = stem.with_suffix(".qat.pt"), stem.with_suffix(".pt")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    payload = {
+    payload = _plain({
         "format": FORMAT,
         "yaml": copy.deepcopy(getattr(model, "yaml", None)),
         "nc": int(getattr(model, "nc", len(names))),
         "names": dict(names) if isinstance(names, dict) else list(names),
         "recipe": recipe.to_dict(),
-        "state_dict": state,
         "info": info,
         "date": _dt.datetime.now(_dt.UTC).isoformat(),
-    }
+    }, "checkpoint")
+    payload["state_dict"] = state
     _atomic_save(payload, qat_path)
     baked = bake(model).float().cpu().eval()
     baked.names = payload["names"]
@@ -90,6 +110,20 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def _weights_only_reason(exc: BaseException) -> str:
+    """The weights-only unpickler's own reason ("Unsupported global: GLOBAL x.Y ...").
+
+    torch's message opens with advice to retry with ``weights_only=False``, which is exactly
+    what must not be done with an untrusted file, so only the reason is kept.
+    """
+    text = str(exc)
+    if "WeightsUnpickler error:" not in text:
+        return loader_reason(exc)
+    reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("\n\n")[:2]).split()
+    first = " ".join(reason).split(". ")[0].rstrip(".")
+    return f"weights-only load refused: {first}"
+
+
 def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the fake-quant model saved by :func:`save_qat_checkpoint`."""
     from ultralytics.nn.tasks import DetectionModel
@@ -98,10 +132,13 @@ def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: refuses any pickled object beyond containers and tensors, so loading a
+        # .qat.pt cannot run code (see the module docstring).
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a corrupt file
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is unreadable or corrupt ({type(exc).__name__})"
+            f"checkpoint {str(path)!r} is unreadable or corrupt, or holds more than weights "
+            f"({_weights_only_reason(exc)})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
@@ -125,6 +162,26 @@ def weights_finite(model: nn.Module) -> bool:
     )
 
 
+def loader_reason(exc: BaseException) -> str:
+    """``Type: first line`` of a loader's exception, for a one-line error message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _ultralytics_model(path: Path) -> nn.Module:
+    """The model of an Ultralytics ``.pt``; CheckpointError whose message is only the reason."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001  (torch raises many types for a corrupt file)
+        raise CheckpointError(f"unreadable or corrupt: {loader_reason(exc)}") from None
+    model = None
+    if isinstance(ckpt, dict):
+        model = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
+    if not isinstance(model, nn.Module) or not hasattr(model, "model"):
+        raise CheckpointError("not an Ultralytics checkpoint: no model under 'ema' or 'model'")
+    return model
+
+
 def load_ultralytics_model(path: Path, what: str = "checkpoint") -> nn.Module:
     """The float model of an Ultralytics ``.pt`` (its EMA, else its model), on CPU in eval mode.
 
@@ -135,16 +192,22 @@ def load_ultralytics_model(path: Path, what: str = "checkpoint") -> nn.Module:
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} not found; run the stage that writes it")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001  (torch raises many types for a corrupt file)
-        raise CheckpointError(
-            f"{what} {str(path)!r} is unreadable or corrupt ({type(exc).__name__})"
-        ) from None
-    model = None
-    if isinstance(ckpt, dict):
-        model = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
-    if not isinstance(model, nn.Module) or not hasattr(model, "model"):
-        raise CheckpointError(
-            f"{what} {str(path)!r} is not an Ultralytics checkpoint (no model under 'ema'/'model')"
-        )
+        model = _ultralytics_model(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what} {str(path)!r} is {exc}") from None
     return model.float().cpu().eval()
+
+
+def check_start_checkpoint(path: Path, key: str, value: str) -> None:
+    """A params-named Ultralytics ``.pt`` (``fp.init_checkpoint``, ``qat.init``) must load
+    before training starts; Ultralytics' own loader would fail later with chained tracebacks.
+
+    Loading it once more costs about a second and puts the loader's reason in the one line.
+    """
+    try:
+        _ultralytics_model(Path(path))
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"params: {key}={value!r} is not allowed; expected an Ultralytics YOLO .pt "
+            f"checkpoint ({exc})"
+        ) from None
