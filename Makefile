@@ -40,12 +40,7 @@ run: setup repo pipeline
 # the pipeline on the embedded default, then a readable table (pixi's `run` task starts here)
 pipeline:
 	dvc exp run
-	@dvc exp show --no-pager --md --drop '.*' --keep "$(EXP_COLUMNS)"
-
-# the columns `make run` prints: params, FP / FP-continued best, QAT live/EMA best, verdicts of
-# the deployed, live and EMA curves, QC's own effect, ONNX figures.  DVC drops the file prefix
-# from a metric name that only one file has, so each group matches with or without it.
-EXP_COLUMNS := ^(Experiment|params.yaml:(model|ema|qc|seed))$$|^results/(train_fp|fp_control)/metrics.json:best$$|^(results/qat/metrics.json:)?(live_best|ema_best)$$|^(results/verdict/metrics.json:)?(label|live_label|ema_label|qc_delta_mAP50-95)$$|^(results/evaluate/metrics.json:)?(fp32_mAP50-95|w4a16_mAP50-95|gap_mAP50-95|size_ratio)$$
+	@yoloqat exps
 
 test: setup
 	$(PY) -m pytest -q

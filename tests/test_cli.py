@@ -144,3 +144,14 @@ def test_console_module_runs(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)[0]["label"] == "stable"
+
+
+def test_exps_is_one_compact_line_per_experiment(capsys):
+    assert main(["exps", "--from-json", str(FIXTURE)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["experiment", "model", "ema", "qc", "seed"]
+    assert len(lines) == 1 + 14  # the fixture's experiments, not the workspace or commits
+    assert max(len(line) for line in lines) <= 160
+    bumpy = next(line for line in lines if line.startswith("bumpy-taro"))
+    assert bumpy.split()[1:5] == ["yolo10n", "true", "true", "0"]
+    assert "queued" in next(line for line in lines if line.startswith("tacky-dent"))
