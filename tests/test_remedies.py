@@ -218,7 +218,7 @@ def test_learned_scales_land_in_a_no_decay_group(scaling):
     trainer.freezer = None
     opt = trainer.build_optimizer(model, name="AdamW", lr=1e-3, momentum=0.9, decay=5e-4)
     groups = {g["param_group"]: g for g in opt.param_groups}
-    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    ids = lambda g: {id(p) for p in g["params"]}
     scales = {id(p) for *_, p in scale_parameters(model)}
     if scaling == "maxabs":
         assert not scales and "scale" not in groups
