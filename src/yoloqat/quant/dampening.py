@@ -29,10 +29,10 @@ from torch import nn
 from yoloqat.quant.convert import quant_convs, weight_int_max, weight_scale
 
 
-def layer_dampening(q: QuantConv2d) -> torch.Tensor:
+def layer_dampening(q: QuantConv2d, int_max: int | None = None) -> torch.Tensor:
     """L_damp of one quantized conv (a 0-d tensor with a gradient into ``q.weight`` only)."""
-    int_max = float(weight_int_max(q))
-    x = (q.weight / weight_scale(q)).clamp(-int_max, int_max)
+    limit = float(weight_int_max(q) if int_max is None else int_max)
+    x = (q.weight / weight_scale(q)).clamp(-limit, limit)
     return (x - torch.round(x.detach())).square().sum()
 
 
@@ -57,7 +57,8 @@ class Dampening:
     def __init__(self, model: nn.Module, weight: float, ramp: bool = False, total_steps: int = 1) -> None:
         if weight < 0 or not math.isfinite(weight):
             raise ValueError(f"dampening weight must be a finite number >= 0, got {weight}")
-        self.layers = [q for _, q in quant_convs(model)]
+        # the bit width is fixed: read it once (a Brevitas quant_weight() call per layer)
+        self.layers = [(q, weight_int_max(q)) for _, q in quant_convs(model)]
         self.weight = float(weight)
         self.ramp = bool(ramp)
         self.total_steps = int(total_steps)
@@ -71,7 +72,7 @@ class Dampening:
 
     def penalty(self) -> torch.Tensor:
         """The unweighted sum of L_damp over every layer (differentiable in the weights)."""
-        return torch.stack([layer_dampening(q) for q in self.layers]).sum()
+        return torch.stack([layer_dampening(q, int_max) for q, int_max in self.layers]).sum()
 
     def __call__(self) -> torch.Tensor:
         lam = self.lambda_at(self.steps)

@@ -42,13 +42,14 @@ class WeightFreezer:
         self.int_ema: list[torch.Tensor | None] = [None] * n  # float32 EMA of the integers
         self.frozen: list[torch.Tensor | None] = [None] * n  # bool, True where frozen
         self.frozen_int: list[torch.Tensor | None] = [None] * n  # float32 integer of frozen weights
-        self._any = [False] * n  # skip layers with nothing frozen (no host sync in apply)
+
+    # No host-device sync per step (a GPU would stall once per layer): the masks are applied to
+    # every tracked layer whether or not anything is frozen yet; counts are read once per epoch.
 
     @torch.no_grad()
-    def update(self) -> int:
-        """Advance the integer EMAs, freeze newly oscillating weights; returns how many froze."""
-        newly_total = 0
-        for i, (_, q, _, state) in enumerate(self.tracker.layers):
+    def update(self) -> None:
+        """Advance the integer EMAs, freeze newly oscillating weights and set them at once."""
+        for i, (_, _, _, state) in enumerate(self.tracker.layers):
             if state.prev_int is None or state.freq is None:
                 continue
             ints = state.prev_int.to(torch.float32)
@@ -61,30 +62,23 @@ class WeightFreezer:
             assert ema is not None and frozen is not None and fint is not None
             ema.mul_(1.0 - state.momentum).add_(ints, alpha=state.momentum)
             newly = (state.freq > self.threshold) & ~frozen
-            count = int(torch.count_nonzero(newly))
-            if count:
-                fint[newly] = torch.round(ema[newly])
-                frozen |= newly
-                self._any[i] = True
-                newly_total += count
-        if newly_total:
-            self.apply()
-        return newly_total
+            fint.copy_(torch.where(newly, torch.round(ema), fint))
+            frozen |= newly
+        self.apply()
 
     @torch.no_grad()
     def mask_grads(self) -> None:
         for i, (_, q, _, _) in enumerate(self.tracker.layers):
-            if self._any[i] and q.weight.grad is not None:
+            if self.frozen[i] is not None and q.weight.grad is not None:
                 q.weight.grad.masked_fill_(self.frozen[i], 0.0)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def apply(self) -> None:
         """Reset every frozen latent weight to its integer times the layer's current scale."""
         for i, (_, q, _, _) in enumerate(self.tracker.layers):
-            if not self._any[i]:
-                continue
             frozen, fint = self.frozen[i], self.frozen_int[i]
-            assert frozen is not None and fint is not None
+            if frozen is None or fint is None:
+                continue
             w = q.weight
             target = (fint * weight_scale(q)).to(w.dtype)
             w.copy_(torch.where(frozen, target, w))
