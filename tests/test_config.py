@@ -69,6 +69,16 @@ def test_repo_params_load_with_documented_defaults():
         ({"stability__learned_fraction": 1.5}, "stability.learned_fraction=1.5"),
         ({"ladder__min_seeds": 0}, "ladder.min_seeds=0"),
         ({"fp__init_checkpoint": "no/such.pt"}, "fp.init_checkpoint='no/such.pt'"),
+        ({"qat__dampening": -0.1}, "qat.dampening=-0.1"),
+        ({"qat__dampening": "strong"}, "qat.dampening='strong'"),
+        ({"qat__dampening_ramp": "yes"}, "qat.dampening_ramp='yes'"),
+        ({"qat__freeze_threshold": 1.5}, "qat.freeze_threshold=1.5"),
+        ({"qat__freeze_threshold": -0.01}, "qat.freeze_threshold=-0.01"),
+        ({"qat__bn_reestimate": -1}, "qat.bn_reestimate=-1"),
+        ({"qat__bn_reestimate": 2.5}, "qat.bn_reestimate=2.5"),
+        ({"qat__lsq_grad_scale": 1}, "qat.lsq_grad_scale=1"),
+        ({"qat__lsq_grad_scale": True}, "qat.lsq_grad_scale=True"),  # with scaling: maxabs
+        ({"correction__head": "no"}, "correction.head='no'"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(tmp_path, change, needle):

@@ -86,3 +86,78 @@ def test_identity_correction_folds_to_the_same_model(quant_yolo):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], quant_yolo(x)[0], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the head's output convs (no BN after them): correction folded into the DQ scale and the bias
+
+
+def test_head_correction_folds_into_scale_and_bias_by_hand():
+    # w = [[7, 2], [3.5, -1]] -> s = [1, 0.5], integers [[7, 2], [7, -2]]; b = [0.5, -0.25]
+    # gamma = [2, -0.5], beta = [1, -1]:  s' = gamma * s = [2, -0.25] -> the negative channel is
+    # stored as integers [-7, 2] with scale 0.25;  b' = gamma * b + beta = [2, -0.875]
+    # x = [1, 1]:  ch0 2 * (7 + 2 + 0.5) + 1 = 20;  ch1 -0.5 * (0.5 * 5 - 0.25) - 1 = -2.125
+    from yoloqat.quant.fold import fold_quantized
+
+    model = quantize_model(nn.Sequential(nn.Conv2d(2, 2, 1)), QuantRecipe())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[7.0, 2.0], [3.5, -1.0]]).view(2, 2, 1, 1))
+        model[0].bias.copy_(torch.tensor([0.5, -0.25]))
+    (aff,) = insert_correction(model, head=True)
+    assert isinstance(model[0], CorrectedConv)
+    with torch.no_grad():
+        aff.gamma.copy_(torch.tensor([2.0, -0.5]))
+        aff.beta.copy_(torch.tensor([1.0, -1.0]))
+    x = torch.ones(1, 2, 1, 1)
+    with torch.no_grad():
+        assert model(x).flatten().tolist() == [20.0, -2.125]
+        deploy, records = fold_quantized(model)
+        assert deploy(x).flatten().tolist() == [20.0, -2.125]
+    rec = records["0"]
+    assert rec.scale.tolist() == [2.0, 0.25] and rec.sign.tolist() == [1, -1]
+    assert rec.trained_integers.reshape(2, 2).tolist() == [[7, 2], [7, -2]]
+    assert rec.integers.reshape(2, 2).tolist() == [[7, 2], [-7, 2]]
+    assert deploy[0].bias.tolist() == [2.0, -0.875]
+
+
+def test_head_correction_survives_checkpoints_and_folds_exactly(quant_yolo, tmp_path):
+    from yoloqat.pipeline.qc import raw_head_outputs, relative_max_diff
+    from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint
+    from yoloqat.quant.correction import bare_quant_convs, corrected_convs
+    from yoloqat.quant.fold import fold_quantized
+
+    model = copy.deepcopy(quant_yolo)
+    heads = bare_quant_convs(model)
+    assert len(heads) == 12 and all(n.startswith("model.23.") for n in heads)  # (one2one_)cv2/cv3 x 3
+    added = insert_correction(model, head=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for a in added:
+            a.gamma.uniform_(0.8, 1.2)
+            a.beta.uniform_(-0.1, 0.1)
+    ints = {n: int_weight(q).integers.clone() for n, q in quant_convs(quant_yolo)}
+    x = torch.rand(2, 3, 64, 64)
+    check_fold(model, x)  # folds the BN-fed corrections; the head's stay as modules
+    assert corrected_convs(model) == heads
+    corrected = raw_head_outputs(model, x)
+    assert relative_max_diff(corrected, raw_head_outputs(quant_yolo, x)) > 1e-3  # it does something
+
+    save_qat_checkpoint(model, QuantRecipe(), tmp_path / "qc", {"epoch": 1}, {i: str(i) for i in range(6)})
+    loaded, payload = load_qat_checkpoint(tmp_path / "qc.qat.pt")
+    assert payload["corrected"] == heads
+    assert relative_max_diff(corrected, raw_head_outputs(loaded, x)) == 0.0
+
+    deploy, records = fold_quantized(loaded)
+    assert not any(isinstance(m, (CorrectedConv, ChannelAffine)) for m in deploy.modules())
+    with torch.no_grad():
+        out_fq, out_deploy = loaded.eval()(x)[0], deploy(x)[0]
+    torch.testing.assert_close(out_deploy, out_fq, rtol=1e-4, atol=1e-4)
+    for name in heads:
+        rec, q = records[name], loaded.get_submodule(name)
+        gamma = q.correction.gamma.detach().double()
+        s = int_weight(q.conv).scale.double().reshape(-1)
+        assert rec.scale.tolist() == (gamma * s).float().tolist()  # gamma > 0 here: no sign flip
+        assert (rec.integers == ints[name].numpy()).all()  # integers untouched
+    baked = torch.load(tmp_path / "qc.pt", weights_only=False)["ema"]
+    with torch.no_grad():
+        torch.testing.assert_close(baked(x)[0], out_fq, rtol=1e-4, atol=1e-4)

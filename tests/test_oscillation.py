@@ -284,3 +284,42 @@ def test_learned_scales_go_through_brevitas():
     assert rows["3"]["scale_drift"] == pytest.approx(0.5 * 2 / 8)
     # layer "3": the 7.0s of the two rescaled channels move to round(7 / 1.5) = 5
     assert tracker.epoch_summary()["osc/flip_rate"] == pytest.approx(3 / TOTAL)
+
+
+def test_mixed_bit_widths_get_per_width_keys_and_a_low_bit_headline():
+    """An 8-bit first conv (s = 1: one 127 per channel) and a 4-bit second conv (s = 1).
+
+    One 8-bit weight flips 0 -> 1 -> 0 (one oscillation), two 4-bit weights do the same.
+    Headline = 4-bit layer only: 2 of its 288 weights oscillate; the 8-bit layer: 1 of 108.
+    """
+    torch.manual_seed(0)
+    model = quantize_model(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 8, 3)), QuantRecipe(bits=4, edge_bits=8)
+    )
+    first, second = model[0], model[1]
+    assert (first.fast_bits, second.fast_bits) == (8, 4)
+    with torch.no_grad():
+        first.weight.fill_(0.2)
+        first.weight[:, 0, 0, 0] = 127.0
+        set_unit_scale(model[1:])
+    tracker = OscillationTracker(model, momentum=M, headline_bits=4)
+    tracker.step()
+    for value in (0.6, 0.2):
+        with torch.no_grad():
+            first.weight[0, 1, 0, 0] = value
+            second.weight[0, 1, 0, 0] = value
+            second.weight[1, 1, 0, 0] = value
+        tracker.step()
+    n8, n4 = 4 * 3 * 9, 8 * 4 * 9
+    s = tracker.epoch_summary()
+    assert list(s)[: len(SUMMARY_KEYS)] == list(SUMMARY_KEYS)
+    assert set(s) == set(SUMMARY_KEYS) | {f"{k}_w{b}" for k in SUMMARY_KEYS for b in (4, 8)}
+    assert s["osc/frac_oscillating"] == s["osc/frac_oscillating_w4"] == 2 / n4
+    assert s["osc/frac_oscillating_w8"] == 1 / n8
+    assert s["osc/flip_rate"] == s["osc/flip_rate_w4"] == 4 / (2 * n4)
+    assert s["osc/flip_rate_w8"] == 2 / (2 * n8)
+    assert s["osc/osc_rate_w8"] == 1 / (2 * n8)
+    run = tracker.summary()
+    assert run["osc/frac_oscillating"] == 2 / n4 and run["osc/frac_oscillating_w8"] == 1 / n8
+    # one bit width: exactly the usual keys (test_tracker_counts... checks the values)
+    assert list(OscillationTracker(tiny_model()).epoch_summary()) == list(SUMMARY_KEYS)

@@ -109,6 +109,41 @@ def test_paired_curves_ema_on_off_share_one_training_trajectory(qat_repo):
     assert on["ema"] is True and on["ema_window_steps"] >= 1.0
 
 
+def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_unchanged(qat_repo):
+    """bn_reestimate adds a val_bnre curve and saves re-estimated BN stats, training untouched;
+    dampening and freezing log their per-epoch figures and flat summary keys."""
+    import torch
+
+    from yoloqat.quant.checkpoint import load_qat_checkpoint
+
+    base = {"epochs": 1, "batch": 8, "init": "scratch"}
+    names = ("train/box_loss.tsv", "val/mAP50-95.tsv", "val_live/mAP50-95.tsv")
+    plain = _run_qat_stage(qat_repo, {"qat": base})
+    plain_tsv = {n: _tsv(qat_repo, n).splitlines()[1:] for n in names}  # rows minus the header
+    plain_model, _ = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")
+    bnre = _run_qat_stage(qat_repo, {"qat": {**base, "bn_reestimate": 2}})
+    for n in names:
+        assert _tsv(qat_repo, n).splitlines()[1:] == plain_tsv[n], n
+    assert bnre["best"] == plain["best"] and bnre["bn_reestimate"] == 2
+    assert "bnre_best" in bnre and "bnre_best" not in plain
+    assert (qat_repo / "results/qat/plots/metrics/val_bnre/mAP50-95.tsv").is_file()
+    model, payload = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")
+    assert payload["info"]["bn_reestimated"] == 2
+    sd, plain_sd = model.state_dict(), plain_model.state_dict()
+    assert all(sd[k].equal(v) for k, v in plain_sd.items() if "running" not in k and "num_batches" not in k)
+    assert any(not sd[k].equal(v) for k, v in plain_sd.items() if k.endswith("running_mean"))
+    assert all(int(sd[k]) == 2 for k in sd if k.endswith("num_batches_tracked"))
+
+    both = _run_qat_stage(qat_repo, {"qat": {**base, "dampening": 1e-4, "dampening_ramp": True,
+                                             "freeze_threshold": 0.005}})
+    assert both["status"] == "completed"
+    assert 0.0 <= both["frac_frozen_final"] <= 1.0 and both["dampening_penalty_final"] > 0
+    assert 0.0 < both["dampening_lambda_final"] <= 1e-4
+    for name in ("osc/frac_frozen.tsv", "damp/penalty.tsv", "damp/lambda.tsv"):
+        assert (qat_repo / "results/qat/plots/metrics" / name).is_file(), name
+    assert torch.isfinite(torch.tensor(both["best"]))
+
+
 def test_nonfinite_loss_stops_training_and_marks_diverged():
     import torch
 

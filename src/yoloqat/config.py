@@ -179,6 +179,12 @@ class QATConfig:
     ema_tau: float = 60.0
     track_every: int = 1
     workers: int = 0
+    # Nagel et al.'s remedies, each off by default.
+    dampening: float = 0.0  # lambda of the dampening loss; 0 = off
+    dampening_ramp: bool = False  # cosine ramp of lambda from 0 over training
+    freeze_threshold: float = 0.0  # freeze weights whose oscillation frequency exceeds it; 0 = off
+    bn_reestimate: int = 0  # training batches for BN re-estimation before val / save; 0 = off
+    lsq_grad_scale: bool = False  # learned scales only: LSQ's 1/sqrt(N * Qp) gradient scale
 
     @property
     def edge_bits(self) -> int:
@@ -191,6 +197,7 @@ class CorrectionConfig:
     epochs: int = 1
     batch: int = 8
     min_steps: int = 48  # 0: exactly `epochs` passes over the calib split
+    head: bool = True  # also correct the head's output convs (folded into their scale and bias)
 
 
 @dataclass(frozen=True)
@@ -323,6 +330,11 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         raise _fail("qat.init", init, "fp | scratch | a path to an existing checkpoint")
     bits = _int("qat.bits", b.get("bits", d.bits), 2, 8)
     flb = b.get("first_last_bits", d.first_last_bits)
+    scaling = _choice("qat.scaling", b.get("scaling", d.scaling), SCALINGS)
+    lsq = _bool("qat.lsq_grad_scale", b.get("lsq_grad_scale", d.lsq_grad_scale))
+    if lsq and scaling != "learned":
+        # a silent no-op would make a grid cell look like a tested variant
+        raise _fail("qat.lsq_grad_scale", lsq, "false unless qat.scaling=learned (it scales learned scales' gradients)")
     return QATConfig(
         init=init,
         epochs=_int("qat.epochs", b.get("epochs", d.epochs), 1),
@@ -336,12 +348,19 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         granularity=_choice(
             "qat.granularity", b.get("granularity", d.granularity), GRANULARITIES
         ),
-        scaling=_choice("qat.scaling", b.get("scaling", d.scaling), SCALINGS),
+        scaling=scaling,
         first_last_bits=None if flb is None else _int("qat.first_last_bits", flb, 2, 8),
         ema_decay=_float("qat.ema_decay", b.get("ema_decay", d.ema_decay), 0.0, 1.0),
         ema_tau=_float("qat.ema_tau", b.get("ema_tau", d.ema_tau), 0.0, lo_open=True),
         track_every=_int("qat.track_every", b.get("track_every", d.track_every), 1),
         workers=_int("qat.workers", b.get("workers", d.workers), 0),
+        dampening=_float("qat.dampening", b.get("dampening", d.dampening), 0.0),
+        dampening_ramp=_bool("qat.dampening_ramp", b.get("dampening_ramp", d.dampening_ramp)),
+        freeze_threshold=_float(
+            "qat.freeze_threshold", b.get("freeze_threshold", d.freeze_threshold), 0.0, 1.0
+        ),
+        bn_reestimate=_int("qat.bn_reestimate", b.get("bn_reestimate", d.bn_reestimate), 0),
+        lsq_grad_scale=lsq,
     )
 
 
@@ -467,6 +486,7 @@ def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
                 "epochs": lambda k, v: _int(k, v, 1),
                 "batch": lambda k, v: _int(k, v, 1),
                 "min_steps": lambda k, v: _int(k, v, 0),
+                "head": _bool,
             },
         ),
         export=_simple(

@@ -49,6 +49,24 @@ def init_model_arg(cfg: Config) -> str:
     return str(path)
 
 
+def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, Any]:
+    """The remedies' settings and, for those that are on, their end-of-run figures."""
+    q = cfg.qat
+    out: dict[str, Any] = {
+        "dampening": q.dampening, "dampening_ramp": q.dampening_ramp,
+        "freeze_threshold": q.freeze_threshold, "bn_reestimate": q.bn_reestimate,
+    }
+    last = logger.history[-1] if logger.history else {}
+    if q.dampening > 0:
+        out["dampening_penalty_final"] = last.get("damp/penalty")
+        out["dampening_lambda_final"] = last.get("damp/lambda")
+    if trainer.freezer is not None:
+        out["frac_frozen_final"] = trainer.freezer.frac_frozen()
+    if q.bn_reestimate > 0:
+        out.update(curve_summary(logger.curve("val_bnre/mAP50-95"), prefix="bnre_"))
+    return out
+
+
 def train_qat(cfg: Config) -> dict[str, Any]:
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
@@ -60,6 +78,9 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     settings = QATSettings(
         recipe=recipe.to_dict(), ema=cfg.ema, ema_decay=cfg.qat.ema_decay, ema_tau=cfg.qat.ema_tau,
         track_every=cfg.qat.track_every, out_dir=str(QAT_DIR.resolve()),
+        dampening=cfg.qat.dampening, dampening_ramp=cfg.qat.dampening_ramp,
+        freeze_threshold=cfg.qat.freeze_threshold, bn_reestimate=cfg.qat.bn_reestimate,
+        lsq_grad_scale=cfg.qat.lsq_grad_scale,
     )
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
@@ -102,6 +123,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         "bits": recipe.bits,
         "edge_bits": recipe.edge_bits,
         "init": cfg.qat.init,
+        **remedy_summary(cfg, logger, trainer),
     }
     if tracker is not None:
         summary.update(tracker.summary())

@@ -16,6 +16,7 @@ from yoloqat.provenance import fresh_outputs, run_metadata, write_json
 from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint, weights_finite
 from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs
 from yoloqat.quant.correction import (
+    corrected_convs,
     correction_stats,
     fold_qc_into_bn,
     insert_correction,
@@ -115,7 +116,7 @@ def run_qc(cfg: Config) -> dict[str, Any]:
                        **{"after_mAP50-95": before["mAP50-95"], "after_mAP50": before["mAP50"]})
     else:
         model.args = get_cfg(DEFAULT_CFG)  # the detection loss reads its gains from model.args
-        layers = insert_correction(model)
+        layers = insert_correction(model, head=cfg.correction.head)
         loader = calibration_batches(data_yaml, cfg.data.imgsz, cfg.correction.batch)
         steps = max(cfg.correction.epochs * len(loader), cfg.correction.min_steps)
         done, last_loss = train_correction(model, loader, cfg.correction.lr, steps, device)
@@ -125,6 +126,7 @@ def run_qc(cfg: Config) -> dict[str, Any]:
         after = val(model)
         summary.update(
             status="applied", applied=True, layers=len(layers), steps=done, lr=cfg.correction.lr,
+            head_layers=len(corrected_convs(model)),  # kept as modules, folded at export
             calib_images=len(loader.dataset), final_loss=last_loss,
             gamma_mean_abs_change=stats.gamma_mean_abs_change,
             gamma_max_abs_change=stats.gamma_max_abs_change,

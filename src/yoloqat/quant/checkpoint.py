@@ -32,13 +32,27 @@ from yoloqat.quant.convert import (
     quant_weight_value,
     quantize_model,
 )
+from yoloqat.quant.correction import corrected_convs, wrap_convs
 
 FORMAT = "yoloqat-qat-v1"
 
 
 def bake(model: nn.Module) -> nn.Module:
-    """A plain copy of ``model`` whose convs hold the dequantized int weights."""
+    """A plain copy of ``model`` whose convs hold the dequantized int weights.
+
+    A head correction (a :class:`CorrectedConv` left after QC) is folded into the float conv:
+    weight ``gamma * W_q``, bias ``gamma * b + beta`` (the baked copy has no integer grid to keep).
+    """
     baked = copy.deepcopy(model)
+    for name in corrected_convs(baked):
+        wrapped = baked.get_submodule(name)
+        q, aff = wrapped.conv, wrapped.correction
+        gamma, beta = aff.gamma.detach(), aff.beta.detach()
+        bias = q.bias.detach() if q.bias is not None else torch.zeros_like(gamma)
+        weight = quant_weight_value(q) * gamma.view(-1, 1, 1, 1)
+        parent_name, _, child = name.rpartition(".")
+        parent = baked.get_submodule(parent_name) if parent_name else baked
+        setattr(parent, child, float_conv_like(q, weight, gamma * bias + beta))
     for name, q in list(quant_convs(baked)):
         bias = q.bias.detach() if q.bias is not None else None
         conv = float_conv_like(q, quant_weight_value(q), bias)
@@ -79,6 +93,8 @@ def save_qat_checkpoint(
         "nc": int(getattr(model, "nc", len(names))),
         "names": dict(names) if isinstance(names, dict) else list(names),
         "recipe": recipe.to_dict(),
+        # convs wrapped by a QC correction that is kept as a module (the head's output convs)
+        "corrected": corrected_convs(model),
         "info": info,
         "date": _dt.datetime.now(_dt.UTC).isoformat(),
     }, "checkpoint")
@@ -147,6 +163,10 @@ def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     model = DetectionModel(copy.deepcopy(payload["yaml"]), nc=payload["nc"], verbose=False)
     model.names = payload["names"]
     quantize_model(model, QuantRecipe.from_dict(payload["recipe"]))
+    try:
+        wrap_convs(model, list(payload.get("corrected", [])))
+    except (AttributeError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match its recipe ({exc})") from None
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:

@@ -6,9 +6,14 @@ eval mode); gamma and beta are trained with Adam on the calibration split with t
 detection loss, then folded into the BN so the deployed graph has no extra op and the
 integer weights are untouched.
 
-Convs without a BN (the detect heads' final 1x1 output convs) get no correction: with max-abs
-scaling their scale is derived from the weights, so gamma could only be folded by rewriting
-the weights, which could move integers across a rounding boundary.
+Convs without a BN after them (the detect heads' final 1x1 output convs: box and class logits)
+are corrected too (``head=True``), but cannot be folded into a BN.  Folding them into the
+fake-quant weights is not exact either: a max-abs or learned scale is a function of the weights
+or a per-tensor parameter, so ``gamma * w`` could move integers across a rounding boundary, and a
+per-channel gamma does not fit a per-tensor scale.  So their :class:`CorrectedConv` stays in the
+fake-quant model (checkpoints record which convs are wrapped) and is folded where the scale is
+explicit: at export, ``gamma * s`` becomes the per-channel dequantization scale and
+``gamma * b + beta`` the bias (:func:`fold_affine_into_scale`), the integers untouched.
 """
 
 from __future__ import annotations
@@ -54,14 +59,57 @@ def _conv_bn_pairs(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield name, m
 
 
-def insert_correction(model: nn.Module) -> list[ChannelAffine]:
-    """Wrap every quantized conv that feeds a BN; returns the new affine modules."""
+def bare_quant_convs(model: nn.Module) -> list[str]:
+    """Quantized convs with no BN after them (in YOLOv10: the detect heads' output convs)."""
+    fed = {id(block.conv) for _, block in _conv_bn_pairs(model)}
+    wrapped = {id(m.conv) for m in model.modules() if isinstance(m, CorrectedConv)}
+    return [
+        n for n, m in model.named_modules()
+        if isinstance(m, QuantConv2d) and id(m) not in fed and id(m) not in wrapped
+    ]
+
+
+def wrap_convs(model: nn.Module, names: list[str]) -> list[ChannelAffine]:
+    """Replace each named quantized conv by a :class:`CorrectedConv` around it."""
+    added = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        conv = getattr(parent, child)
+        if not isinstance(conv, QuantConv2d):
+            raise TypeError(f"{name} is not a quantized conv ({type(conv).__name__})")
+        wrapped = CorrectedConv(conv)
+        setattr(parent, child, wrapped)
+        added.append(wrapped.correction)
+    return added
+
+
+def insert_correction(model: nn.Module, head: bool = False) -> list[ChannelAffine]:
+    """Wrap every quantized conv that feeds a BN, and with ``head`` every other quantized conv
+    too (the head's output convs); returns the new affine modules."""
+    heads = bare_quant_convs(model) if head else []
     added = []
     for _, block in _conv_bn_pairs(model):
         if isinstance(block.conv, QuantConv2d):
             block.conv = CorrectedConv(block.conv)
             added.append(block.conv.correction)
-    return added
+    return added + wrap_convs(model, heads)
+
+
+def corrected_convs(model: nn.Module) -> list[str]:
+    """Module paths of every :class:`CorrectedConv` (after :func:`fold_qc_into_bn`: the head's)."""
+    return [n for n, m in model.named_modules() if isinstance(m, CorrectedConv)]
+
+
+def fold_affine_into_scale(
+    scale: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gamma * (s * W_int x + b) + beta == (gamma * s) * W_int x + (gamma * b + beta).
+
+    Per output channel; the integers are untouched (a negative gamma gives a negative scale,
+    which the export fold turns into negated integers and a positive scale).
+    """
+    return scale * gamma, gamma * bias + beta
 
 
 def correction_parameters(model: nn.Module) -> list[nn.Parameter]:

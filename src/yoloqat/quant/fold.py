@@ -22,6 +22,7 @@ from torch import nn
 
 from yoloqat.errors import ExportError
 from yoloqat.quant.convert import float_conv_like, int_weight
+from yoloqat.quant.correction import CorrectedConv, fold_affine_into_scale
 
 
 @dataclass
@@ -49,7 +50,10 @@ def _conv_like(q: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 @torch.no_grad()
-def _fold_one(name: str, q: nn.Module, bn: nn.BatchNorm2d | None) -> tuple[nn.Conv2d, FoldedConv]:
+def _fold_one(
+    name: str, q: nn.Module, bn: nn.BatchNorm2d | None, correction: nn.Module | None = None
+) -> tuple[nn.Conv2d, FoldedConv]:
+    """Fold ``q`` (then its QC ``correction``, then ``bn``, in forward order) onto its integers."""
     iw = int_weight(q)
     out = q.out_channels
     trained = iw.integers.cpu().numpy().astype(np.int8)
@@ -63,6 +67,10 @@ def _fold_one(name: str, q: nn.Module, bn: nn.BatchNorm2d | None) -> tuple[nn.Co
         if q.bias is not None
         else torch.zeros(out, dtype=torch.float64)
     )
+    if correction is not None:
+        scale, bias = fold_affine_into_scale(
+            scale, bias, correction.gamma.detach().double().cpu(), correction.beta.detach().double().cpu()
+        )
     if bn is not None:
         gain = bn.weight.detach().double().cpu() / torch.sqrt(
             bn.running_var.double().cpu() + bn.eps
@@ -81,7 +89,7 @@ def _fold_one(name: str, q: nn.Module, bn: nn.BatchNorm2d | None) -> tuple[nn.Co
         sign=sign.numpy(),
         bn_folded=bn is not None,
     )
-    has_bias = bn is not None or q.bias is not None
+    has_bias = bn is not None or correction is not None or q.bias is not None
     conv = _conv_like(q, torch.from_numpy(rec.weight), bias.float() if has_bias else None)
     return conv, rec
 
@@ -105,17 +113,26 @@ def fold_quantized(
         if (
             isinstance(m, Conv)
             and not isinstance(m, Conv2)
-            and isinstance(getattr(m, "conv", None), QuantConv2d)
+            and isinstance(getattr(m, "conv", None), (QuantConv2d, CorrectedConv))
             and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)
         ):
-            conv, rec = _fold_one(f"{name}.conv", m.conv, m.bn)
+            q, corr = (m.conv.conv, m.conv.correction) if isinstance(m.conv, CorrectedConv) else (m.conv, None)
+            conv, rec = _fold_one(f"{name}.conv", q, m.bn, corr)
             m.conv = conv
             delattr(m, "bn")
             m.forward = m.forward_fuse  # type: ignore[method-assign]
             records[rec.name] = rec
-    for name, q in [(n, m) for n, m in deploy.named_modules() if isinstance(m, QuantConv2d)]:
-        # Convs without a BN after them (the head's 1x1 output convs): weight = integers * scale.
-        conv, rec = _fold_one(name, q, None)
+    inner = {id(m.conv) for m in deploy.modules() if isinstance(m, CorrectedConv)}
+    bare = [
+        (n, m) for n, m in deploy.named_modules()
+        if isinstance(m, (QuantConv2d, CorrectedConv)) and id(m) not in inner  # inner: folded with its wrapper
+    ]
+    for name, q in bare:
+        # Convs without a BN after them (the head's 1x1 output convs): weight = integers * scale,
+        # a head correction folded into the scale (gamma * s) and the bias (gamma * b + beta).
+        conv, rec = (
+            _fold_one(name, q.conv, None, q.correction) if isinstance(q, CorrectedConv) else _fold_one(name, q, None)
+        )
         parent_name, _, child = name.rpartition(".")
         parent = deploy.get_submodule(parent_name) if parent_name else deploy
         setattr(parent, child, conv)

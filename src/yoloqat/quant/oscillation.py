@@ -29,7 +29,7 @@ import torch
 from brevitas.nn import QuantConv2d
 from torch import nn
 
-from yoloqat.quant.convert import FastQuantConv2d
+from yoloqat.quant.convert import FastQuantConv2d, weight_scale
 
 SUMMARY_KEYS = (
     "osc/frac_oscillating",
@@ -229,18 +229,8 @@ def latent_and_scale(q: QuantConv2d) -> tuple[torch.Tensor, torch.Tensor, int]:
 @torch.no_grad()
 def _latent(q: QuantConv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w / s, s)``, both fresh tensors; no host-device synchronisation."""
-    w = q.weight.detach()
-    if isinstance(q, FastQuantConv2d):
-        int_max = float(2 ** (int(q.fast_bits) - 1) - 1)
-        # abs + amax: a dim-wise aminmax is ~10x slower on CPU
-        if q.fast_per_channel:
-            absmax = w.reshape(w.shape[0], -1).abs().amax(dim=1, keepdim=True)
-            scale = (absmax.clamp_min(1e-10) / int_max).reshape(-1, *([1] * (w.dim() - 1)))
-        else:
-            scale = (w.abs().amax().clamp_min(1e-10) / int_max).reshape(())
-        return w / scale, scale
-    scale = q.quant_weight().scale.detach().clone()
-    return w / scale, scale
+    scale = weight_scale(q)
+    return q.weight.detach() / scale, scale
 
 
 class OscillationTracker:
@@ -249,6 +239,13 @@ class OscillationTracker:
     Call :meth:`step` after every optimizer step; it does work on every ``every``-th call
     (calls ``every``, ``2 * every``, ...).  The modules are held by reference, so pass the model
     that is really being optimized (with Ultralytics, ``trainer.model``, not the EMA copy).
+
+    When the layers have more than one bit width (``first_last_bits`` != ``bits``), the summaries
+    also give every key per bit width (``osc/frac_oscillating_w4``, ``..._w8``) and the headline
+    keys count only the layers at ``headline_bits`` (default: the lowest width present).  Why:
+    Nagel tracks the low-bit layers; an 8-bit layer barely oscillates, so pooling the first and
+    last layers in would dilute the model-level figure.  With one bit width the keys are exactly
+    :data:`SUMMARY_KEYS`.
     """
 
     def __init__(
@@ -258,10 +255,12 @@ class OscillationTracker:
         threshold: float = 0.005,
         boundary: float = 0.05,
         every: int = 1,
+        headline_bits: int | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = int(every)
+        self.headline_bits = headline_bits
         self.calls = 0
         self.updates = 0
         self.layers: list[tuple[str, QuantConv2d, int, LayerOscillationState]] = []
@@ -288,11 +287,22 @@ class OscillationTracker:
 
     def epoch_summary(self) -> dict[str, float]:
         """Model-level stats since the last call (resets the window), weighted by weights."""
-        return _aggregate([state.pop_stats() for _, _, _, state in self.layers])
+        return self._by_bits([state.pop_stats() for _, _, _, state in self.layers])
 
     def summary(self) -> dict[str, float]:
         """Model-level stats of the latest state, rates averaged over the whole run."""
-        return _aggregate([state.run_stats() for _, _, _, state in self.layers])
+        return self._by_bits([state.run_stats() for _, _, _, state in self.layers])
+
+    def _by_bits(self, stats: list[dict[str, float]]) -> dict[str, float]:
+        widths = sorted({bits for _, _, bits, _ in self.layers})
+        if len(widths) <= 1:
+            return _aggregate(stats)
+        headline = self.headline_bits if self.headline_bits in widths else widths[0]
+        out = _aggregate([s for s, (_, _, b, _) in zip(stats, self.layers, strict=True) if b == headline])
+        for width in widths:
+            part = _aggregate([s for s, (_, _, b, _) in zip(stats, self.layers, strict=True) if b == width])
+            out.update({f"{k}_w{width}": v for k, v in part.items()})
+        return out
 
     def layer_table(self) -> list[dict[str, Any]]:
         rows = []

@@ -45,6 +45,12 @@ class QATSettings:
     ema_tau: float
     track_every: int
     out_dir: str
+    # Nagel et al.'s remedies (all off by default) and LSQ's gradient scale; see config.QATConfig.
+    dampening: float = 0.0
+    dampening_ramp: bool = False
+    freeze_threshold: float = 0.0
+    bn_reestimate: int = 0
+    lsq_grad_scale: bool = False
 
     def to_env(self) -> None:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
@@ -123,6 +129,33 @@ def _map_pair(metrics: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+class DampenedCriterion:
+    """Ultralytics' detection criterion plus the oscillation dampening penalty.
+
+    Ultralytics' loss is the per-image mean loss times the batch size, so the penalty is added
+    as ``batch_size * lambda * L_damp``: lambda keeps its meaning relative to the per-image
+    detection loss whatever the batch.  Only training calls (gradients enabled) add it; the
+    validator's loss calls (inference mode) get the plain criterion.  Every other attribute
+    (E2ELoss' ``update`` and friends) is the wrapped criterion's.
+    """
+
+    def __init__(self, base: Any, dampening: Any) -> None:
+        self.base = base
+        self.dampening = dampening
+
+    def __call__(self, preds: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        loss, items = self.base(preds, batch)
+        if not torch.is_grad_enabled():
+            return loss, items
+        return loss.sum() + batch["img"].shape[0] * self.dampening(), items
+
+    def __getattr__(self, name: str) -> Any:
+        base = self.__dict__.get("base")
+        if base is None:  # during copy/unpickling, before __init__ ran
+            raise AttributeError(name)
+        return getattr(base, name)
+
+
 class QATTrainer(FPTrainer):
     """W4A16 QAT: quantize in ``get_model``, explicit EMA, oscillation tracking, Brevitas-safe saves.
 
@@ -131,6 +164,13 @@ class QATTrainer(FPTrainer):
     live weights, on the same val split: ``paired_metrics`` holds ``val_live`` and ``val_ema``.
     Validation never changes the weights or BN statistics, so one run yields both curves of
     the same training trajectory.
+
+    Remedies (Nagel et al. 2022), each off unless its setting is: ``dampening`` wraps the
+    criterion (:class:`DampenedCriterion`); ``freeze_threshold`` freezes oscillating weights
+    around every optimizer step; ``bn_reestimate`` scores the deployed model once more after
+    re-estimating its BN statistics (``val_bnre``) and saves checkpoints with those statistics,
+    restoring the plain ones so training and the plain curve are unchanged.  Learned scales get
+    their own no-decay parameter group (and, optionally, LSQ's gradient scale).
     """
 
     def __init__(self, *args: Any, settings: QATSettings | None = None, **kwargs: Any) -> None:
@@ -141,18 +181,48 @@ class QATTrainer(FPTrainer):
         self.tracker: Any = None
         self.saved_epochs: list[int] = []
         self.paired_metrics: dict[str, dict[str, float | None]] = {}
+        self.dampening: Any = None
+        self.freezer: Any = None
+        self.bnre_state: dict[str, torch.Tensor] | None = None  # BN stats of the last val_bnre
+        self._bnre_loader: Any = None
         super().__init__(*args, **kwargs)
         self.add_callback("on_pretrain_routine_end", _install_ema)
         self.add_callback("on_pretrain_routine_end", _install_tracker)
+        self.add_callback("on_pretrain_routine_end", _install_dampening)
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
-        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
-        return quantize_model(model, self.recipe)
+        model = quantize_model(super().get_model(cfg=cfg, weights=weights, verbose=verbose), self.recipe)
+        if self.recipe.scaling == "learned" and self.qat_settings.lsq_grad_scale:
+            from yoloqat.quant.scales import register_lsq_grad_scale
+
+            register_lsq_grad_scale(model)
+        return model
+
+    def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """Ultralytics' optimizer, with learned scales moved to a no-decay group ("scale").
+
+        Ultralytics groups parameters by name and type: a Brevitas scale is neither a bias nor a
+        norm weight, so it would get weight decay, which pulls the scale (the grid) towards 0.
+        The freezer's reset is hooked right after ``optimizer.step()``: before Ultralytics'
+        EMA update reads the weights.
+        """
+        from yoloqat.quant.scales import scale_parameters
+
+        optimizer = super().build_optimizer(model, *args, **kwargs)
+        move_to_no_decay_group(optimizer, [p for *_, p in scale_parameters(unwrap_model(model))], "scale")
+        optimizer.register_step_post_hook(self._after_optimizer_step)
+        return optimizer
+
+    def _after_optimizer_step(self, *_: Any) -> None:
+        if self.freezer is not None:
+            self.freezer.apply()
 
     def optimizer_step(self) -> None:
+        if self.freezer is not None:
+            self.freezer.mask_grads()
         super().optimizer_step()
-        if self.tracker is not None:
-            self.tracker.step()
+        if self.tracker is not None and self.tracker.step() and self.freezer is not None:
+            self.freezer.update()
 
     def validate(self) -> tuple[Any, Any]:
         metrics, fitness = super().validate()
@@ -164,7 +234,42 @@ class QATTrainer(FPTrainer):
             self.paired_metrics["val_live"] = self._validate_live()
         else:
             self.paired_metrics["val_live"] = _map_pair(metrics)
+        if self.qat_settings.bn_reestimate > 0:
+            self.paired_metrics["val_bnre"] = self._validate_bnre()
         return metrics, fitness
+
+    def _validate_bnre(self) -> dict[str, float | None]:
+        """Score the deployed model after BN re-estimation; keep those stats for the checkpoint.
+
+        Re-estimation runs on ``ema.ema`` in place and its BN statistics are restored exactly
+        afterwards, with the RNG state: the plain curve, the EMA and training are unchanged."""
+        from yoloqat.quant.bn_reestimate import bn_state, load_bn_state, reestimate_bn
+
+        model = self.ema.ema
+        plain = bn_state(model)
+        try:
+            with preserved_rng():
+                reestimate_bn(model, self._bnre_images(), self.qat_settings.bn_reestimate)
+                self.bnre_state = bn_state(model)
+                scored = self.validator(self)
+        finally:
+            load_bn_state(model, plain)
+        return _map_pair(scored or {})
+
+    def _bnre_images(self) -> Iterator[torch.Tensor]:
+        """Training images, augmentation-free and in a fixed order, continuing across calls.
+
+        A loader of its own: drawing from the training loader would shift the batches training
+        sees.  Ultralytics' loader keeps one iterator, so successive re-estimations walk on
+        through the training split instead of reusing its first batches."""
+        if self._bnre_loader is None:
+            from yoloqat.train.validation import calibration_batches
+
+            self._bnre_loader = calibration_batches(
+                str(self.args.data), int(self.args.imgsz), int(self.batch_size), split="train"
+            )
+        for batch in self._bnre_loader:
+            yield batch["img"].to(self.device).float() / 255
 
     def _validate_live(self) -> dict[str, float | None]:
         """Score the live fake-quant weights with the same validator (it reads ``ema.ema``).
@@ -187,6 +292,10 @@ class QATTrainer(FPTrainer):
             row.update({f"{group}/{k}": v for k, v in values.items()})
         if self.tracker is not None:
             row.update(self.tracker.epoch_summary())
+        if self.freezer is not None:
+            row["osc/frac_frozen"] = self.freezer.frac_frozen()
+        if self.dampening is not None:
+            row.update(self.dampening.pop_stats())
         return row
 
     def save_model(self) -> bool:
@@ -199,11 +308,29 @@ class QATTrainer(FPTrainer):
         ema_model = self.ema.ema
         is_best = self.best_fitness == self.fitness
         info = {"epoch": self.epoch + 1, "fitness": finite_or_none(self.fitness)}
-        save_qat_checkpoint(ema_model, self.recipe, out / "last", info=info, names=self.data["names"])
-        if is_best:
-            save_qat_checkpoint(ema_model, self.recipe, out / "best", info=info, names=self.data["names"])
+        with self._bnre_statistics(ema_model):
+            if self.bnre_state is not None:
+                info["bn_reestimated"] = self.qat_settings.bn_reestimate
+            save_qat_checkpoint(ema_model, self.recipe, out / "last", info=info, names=self.data["names"])
+            if is_best:
+                save_qat_checkpoint(ema_model, self.recipe, out / "best", info=info, names=self.data["names"])
         self.saved_epochs.append(self.epoch + 1)
         return True
+
+    @contextmanager
+    def _bnre_statistics(self, model: nn.Module) -> Iterator[None]:
+        """With BN re-estimation on, the saved (deployed) model carries the re-estimated stats."""
+        if self.bnre_state is None:
+            yield
+            return
+        from yoloqat.quant.bn_reestimate import bn_state, load_bn_state
+
+        plain = bn_state(model)
+        load_bn_state(model, self.bnre_state)
+        try:
+            yield
+        finally:
+            load_bn_state(model, plain)
 
     def final_eval(self) -> None:
         # Ultralytics' final_eval reloads best.pt and rewrites it in fp16; the QAT checkpoints
@@ -211,10 +338,52 @@ class QATTrainer(FPTrainer):
         return None
 
 
+def move_to_no_decay_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], label: str) -> None:
+    """Take ``params`` out of their groups and add them as one group without weight decay.
+
+    The new group copies the settings (lr, betas / momentum) of the group they came from, with
+    Ultralytics' ``param_group`` label, so warm-up and the lr schedule treat it like the rest."""
+    if not params:
+        return
+    ids = {id(p) for p in params}
+    source: dict[str, Any] | None = None
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in ids]
+        if len(kept) != len(group["params"]):
+            source = source or group
+            group["params"] = kept
+    if source is None:
+        raise ValueError("none of the parameters is in the optimizer")
+    settings = {k: v for k, v in source.items() if k != "params"}
+    optimizer.add_param_group({**settings, "params": list(params), "weight_decay": 0.0, "param_group": label})
+
+
 def _install_tracker(trainer: QATTrainer) -> None:
     from yoloqat.quant.oscillation import OscillationTracker
 
-    if RANK in {-1, 0}:
+    s = trainer.qat_settings
+    # Freezing acts on the weights, so every DDP rank must take the same decisions: each keeps
+    # its own tracker (the weights are identical on all ranks).  Without freezing only the rank
+    # that logs needs one.
+    if RANK in {-1, 0} or s.freeze_threshold > 0:
         trainer.tracker = OscillationTracker(
-            unwrap_model(trainer.model), every=trainer.qat_settings.track_every
+            unwrap_model(trainer.model), every=s.track_every, headline_bits=trainer.recipe.bits
         )
+    if s.freeze_threshold > 0:
+        from yoloqat.quant.freezing import WeightFreezer
+
+        trainer.freezer = WeightFreezer(trainer.tracker, s.freeze_threshold)
+
+
+def _install_dampening(trainer: QATTrainer) -> None:
+    s = trainer.qat_settings
+    if s.dampening <= 0:
+        return
+    from yoloqat.quant.dampening import Dampening
+
+    model = unwrap_model(trainer.model)
+    if getattr(model, "criterion", None) is None:
+        model.criterion = model.init_criterion()
+    total = int(trainer.epochs) * len(trainer.train_loader)
+    trainer.dampening = Dampening(model, s.dampening, ramp=s.dampening_ramp, total_steps=total)
+    model.criterion = DampenedCriterion(model.criterion, trainer.dampening)

@@ -1,0 +1,62 @@
+"""Learned quantizer scales: which parameters they are, and LSQ's gradient scale.
+
+With ``scaling: learned`` each QuantConv2d owns a trainable Brevitas parameter
+(``weight_quant.tensor_quant.scaling_impl.value``, the clipping threshold ``s * int_max``).  Two
+things differ from an ordinary weight:
+
+* weight decay would pull the scale towards 0, i.e. shrink the grid and clip more weights, so
+  the trainer puts the scales in a parameter group without decay;
+* LSQ (Esser et al., ICLR 2020) multiplies the scale's gradient by ``g = 1 / sqrt(N * Q_P)``
+  (N weights quantized with one scale value, Q_P the largest integer) so that the scale's
+  update is not much larger than the weights' relative to its size.  Here N is the number of
+  weights per scale value: per output channel for per-channel scales, the whole tensor for a
+  per-tensor scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from yoloqat.quant.convert import quant_convs, weight_int_max
+
+
+def scale_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:
+    """``(name, quant conv, parameter)`` of every trainable parameter of a weight quantizer."""
+    for name, q in quant_convs(model):
+        for pname, p in q.weight_quant.named_parameters():
+            if p.requires_grad:
+                yield f"{name}.weight_quant.{pname}", q, p
+
+
+def lsq_grad_scale(weights_per_scale: int, int_max: int) -> float:
+    """LSQ's ``1 / sqrt(N * Q_P)``."""
+    return 1.0 / math.sqrt(weights_per_scale * int_max)
+
+
+def register_lsq_grad_scale(model: nn.Module) -> dict[str, float]:
+    """Multiply every learned scale's gradient by its LSQ factor; returns {name: factor}.
+
+    A tensor hook scales the gradient as it arrives, before any optimizer (or gradient
+    clipping) sees it.
+    """
+    factors = {}
+    for name, q, p in scale_parameters(model):
+        per_scale = q.weight.numel() // max(p.numel(), 1)
+        g = lsq_grad_scale(per_scale, weight_int_max(q))
+        p.register_hook(_Scaled(g))
+        factors[name] = g
+    return factors
+
+
+class _Scaled:
+    """A picklable gradient hook (a lambda would not survive ``copy.deepcopy`` of the model)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.factor

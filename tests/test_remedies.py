@@ -1,0 +1,250 @@
+"""Nagel et al.'s remedies and learned-scale handling, on hand-computed tensors.
+
+Dampening (loss value and gradient), iterative freezing (right integer, no further update),
+BN re-estimation (statistics of a manual pass), the no-decay scale group and LSQ's gradient scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from yoloqat.quant.bn_reestimate import bn_state, load_bn_state, reestimate_bn
+from yoloqat.quant.convert import QuantRecipe, quantize_model, weight_scale
+from yoloqat.quant.dampening import Dampening, cosine_ramp, layer_dampening
+from yoloqat.quant.freezing import WeightFreezer
+from yoloqat.quant.oscillation import OscillationTracker
+from yoloqat.quant.scales import lsq_grad_scale, register_lsq_grad_scale, scale_parameters
+
+
+def one_row_conv(values: list[float], recipe: QuantRecipe | None = None) -> nn.Module:
+    """One quantized 1x4 conv with one output channel holding ``values``."""
+    model = quantize_model(nn.Sequential(nn.Conv2d(1, 1, (1, 4), bias=False)), recipe or QuantRecipe())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor(values).view(1, 1, 1, 4))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# dampening
+
+
+def test_dampening_value_and_gradient_by_hand():
+    # max |w| = 14 -> s = 14 / 7 = 2;  x = w / s = [7, 0.25, -1.625, 2.375]
+    # round(x) = [7, 0, -2, 2];  x - round(x) = [0, 0.25, 0.375, 0.375]
+    # L = 0 + 0.0625 + 0.140625 + 0.140625 = 0.34375
+    # dL/dw = 2 (x - round(x)) / s = [0, 0.25, 0.375, 0.375]  (no gradient through round or s)
+    model = one_row_conv([14.0, 0.5, -3.25, 4.75])
+    q = model[0]
+    loss = layer_dampening(q)
+    assert loss.item() == 0.34375
+    loss.backward()
+    assert q.weight.grad.flatten().tolist() == [0.0, 0.25, 0.375, 0.375]
+
+
+def test_dampening_sums_layers_and_ramps_lambda():
+    model = nn.Sequential(*one_row_conv([14.0, 0.5, -3.25, 4.75]), *one_row_conv([7.0, 0.5, 0.0, 0.0]))
+    # layer 2: s = 1, x - round(x) = [0, 0.5, 0, 0] -> 0.25; total 0.34375 + 0.25
+    damp = Dampening(model, weight=0.1, ramp=True, total_steps=4)
+    assert damp.penalty().item() == 0.59375
+    assert cosine_ramp(0, 4) == 0.0 and cosine_ramp(4, 4) == 1.0
+    assert cosine_ramp(2, 4) == pytest.approx(0.5, abs=1e-15)  # cos(pi / 2) is 6e-17 in floats
+    assert cosine_ramp(1, 4) == pytest.approx(0.5 * (1 - math.cos(math.pi / 4)))
+    assert cosine_ramp(9, 4) == 1.0
+    weighted = [damp().item() for _ in range(3)]  # steps 0, 1, 2
+    assert weighted[0] == 0.0
+    assert weighted[1] == pytest.approx(0.1 * cosine_ramp(1, 4) * 0.59375)
+    assert weighted[2] == pytest.approx(0.05 * 0.59375)
+    assert damp.pop_stats() == {"damp/penalty": 0.59375, "damp/lambda": pytest.approx(0.05)}
+    assert damp.pop_stats() == {"damp/penalty": 0.0, "damp/lambda": pytest.approx(0.05)}  # window reset
+    flat = Dampening(model, weight=0.1)
+    assert flat.lambda_at(0) == flat.lambda_at(1000) == 0.1
+
+
+def test_dampened_criterion_adds_batch_size_times_penalty_only_in_training():
+    from yoloqat.train.trainer import DampenedCriterion
+
+    class Base:
+        updated = False
+
+        def __call__(self, preds, batch):
+            return torch.tensor([1.0, 2.0, 3.0]) * batch["img"].shape[0], {"box": 1.0}
+
+        def update(self):
+            self.updated = True
+
+    model = one_row_conv([14.0, 0.5, -3.25, 4.75])  # penalty 0.34375
+    crit = DampenedCriterion(Base(), Dampening(model, weight=2.0))
+    batch = {"img": torch.zeros(4, 1, 1, 4)}
+    loss, items = crit(None, batch)
+    assert loss.item() == 6.0 * 4 + 4 * 2.0 * 0.34375 and items == {"box": 1.0}
+    loss.backward()
+    assert model[0].weight.grad.flatten().tolist() == [0.0, 2.0, 3.0, 3.0]  # 4 * 2 * [0, .25, .375, .375]
+    with torch.no_grad():
+        plain, _ = crit(None, batch)
+    assert plain.tolist() == [4.0, 8.0, 12.0]
+    crit.update()  # E2ELoss' per-epoch update reaches the wrapped criterion
+    assert crit.base.updated
+    assert copy.deepcopy(crit).dampening.weight == 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# freezing
+
+
+def test_freezing_uses_the_running_integer_and_stops_updates():
+    # s = 1 (max |w| = 7).  Weight 1 goes 2.2, 3.2, 2.2, 3.2: integers 2, 3, 2, 3.
+    # tracker (m = 0.25): f = 0, 0, 0.25, 0.4375 -> above 0.4 at the 4th update.
+    # integer EMA: 2, 2.25, 2.1875, 2.390625 -> frozen at round(2.390625) = 2, though it sits on 3.
+    model = one_row_conv([7.0, 2.2, 0.2, -0.3])
+    w = model[0].weight
+    tracker = OscillationTracker(model, momentum=0.25)
+    freezer = WeightFreezer(tracker, threshold=0.4)
+    for t, value in enumerate([2.2, 3.2, 2.2, 3.2]):
+        with torch.no_grad():
+            w[0, 0, 0, 1] = value
+        assert tracker.step()
+        freezer.update()
+        if t < 3:
+            assert freezer.frac_frozen() == 0.0
+    assert freezer.int_ema[0].flatten().tolist() == [7.0, 2.390625, 0.0, 0.0]
+    assert freezer.frozen[0].flatten().tolist() == [False, True, False, False]
+    assert w.flatten()[1].item() == 2.0  # set to integer * scale at once
+    assert freezer.frozen_count() == (1, 4) and freezer.frac_frozen() == 0.25
+
+    # No further update: its gradient is masked, and weight decay (which also shrinks the scale
+    # through the max-abs weight) is undone right after the step, at the *new* scale.
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=0.5)
+    opt.register_step_post_hook(lambda *_: freezer.apply())
+    for _ in range(3):
+        w.grad = torch.tensor([0.0, 1.0, 1.0, -1.0]).view_as(w)
+        freezer.mask_grads()
+        assert w.grad.flatten().tolist() == [0.0, 0.0, 1.0, -1.0]
+        opt.step()
+        tracker.step()
+        freezer.update()
+        s = weight_scale(model[0])
+        assert w.flatten()[1].item() == (2.0 * s).item()
+        assert torch.round(w / s).flatten()[1].item() == 2.0
+    assert s.item() < 1.0  # the scale did move
+    assert freezer.frozen_count() == (1, 4)  # the non-oscillating weights never froze
+
+
+def test_freezer_rejects_a_threshold_of_zero():
+    with pytest.raises(ValueError):
+        WeightFreezer(OscillationTracker(one_row_conv([7.0, 0, 0, 0])), threshold=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# BN re-estimation
+
+
+def test_bn_reestimate_cumulative_average_by_hand():
+    bn = nn.BatchNorm2d(1)
+    model = nn.Sequential(bn).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(9.0)
+        bn.running_var.fill_(9.0)
+    batches = [torch.tensor([1.0, 3.0]).view(2, 1, 1, 1), torch.tensor([5.0, 7.0]).view(2, 1, 1, 1)]
+    before = bn_state(model)
+    # batch means 2 and 6 -> 4; unbiased batch variances 2 and 2 -> 2
+    assert reestimate_bn(model, iter(batches), 2) == 2
+    assert bn.running_mean.item() == 4.0 and bn.running_var.item() == 2.0
+    assert bn.num_batches_tracked.item() == 2
+    assert bn.momentum == 0.1 and not model.training and not bn.training  # restored
+    assert reestimate_bn(model, iter(batches), 1) == 1  # only the first batch
+    assert (bn.running_mean.item(), bn.running_var.item()) == (2.0, 2.0)
+    load_bn_state(model, before)
+    assert (bn.running_mean.item(), bn.running_var.item(), bn.num_batches_tracked.item()) == (9.0, 9.0, 0)
+    assert reestimate_bn(model, iter([]), 3) == 0  # nothing to estimate on: left as it was
+    assert bn.running_mean.item() == 9.0
+
+
+def test_bn_reestimate_equals_a_manual_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5)
+    ).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_b" not in k}
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    reestimate_bn(model, iter(batches), 3)
+
+    conv1, bn1, _, conv2, bn2 = model
+    means1, vars1, means2, vars2 = [], [], [], []
+    with torch.no_grad():
+        for x in batches:
+            y = conv1(x)
+            means1.append(y.mean((0, 2, 3)))
+            vars1.append(y.var((0, 2, 3), unbiased=True))
+            # train-mode BN normalises with the batch's own (biased) statistics
+            z = conv2(F.relu(F.batch_norm(y, None, None, bn1.weight, bn1.bias, True, 0.0, bn1.eps)))
+            means2.append(z.mean((0, 2, 3)))
+            vars2.append(z.var((0, 2, 3), unbiased=True))
+    for bn, means, variances in ((bn1, means1, vars1), (bn2, means2, vars2)):
+        torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(bn.running_var, torch.stack(variances).mean(0), rtol=1e-6, atol=1e-7)
+    for k, v in weights.items():
+        assert model.state_dict()[k].equal(v), k  # weights and BN affine untouched
+
+
+# --------------------------------------------------------------------------------------------
+# learned scales: no-decay group, LSQ gradient scale
+
+
+def _learned(granularity: str = "per_channel") -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1))
+    return quantize_model(model, QuantRecipe(scaling="learned", granularity=granularity))
+
+
+@pytest.mark.parametrize("scaling", ["learned", "maxabs"])
+def test_learned_scales_land_in_a_no_decay_group(scaling):
+    from yoloqat.train.trainer import QATTrainer
+
+    model = _learned() if scaling == "learned" else quantize_model(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), QuantRecipe()
+    )
+    trainer = QATTrainer.__new__(QATTrainer)  # build_optimizer needs no dataset or settings
+    trainer.freezer = None
+    opt = trainer.build_optimizer(model, name="AdamW", lr=1e-3, momentum=0.9, decay=5e-4)
+    groups = {g["param_group"]: g for g in opt.param_groups}
+    ids = lambda g: {id(p) for p in g["params"]}
+    scales = {id(p) for *_, p in scale_parameters(model)}
+    if scaling == "maxabs":
+        assert not scales and "scale" not in groups
+        return
+    assert len(scales) == 2
+    assert ids(groups["scale"]) == scales and groups["scale"]["weight_decay"] == 0.0
+    assert groups["scale"]["lr"] == groups["weight"]["lr"] == 1e-3
+    assert groups["weight"]["weight_decay"] == 5e-4
+    assert ids(groups["weight"]) == {id(model[0].weight), id(model[2].weight)}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_lsq_gradient_scale_is_one_over_sqrt_n_qp(granularity):
+    plain = _learned(granularity)
+    scaled = copy.deepcopy(plain)
+    factors = register_lsq_grad_scale(scaled)
+    # per channel: conv 0 has 3*3*3 = 27 weights per scale, conv 2 has 4; per tensor 108 and 32.
+    n0, n2 = (27, 4) if granularity == "per_channel" else (108, 32)
+    assert list(factors.values()) == [1 / math.sqrt(n0 * 7), 1 / math.sqrt(n2 * 7)]
+    assert lsq_grad_scale(27, 7) == 1 / math.sqrt(189)
+    x = torch.randn(2, 3, 6, 6)
+    for m in (plain, scaled):
+        m.train()
+        m(x).square().sum().backward()
+    for (_, _, p), (name, _, s) in zip(scale_parameters(plain), scale_parameters(scaled), strict=True):
+        torch.testing.assert_close(s.grad, p.grad * factors[name], rtol=1e-6, atol=0)
+    for a, b in ((plain[0].weight, scaled[0].weight), (plain[2].weight, scaled[2].weight)):
+        assert a.grad.equal(b.grad)  # weights' gradients untouched
