@@ -122,8 +122,11 @@ def test_evaluate_stage_rejects_an_unknown_runtime_in_one_line(tmp_path):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert lines == [
-        "evaluate: error: params: evaluate.runtimes=['onnxruntime', 'tensorrt'] is not allowed;"
-        " expected a list of onnxruntime | openvino without repeats, including onnxruntime"
+        (
+            "evaluate: error: params: evaluate.runtimes=['onnxruntime', 'tensorrt'] is not"
+            " allowed; expected a list of onnxruntime | openvino without repeats, including"
+            " onnxruntime"
+        )
     ]
     assert not (tmp_path / "results").exists()
 

@@ -352,7 +352,7 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
 def _runtimes(key: str, value: Any) -> tuple[str, ...]:
     allowed = "a list of " + " | ".join(EVAL_RUNTIMES) + " without repeats, including onnxruntime"
     ok = (
-        isinstance(value, list)
+        isinstance(value, (list, tuple))  # a tuple is the dataclass default of an omitted key
         and all(name in EVAL_RUNTIMES for name in value)
         and len(set(value)) == len(value)
         and "onnxruntime" in value
