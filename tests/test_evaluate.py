@@ -26,7 +26,7 @@ from yoloqat.deploy.scoring import (
 )
 from yoloqat.errors import DataError, EvaluateError
 from yoloqat.offline import configure_offline
-from yoloqat.pipeline.evaluate import evaluate_models
+from yoloqat.pipeline.evaluate import evaluate_models, format_table
 
 # Before anything imports ultralytics (the modules above import it lazily, inside functions).
 configure_offline()
@@ -416,6 +416,8 @@ def test_evaluate_scores_and_times_openvino_beside_onnxruntime(tiny_pipeline, tm
     assert abs(m["openvino_w4a16_mAP50-95"] - m["w4a16_mAP50-95"]) <= 1e-3
     assert abs(m["openvino_fp32_mAP50-95"] - m["fp32_mAP50-95"]) <= 1e-3
     assert m["openvino_parity_ok"] is True
+    table = format_table(m)
+    assert "W4A16 OpenVINO" in table and "FP32 OpenVINO" in table and "|OV - PyTorch|" in table
 
 
 def test_openvino_requested_but_not_installed_is_one_line(tiny_pipeline, tmp_path, monkeypatch):

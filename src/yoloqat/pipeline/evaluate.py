@@ -95,6 +95,13 @@ def format_table(m: dict[str, Any]) -> str:
                      f(m["w4a16_throughput_ips"], ".1f")))
         rows.append(("W4A16 PyTorch fake-quant", f(m["pytorch_w4a16_mAP50-95"], ".4f"),
                      f(m["pytorch_w4a16_mAP50"], ".4f"), "-", "-", "-"))
+    for key, label in (("fp32", "FP32 OpenVINO"), ("w4a16", "W4A16 OpenVINO")):
+        if m.get(f"openvino_{key}_mAP50-95") is not None:
+            size = m[f"{key}_size_bytes"]
+            rows.append((label, f(m[f"openvino_{key}_mAP50-95"], ".4f"),
+                         f(m[f"openvino_{key}_mAP50"], ".4f"), f(size / 1e6, ".2f"),
+                         f(m[f"openvino_{key}_latency_ms"], ".2f"),
+                         f(m[f"openvino_{key}_throughput_ips"], ".1f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
@@ -105,6 +112,10 @@ def format_table(m: dict[str, Any]) -> str:
                 f"{m['parity_abs_diff']:.4f} ({'ok' if m['parity_ok'] else 'OVER 0.005'}); "
                 f"size ratio {m['size_ratio']:.3f}; latency ratio {m['latency_ratio']:.2f} "
                 f"(prefolded {m['w4a16_prefolded_latency_ratio']:.2f}); {m['seconds']} s")
+        if m.get("openvino_parity_abs_diff") is not None:
+            tail += (f"\nOpenVINO: |OV - PyTorch| {m['openvino_parity_abs_diff']:.4f} "
+                     f"({'ok' if m['openvino_parity_ok'] else 'OVER 0.005'}); latency ratio "
+                     f"{m['openvino_latency_ratio']:.2f}")
     return "\n".join([head, *lines, tail])
 
 
