@@ -64,6 +64,9 @@ def test_repo_params_load_with_documented_defaults():
         ({"correction__lr": -1.0}, "correction.lr=-1.0"),
         ({"export__opset": 17}, "export.opset=17"),
         ({"evaluate__device": "tpu"}, "evaluate.device='tpu'"),
+        ({"evaluate__runtimes": ["onnxruntime", "tensorrt"]}, "evaluate.runtimes=['onnxruntime', 'tensorrt']"),
+        ({"evaluate__runtimes": ["openvino"]}, "evaluate.runtimes=['openvino']"),
+        ({"evaluate__runtimes": "openvino"}, "evaluate.runtimes='openvino'"),
         ({"stability__collapse_ratio": 0.9}, "stability.dip_ratio=0.6"),
         ({"stability__smooth_epochs": 0}, "stability.smooth_epochs=0"),
         ({"stability__learned_fraction": 1.5}, "stability.learned_fraction=1.5"),
@@ -118,6 +121,24 @@ def test_stage_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
         )
     ]
     assert not (tmp_path / "data").exists()
+
+
+def test_evaluate_stage_rejects_an_unknown_runtime_in_one_line(tmp_path):
+    path = write_params(tmp_path, evaluate__runtimes=["onnxruntime", "tensorrt"])
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "evaluate.py"), "--params", str(path)],
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines == [
+        (
+            "evaluate: error: params: evaluate.runtimes=['onnxruntime', 'tensorrt'] is not"
+            " allowed; expected a list of onnxruntime | openvino without repeats, including"
+            " onnxruntime"
+        )
+    ]
+    assert not (tmp_path / "results").exists()
 
 
 def test_missing_params_file(tmp_path):

@@ -26,7 +26,7 @@ from yoloqat.deploy.scoring import (
 )
 from yoloqat.errors import DataError, EvaluateError
 from yoloqat.offline import configure_offline
-from yoloqat.pipeline.evaluate import evaluate_models
+from yoloqat.pipeline.evaluate import evaluate_models, format_table
 
 # Before anything imports ultralytics (the modules above import it lazily, inside functions).
 configure_offline()
@@ -389,3 +389,51 @@ def test_mAP_parity_on_boxes_the_fake_quant_model_finds(tiny_pipeline, tmp_path)
     assert m["pytorch_w4a16_mAP50-95"] > 0.5
     assert m["w4a16_mAP50-95"] > 0.5
     assert m["parity_abs_diff"] <= 0.005
+
+
+def test_evaluate_scores_and_times_openvino_beside_onnxruntime(tiny_pipeline, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
+    import dataclasses
+    import shutil
+
+    root, cfg = tiny_pipeline
+    for d in ("models", "data", "results"):
+        shutil.copytree(root / d, tmp_path / d)
+    ev = dataclasses.replace(cfg.evaluate, runtimes=("onnxruntime", "openvino"))
+    m = evaluate_models(dataclasses.replace(cfg, root=tmp_path, evaluate=ev))
+    assert m == json.loads((tmp_path / "results/evaluate/metrics.json").read_text())
+    assert m["runtimes"] == ["onnxruntime", "openvino"] and m["openvino_version"]
+    for key in (
+        "openvino_fp32_mAP50-95",
+        "openvino_w4a16_mAP50-95",
+        "openvino_w4a16_latency_ms",
+        "openvino_latency_ratio",
+        "openvino_vs_onnxruntime_w4a16_latency_ratio",
+        "openvino_w4a16_throughput_ips",
+    ):
+        assert m[key] is not None, key
+    # one file, two runtimes, the same detections up to float rounding
+    assert abs(m["openvino_w4a16_mAP50-95"] - m["w4a16_mAP50-95"]) <= 1e-3
+    assert abs(m["openvino_fp32_mAP50-95"] - m["fp32_mAP50-95"]) <= 1e-3
+    assert m["openvino_parity_ok"] is True
+    table = format_table(m)
+    assert "W4A16 OpenVINO" in table and "FP32 OpenVINO" in table and "|OV - PyTorch|" in table
+
+
+def test_openvino_requested_but_not_installed_is_one_line(tiny_pipeline, tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    root, cfg = tiny_pipeline
+    for d in ("models", "data", "results"):
+        shutil.copytree(root / d, tmp_path / d)
+    shutil.rmtree(tmp_path / "results/evaluate", ignore_errors=True)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    ev = dataclasses.replace(cfg.evaluate, runtimes=("onnxruntime", "openvino"))
+    with pytest.raises(EvaluateError) as err:
+        evaluate_models(dataclasses.replace(cfg, root=tmp_path, evaluate=ev))
+    assert str(err.value) == (
+        "evaluate.runtimes includes openvino but OpenVINO is not installed;"
+        " pip install -e '.[openvino]' or remove openvino from evaluate.runtimes"
+    )
+    assert not (tmp_path / "results/evaluate").exists()

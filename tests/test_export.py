@@ -277,3 +277,100 @@ def test_diverged_qat_exports_fp32_only(exported, tmp_path):
     assert not (tmp_path / "models/onnx/w4a16.onnx").exists()
     on_disk = json.loads((tmp_path / "results/export/metrics.json").read_text())
     assert on_disk["status"] == "skipped_diverged"
+
+
+# --------------------------------------------------------------------------------------------
+# beyond onnxruntime: the Split -> Slice inputs of int-weight convs, and OpenVINO
+
+
+def split_then_int4_conv() -> onnx.ModelProto:
+    """x -> Split(2, 6) -> (a, b); b -> 1x1 Conv with an INT4 DequantizeLinear weight; the pattern
+    of YOLOv10's PSA block that OpenVINO 2026.4 cannot compile."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-7, 8, size=(4, 6, 1, 1)).astype(np.int8)
+    graph = helper.make_graph(
+        [
+            helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0),
+            helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=1, name="split"),
+            helper.make_node("Conv", ["b", "w"], ["c"], name="conv"),
+            helper.make_node("Concat", ["a", "c", "b"], ["y"], axis=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 12, 5, 5])],
+        [
+            helper.make_tensor("wq", TensorProto.INT4, q.shape, q, raw=True),
+            numpy_helper.from_array(rng.random(4).astype(np.float32), "ws"),
+            numpy_helper.from_array(np.array([2, 6], dtype=np.int64), "sizes"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_int_convs_read_split_outputs_through_an_equal_slice():
+    from yoloqat.deploy.split_to_slice import slice_int_conv_inputs
+
+    before = split_then_int4_conv()
+    after = split_then_int4_conv()
+    assert slice_int_conv_inputs(after) == 1
+    onnx.checker.check_model(after, full_check=True)
+    ops = {n.name: n for n in after.graph.node}
+    assert ops["conv"].input[0] == "split_slice1_output"
+    assert ops["split"].output == ["a", "b"]  # the Split still feeds Concat
+    assert slice_int_conv_inputs(after) == 0  # nothing left to rewire
+    x = np.random.default_rng(1).random((2, 8, 5, 5), dtype=np.float32)
+
+    def run(proto: onnx.ModelProto) -> np.ndarray:
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0]
+
+    assert np.array_equal(run(before), run(after))  # bit for bit: both ops only copy
+
+
+def test_exported_int_convs_never_read_a_split_output(exported):
+    root, metrics, _ = exported
+    proto = onnx.load(root / "models/onnx/w4a16.onnx")
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    dq = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    int_conv_inputs = [
+        producers.get(n.input[0]) for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in dq
+    ]
+    assert all(p is None or p.op_type != "Split" for p in int_conv_inputs)
+    sliced = [p for p in int_conv_inputs if p is not None and p.op_type == "Slice"]
+    # yolov10n: 8 C2f/C2fCIB bottlenecks and the PSA block's qkv conv read their split's 2nd half
+    assert metrics["int_conv_splits_sliced"] == len(sliced) == 9
+
+
+def test_openvino_compiles_the_int4_model_and_matches_onnxruntime(exported):
+    ov = pytest.importorskip(
+        "openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')"
+    )
+    from yoloqat.data.splits import letterbox_batch, read_split
+    from yoloqat.deploy.openvino_runtime import compile_openvino, openvino_runner
+
+    root, metrics, fq = exported
+    path = root / "models/onnx/w4a16.onnx"
+    # OpenVINO reads the weights as INT4 constants, one per int conv: no float expansion
+    int4 = [
+        op
+        for op in ov.Core().read_model(str(path)).get_ops()
+        if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i4
+    ]
+    assert len(int4) == metrics["int4_convs"]
+
+    samples, _ = read_split(root / "data/prepared/dataset.yaml", "val", require_labels=False)
+    x = letterbox_batch(samples, IMGSZ)  # the val images, preprocessed as evaluate does
+    ov_out = openvino_runner(compile_openvino(path, threads=1))(x)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ort_out = sess.run(None, {"images": x})[0]
+    assert ov_out.shape == ort_out.shape == (len(samples), 300, 6)
+    # the random model ties many scores, so rows may be ordered differently: compare the sorted
+    # scores of the two runtimes and each runtime's rows with PyTorch's dense predictions
+    assert np.abs(np.sort(ov_out[..., 4], 1) - np.sort(ort_out[..., 4], 1)).max() < 1e-4
+    ref, dense = torch_end2end_dense(
+        prepare_end2end(fq, IMGSZ, 300, export=False), torch.from_numpy(x)
+    )
+    assert compare_end2end(ov_out, ref, dense)["max_abs_diff"] < 1e-3
+    assert compare_end2end(ort_out, ref, dense)["max_abs_diff"] < 1e-3

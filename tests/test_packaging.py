@@ -39,8 +39,9 @@ def test_pixi_names_the_same_dependencies_as_pyproject():
         if env == "cu128":  # the GPU build of onnxruntime replaces the CPU one
             expected = (expected - {"onnxruntime"}) | {_name(r) for r in py["project"]["optional-dependencies"]["gpu"]}
         assert names == expected, (env, names ^ expected)
-    dev = {_name(r) for r in py["project"]["optional-dependencies"]["dev"]}
-    assert {n.lower() for n in pixi["feature"]["dev"]["pypi-dependencies"]} == dev
+    for extra in ("dev", "openvino"):
+        names = {_name(r) for r in py["project"]["optional-dependencies"][extra]}
+        assert {n.lower() for n in pixi["feature"][extra]["pypi-dependencies"]} == names, extra
 
 
 def test_console_script_and_python_floor():

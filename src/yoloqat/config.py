@@ -28,6 +28,8 @@ QAT_INITS = ("fp", "scratch")
 GRANULARITIES = ("per_channel", "per_tensor")
 SCALINGS = ("maxabs", "learned")
 EVAL_DEVICES = ("cpu", "cuda")
+# onnxruntime is the reference runtime (the headline metrics); the others run beside it.
+EVAL_RUNTIMES = ("onnxruntime", "openvino")
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -214,6 +216,7 @@ class EvaluateConfig:
     conf: float = 0.001
     latency_warmup: int = 5
     latency_runs: int = 30
+    runtimes: tuple[str, ...] = ("onnxruntime",)
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ class Config:
         d = dataclasses.asdict(self)
         d.pop("root")
         d["ladder"]["seeds"] = list(self.ladder.seeds)
+        d["evaluate"]["runtimes"] = list(self.evaluate.runtimes)
         return d
 
     def resolve(self, path: str | Path) -> Path:
@@ -362,6 +366,19 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         bn_reestimate=_int("qat.bn_reestimate", b.get("bn_reestimate", d.bn_reestimate), 0),
         lsq_grad_scale=lsq,
     )
+
+
+def _runtimes(key: str, value: Any) -> tuple[str, ...]:
+    allowed = "a list of " + " | ".join(EVAL_RUNTIMES) + " without repeats, including onnxruntime"
+    ok = (
+        isinstance(value, (list, tuple))  # a tuple is the dataclass default of an omitted key
+        and all(name in EVAL_RUNTIMES for name in value)
+        and len(set(value)) == len(value)
+        and "onnxruntime" in value
+    )
+    if not ok:
+        raise _fail(key, value, allowed)
+    return tuple(value)
 
 
 def _simple(raw: dict[str, Any], name: str, cls: type, checks: dict[str, Any]) -> Any:
@@ -509,6 +526,7 @@ def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
                 "conf": lambda k, v: _float(k, v, 0.0, 1.0),
                 "latency_warmup": lambda k, v: _int(k, v, 0),
                 "latency_runs": lambda k, v: _int(k, v, 1),
+                "runtimes": _runtimes,
             },
         ),
         stability=stab,

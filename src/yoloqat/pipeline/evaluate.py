@@ -22,6 +22,11 @@ onnxruntime keeps ``DequantizeLinear`` in the graph, so the INT4 weights are exp
 with the dequantization constant-folded once at session load (float weights in RAM, INT4 only on
 disk), measured in the same interleaved loop.
 
+With ``openvino`` in ``evaluate.runtimes`` both files are also compiled by OpenVINO's CPU plugin
+(f32 inference, as many threads as onnxruntime) and go through the same prediction, scoring and
+timing paths: ``openvino_*`` fields beside onnxruntime's, with the W4A16 mAP's parity against
+the same PyTorch fake-quant model, and the OpenVINO models in the same interleaved timing loop.
+
 When the export stage reports ``skipped_diverged`` (QAT diverged, no W4A16 model), only the FP32
 model is scored: the W4A16 fields are null, ``status`` is ``skipped_diverged`` and
 ``predictions_w4a16.json`` is an empty list.
@@ -37,6 +42,8 @@ from typing import Any
 
 from yoloqat.config import Config
 from yoloqat.data.splits import letterbox_batch, read_split
+from yoloqat.deploy.openvino_runtime import DEVICE as OPENVINO_DEVICE
+from yoloqat.deploy.openvino_runtime import compile_openvino, openvino_runner, openvino_version
 from yoloqat.deploy.runtime import measure_speed, onnx_runner, open_session, torch_runner
 from yoloqat.deploy.scoring import (
     coco_ground_truth,
@@ -88,6 +95,13 @@ def format_table(m: dict[str, Any]) -> str:
                      f(m["w4a16_throughput_ips"], ".1f")))
         rows.append(("W4A16 PyTorch fake-quant", f(m["pytorch_w4a16_mAP50-95"], ".4f"),
                      f(m["pytorch_w4a16_mAP50"], ".4f"), "-", "-", "-"))
+    for key, label in (("fp32", "FP32 OpenVINO"), ("w4a16", "W4A16 OpenVINO")):
+        if m.get(f"openvino_{key}_mAP50-95") is not None:
+            size = m[f"{key}_size_bytes"]
+            rows.append((label, f(m[f"openvino_{key}_mAP50-95"], ".4f"),
+                         f(m[f"openvino_{key}_mAP50"], ".4f"), f(size / 1e6, ".2f"),
+                         f(m[f"openvino_{key}_latency_ms"], ".2f"),
+                         f(m[f"openvino_{key}_throughput_ips"], ".1f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
@@ -98,7 +112,57 @@ def format_table(m: dict[str, Any]) -> str:
                 f"{m['parity_abs_diff']:.4f} ({'ok' if m['parity_ok'] else 'OVER 0.005'}); "
                 f"size ratio {m['size_ratio']:.3f}; latency ratio {m['latency_ratio']:.2f} "
                 f"(prefolded {m['w4a16_prefolded_latency_ratio']:.2f}); {m['seconds']} s")
+        if m.get("openvino_parity_abs_diff") is not None:
+            tail += (f"\nOpenVINO: |OV - PyTorch| {m['openvino_parity_abs_diff']:.4f} "
+                     f"({'ok' if m['openvino_parity_ok'] else 'OVER 0.005'}); latency ratio "
+                     f"{m['openvino_latency_ratio']:.2f}")
     return "\n".join([head, *lines, tail])
+
+
+def _openvino_metrics(
+    scores: dict[str, Any], lat: dict[str, float], thr: dict[str, float], skipped: bool
+) -> dict[str, Any]:
+    """The OpenVINO columns beside onnxruntime's: mAP, parity with PyTorch, latency, throughput.
+
+    ``openvino_latency_ratio`` is W4A16 over FP32 within OpenVINO; ``openvino_vs_onnxruntime_*``
+    compare the same file across the two runtimes.
+    """
+    fp = scores["openvino_fp32"]
+    m: dict[str, Any] = {
+        "openvino_version": openvino_version(),
+        "openvino_fp32_mAP50-95": _round(fp["mAP50-95"]),
+        "openvino_fp32_mAP50": _round(fp["mAP50"]),
+        "openvino_w4a16_mAP50-95": None,
+        "openvino_w4a16_mAP50": None,
+        "openvino_parity_abs_diff": None,
+        "openvino_parity_ok": None,
+        "openvino_fp32_latency_ms": _round(lat["openvino_fp32"] * 1e3, 3),
+        "openvino_w4a16_latency_ms": None,
+        "openvino_latency_ratio": None,
+        "openvino_vs_onnxruntime_fp32_latency_ratio": _round(lat["openvino_fp32"] / lat["fp32"], 3),
+        "openvino_vs_onnxruntime_w4a16_latency_ratio": None,
+        "openvino_fp32_throughput_ips": _round(THROUGHPUT_BATCH / thr["openvino_fp32"], 1),
+        "openvino_w4a16_throughput_ips": None,
+    }
+    if skipped:
+        return m
+    w, pt = scores["openvino_w4a16"], scores["pytorch_w4a16"]
+    parity = abs(w["mAP50-95"] - pt["mAP50-95"])
+    m.update(
+        {
+            "openvino_w4a16_mAP50-95": _round(w["mAP50-95"]),
+            "openvino_w4a16_mAP50": _round(w["mAP50"]),
+            "openvino_parity_abs_diff": _round(parity, 6),
+            "openvino_parity_ok": parity <= PARITY_TARGET,
+            "openvino_w4a16_latency_ms": _round(lat["openvino_w4a16"] * 1e3, 3),
+            "openvino_latency_ratio": _round(lat["openvino_w4a16"] / lat["openvino_fp32"], 3),
+            "openvino_vs_onnxruntime_w4a16_latency_ratio": _round(
+                lat["openvino_w4a16"] / lat["w4a16"], 3
+            ),
+            "openvino_w4a16_throughput_ips": _round(THROUGHPUT_BATCH / thr["openvino_w4a16"], 1),
+        }
+    )
+    return m
 
 
 def evaluate_models(cfg: Config) -> dict[str, Any]:
@@ -119,18 +183,25 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
         max_det = k if isinstance(k, int) else cfg.export.max_det
         runners["w4a16"] = onnx_runner(w_sess)
         runners["pytorch_w4a16"] = torch_runner(qat_model, max_det, imgsz)
+    openvino = "openvino" in ev.runtimes
+    if openvino:
+        ov_models = ("fp32",) if w_sess is None else ("fp32", "w4a16")
+        for key in ov_models:
+            path = cfg.resolve(FP32_ONNX if key == "fp32" else W4A16_ONNX)
+            runners[f"openvino_{key}"] = openvino_runner(compile_openvino(path, threads))
 
     preds = predict_split(runners, samples, imgsz, ev.batch, ev.conf)
     scores = {k: detection_metrics(samples, d, names) for k, d in preds.items()}
 
-    onnx_runners = {k: v for k, v in runners.items() if k in ("fp32", "w4a16")}
+    # Every deployed model is timed in one interleaved loop, so all see the same machine load.
+    timed = {k: v for k, v in runners.items() if k != "pytorch_w4a16"}
     if w_sess is not None:
         folded = open_session(cfg.resolve(W4A16_ONNX), imgsz, ev.device, threads, fold_dequantize=True)
-        onnx_runners["w4a16_prefolded"] = onnx_runner(folded)
+        timed["w4a16_prefolded"] = onnx_runner(folded)
     x1 = letterbox_batch(samples[:1], imgsz)
     x8 = letterbox_batch([samples[i % len(samples)] for i in range(THROUGHPUT_BATCH)], imgsz)
-    lat = measure_speed(onnx_runners, x1, ev.latency_warmup, ev.latency_runs)
-    thr = measure_speed(onnx_runners, x8, ev.latency_warmup, ev.latency_runs)
+    lat = measure_speed(timed, x1, ev.latency_warmup, ev.latency_runs)
+    thr = measure_speed(timed, x8, ev.latency_warmup, ev.latency_runs)
 
     fp_size = cfg.resolve(FP32_ONNX).stat().st_size
     m: dict[str, Any] = {
@@ -180,13 +251,17 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
                 ),
             }
         )
+    if openvino:
+        m.update(_openvino_metrics(scores, lat, thr, skipped))
     m.update(
         {
+            "runtimes": list(ev.runtimes),
             "conf": ev.conf,
             "imgsz": imgsz,
             "device": ev.device,
             "providers": fp_sess.get_providers(),
             "ort_intra_op_threads": threads,
+            **({"openvino_device": OPENVINO_DEVICE, "openvino_threads": threads} if openvino else {}),
             "latency_warmup": ev.latency_warmup,
             "latency_runs": ev.latency_runs,
             "throughput_batch": THROUGHPUT_BATCH,

@@ -7,7 +7,8 @@ float model through the same export path.  Both carry YOLOv10's end-to-end head:
 ``(N, max_det, 6)`` = ``x1, y1, x2, y2, score, class`` in input pixels, no external NMS.
 
 BN folding is :mod:`yoloqat.quant.fold`'s, the INT4 graph rewrite and its verification
-:mod:`yoloqat.deploy.int4_onnx`'s and the parity check :mod:`yoloqat.deploy.runtime`'s.
+:mod:`yoloqat.deploy.int4_onnx`'s, the Slice inputs that let OpenVINO compile the INT4 convs
+:mod:`yoloqat.deploy.split_to_slice`'s and the parity check :mod:`yoloqat.deploy.runtime`'s.
 
 A diverged QAT run (``results/qat/metrics.json`` "diverged", ``results/qc/metrics.json``
 "skipped_diverged", or non-finite weights) exports the FP32 model only and writes
@@ -39,6 +40,7 @@ from yoloqat.deploy.int4_onnx import (
     write_onnx,
 )
 from yoloqat.deploy.runtime import compare_end2end, open_session
+from yoloqat.deploy.split_to_slice import slice_int_conv_inputs
 from yoloqat.errors import ExportError
 from yoloqat.paths import (
     DATASET_YAML,
@@ -89,8 +91,11 @@ def build_fp32(cfg: Config, fp_model: nn.Module, imgsz: int) -> Any:
 
 def build_w4a16(
     cfg: Config, qat_model: nn.Module, payload: dict[str, Any], imgsz: int, inplace: bool = False
-) -> tuple[Any, nn.Module, dict[str, FoldedConv], dict[str, str]]:
-    """Fold, export and rewrite the fake-quant model: (proto, deploy model, records, matched).
+) -> tuple[Any, nn.Module, dict[str, FoldedConv], dict[str, str], int]:
+    """Fold, export and rewrite the fake-quant model.
+
+    Returns (proto, deploy model, records, matched, Split nodes whose int-conv outputs are read
+    through Slice).
 
     ``inplace`` turns ``qat_model`` itself into the deploy model instead of copying it.
     """
@@ -110,7 +115,8 @@ def build_w4a16(
     proto = export_onnx(deploy, imgsz, cfg.export.opset, meta)
     matched = quantize_initializers(proto, records)
     verify_int_weights(proto, records, matched)
-    return proto, deploy, records, matched
+    sliced = slice_int_conv_inputs(proto)
+    return proto, deploy, records, matched, sliced
 
 
 def export_models(cfg: Config) -> dict[str, Any]:
@@ -130,11 +136,12 @@ def export_models(cfg: Config) -> dict[str, Any]:
     # Build both graphs in memory first, so a failure leaves no half-written outputs.
     fp_proto = build_fp32(cfg, fp_model, imgsz)
     proto = records = fq_ref = None
+    sliced = 0
     if qat_model is not None:
         # The PyTorch reference first: build_w4a16 then turns the loaded model into the deploy one.
         prepare_end2end(qat_model, imgsz, cfg.export.max_det, export=False)
         fq_ref = torch_end2end_dense(qat_model, torch.from_numpy(x))
-        proto, _, records, _ = build_w4a16(cfg, qat_model, payload, imgsz, inplace=True)
+        proto, _, records, _, sliced = build_w4a16(cfg, qat_model, payload, imgsz, inplace=True)
         counts = conv_weight_kinds(proto)
         n_int = counts["int4_convs"] + counts["int8_convs"]
         if n_int != len(records):
@@ -197,6 +204,7 @@ def export_models(cfg: Config) -> dict[str, Any]:
         "bn_folded_convs": sum(r.bn_folded for r in records.values()),
         "sign_flipped_channels": int(sum((r.sign < 0).sum() for r in records.values())),
         "int_weights_exact": True,
+        "int_conv_splits_sliced": sliced,
         "parity_images": int(x.shape[0]),
         "parity_compared": "onnxruntime w4a16.onnx vs the fake-quant PyTorch model (BN unfolded), "
         "end-to-end (N, max_det, 6) outputs: each ONNX row vs the same-class "
