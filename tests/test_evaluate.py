@@ -27,6 +27,7 @@ from yoloqat.deploy.scoring import (
 from yoloqat.errors import DataError, EvaluateError
 from yoloqat.offline import configure_offline
 from yoloqat.pipeline.evaluate import evaluate_models, format_table
+from yoloqat.provenance import metrics_only, read_metrics
 
 # Before anything imports ultralytics (the modules above import it lazily, inside functions).
 configure_offline()
@@ -278,7 +279,7 @@ def test_evaluate_end_to_end(tiny_pipeline, capsys):
     root, cfg = tiny_pipeline
     m = evaluate_models(cfg)
     out = root / "results/evaluate"
-    on_disk = json.loads((out / "metrics.json").read_text())
+    on_disk = read_metrics(out / "metrics.json")
     assert on_disk == json.loads(json.dumps(m))
     for key in (
         "fp32_mAP50-95",
@@ -401,7 +402,7 @@ def test_evaluate_scores_and_times_openvino_beside_onnxruntime(tiny_pipeline, tm
         shutil.copytree(root / d, tmp_path / d)
     ev = dataclasses.replace(cfg.evaluate, runtimes=("onnxruntime", "openvino"))
     m = evaluate_models(dataclasses.replace(cfg, root=tmp_path, evaluate=ev))
-    assert m == json.loads((tmp_path / "results/evaluate/metrics.json").read_text())
+    assert metrics_only(m) == read_metrics(tmp_path / "results/evaluate/metrics.json")
     assert m["runtimes"] == ["onnxruntime", "openvino"] and m["openvino_version"]
     for key in (
         "openvino_fp32_mAP50-95",

@@ -21,6 +21,7 @@ from yoloqat.deploy.runtime import compare_end2end
 from yoloqat.errors import CheckpointError
 from yoloqat.offline import configure_offline
 from yoloqat.pipeline.export import export_models
+from yoloqat.provenance import read_metrics
 from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint
 from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model
 
@@ -225,7 +226,7 @@ def test_repvggdw_branches_stay_separate_int4_convs(exported):
 
 def test_metrics_report_sizes_and_counts(exported):
     root, _, _ = exported
-    on_disk = json.loads((root / "results/export/metrics.json").read_text())
+    on_disk = read_metrics(root / "results/export/metrics.json")
     assert on_disk["status"] == "exported"
     assert on_disk["w4a16_file_bytes"] == (root / "models/onnx/w4a16.onnx").stat().st_size
     assert on_disk["fp32_file_bytes"] == (root / "models/onnx/fp32.onnx").stat().st_size
@@ -275,7 +276,7 @@ def test_diverged_qat_exports_fp32_only(exported, tmp_path):
     assert metrics["status"] == "skipped_diverged"
     assert (tmp_path / "models/onnx/fp32.onnx").is_file()
     assert not (tmp_path / "models/onnx/w4a16.onnx").exists()
-    on_disk = json.loads((tmp_path / "results/export/metrics.json").read_text())
+    on_disk = read_metrics(tmp_path / "results/export/metrics.json")
     assert on_disk["status"] == "skipped_diverged"
 
 

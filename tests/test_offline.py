@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import traceback
 
@@ -10,6 +9,7 @@ import pytest
 import yaml
 
 from tests.helpers import copy_repo, tiny_params
+from yoloqat.provenance import read_metrics
 
 
 class NetworkBlocked(RuntimeError):
@@ -49,7 +49,7 @@ def test_prepare_and_train_fp_run_with_sockets_blocked(tmp_path, monkeypatch, no
     summary = train_fp(cfg)
     assert summary["status"] == "completed"
     assert (repo / "models/fp/best.pt").is_file()
-    assert json.loads((repo / "results/train_fp/metrics.json").read_text())["epochs"] == 1
+    assert read_metrics(repo / "results/train_fp/metrics.json")["epochs"] == 1
     assert yaml.safe_load((repo / "data/prepared/dataset.yaml").read_text())["nc"] == 6
     assert no_network == []  # nothing even tried to connect
 

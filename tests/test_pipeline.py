@@ -6,6 +6,7 @@ import json
 import sys
 
 from tests.helpers import copy_repo, run, tiny_params
+from yoloqat.provenance import read_metrics
 
 
 def test_dvc_repro_prepare_and_train_fp_then_nothing_to_do(tmp_path):
@@ -20,7 +21,7 @@ def test_dvc_repro_prepare_and_train_fp_then_nothing_to_do(tmp_path):
     meta = json.loads((repo / "models/fp/metadata.json").read_text())
     assert meta["seed"] == 0 and meta["dataset_hash"] == manifest["content_hash"]
     assert meta["git"]["commit"] and "torch" in meta["packages"] and meta["params"]["fp"]["epochs"] == 1
-    metrics = json.loads((repo / "results/train_fp/metrics.json").read_text())
+    metrics = read_metrics(repo / "results/train_fp/metrics.json")
     assert metrics["status"] == "completed" and metrics["epochs"] == 1
     assert 0.0 <= metrics["best"] <= 1.0
     tsv = repo / "results/train_fp/plots/metrics/val/mAP50-95.tsv"

@@ -12,6 +12,7 @@ import yaml
 
 from tests.helpers import REPO, env_with_venv, tiny_params
 from yoloqat.offline import configure_offline
+from yoloqat.provenance import read_metrics
 
 configure_offline()
 
@@ -67,7 +68,7 @@ def _run_qat_stage(repo, extra):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     res = run([sys.executable, str(REPO / "stages" / "qat.py"), "--params", str(repo / "params.yaml")], repo)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    return json.loads((repo / "results/qat/metrics.json").read_text())
+    return read_metrics(repo / "results/qat/metrics.json")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_divergence_is_recorded_not_a_crash(qat_repo, monkeypatch):
     summary = train_qat(load_config(qat_repo / "params.yaml"))
     assert summary["status"] == "diverged"
     assert summary["epochs"] == 1  # stopped in the first epoch instead of running all three
-    saved = json.loads((qat_repo / "results/qat/metrics.json").read_text())
+    saved = read_metrics(qat_repo / "results/qat/metrics.json")
     assert saved["status"] == "diverged"
     assert (qat_repo / "models/qat/last.qat.pt").is_file()
 
@@ -197,7 +198,7 @@ def test_qc_stage_applies_or_passes_through(qat_repo, qc):
     _run_qat_stage(qat_repo, extra)
     res = run([sys.executable, str(REPO / "stages" / "qc.py"), "--params", str(qat_repo / "params.yaml")], qat_repo)
     assert res.returncode == 0, res.stderr[-2000:]
-    metrics = json.loads((qat_repo / "results/qc/metrics.json").read_text())
+    metrics = read_metrics(qat_repo / "results/qc/metrics.json")
     qat_model, _ = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")
     qc_model, _ = load_qat_checkpoint(qat_repo / "models/qc/best.qat.pt")
     assert (qat_repo / "models/qc/best.pt").is_file()

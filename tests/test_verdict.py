@@ -12,6 +12,7 @@ from yoloqat.config import config_from_dict
 from yoloqat.errors import VerdictError
 from yoloqat.paths import VERDICT_METRICS
 from yoloqat.pipeline.verdict import judge_qat_run
+from yoloqat.provenance import metrics_only, read_metrics
 
 STABLE = [0.05, 0.12, 0.2, 0.25, 0.27, 0.28, 0.275, 0.28]
 COLLAPSE = [0.05, 0.15, 0.226, 0.014, 0.097, 0.001, 0.01, 0.012]
@@ -48,8 +49,8 @@ def make_cfg(root: Path, **top):
 def test_stable_run_writes_the_verdict_and_run_params(tmp_path):
     write_qat(tmp_path, STABLE)
     out = judge_qat_run(make_cfg(tmp_path))
-    written = json.loads((tmp_path / VERDICT_METRICS).read_text())
-    assert written == out
+    written = read_metrics(tmp_path / VERDICT_METRICS)
+    assert written == metrics_only(out) and "reason" not in written and "model" not in written
     assert out["label"] == "stable"
     assert out["best"] == 0.28 and out["best_epoch"] == 6 and out["final"] == 0.28
     assert out["final_over_best"] == 1.0

@@ -75,7 +75,8 @@ FP_CONTROL_METRICS = metrics_file(FP_CONTROL_RESULTS)
 EXPORT_METRICS = metrics_file(EXPORT_RESULTS)
 EVALUATE_METRICS = metrics_file(EVALUATE_RESULTS)
 VERDICT_METRICS = metrics_file(VERDICT_RESULTS)
-VERDICT_CURVES = VERDICT_RESULTS / "curves.csv"  # FP, FP continued, QAT live/EMA on one axis
+VERDICT_CURVES = VERDICT_RESULTS / "curves.csv"
+VERDICT_METADATA = VERDICT_RESULTS / METADATA_NAME  # FP, FP continued, QAT live/EMA on one axis
 
 # analysis outputs (not part of the DVC pipeline)
 LADDER_REPORTS = Path("reports/ladder")

@@ -101,3 +101,67 @@ def clean_on_failure(*paths: Path) -> Iterator[None]:
             elif p.exists():
                 p.unlink()
         raise
+
+
+# --------------------------------------------------------------------------------------------
+# metrics files: results only, one namespace per stage
+
+# Categorical results kept beside the numbers; every other string (reasons, notes, paths) is
+# prose and lives in the stage's metadata.json.
+METRIC_STATES = frozenset({"status", "label", "live_label", "ema_label"})
+METRIC_FLAGS = frozenset({"applied", "parity_ok", "int_weights_exact"})
+# Copies of params and run settings (params.yaml already shows them) and numerical diagnostics
+# whose tiny run-to-run changes read as meaningless differences in `dvc exp diff`.
+NOT_METRICS = frozenset({
+    "model", "ema", "qc", "seed", "bits", "edge_bits", "init", "lr", "dampening",
+    "dampening_ramp", "freeze_threshold", "bn_reestimate", "conf", "imgsz", "opset",
+    "latency_warmup", "latency_runs", "throughput_batch", "ort_intra_op_threads", "step",
+    "fold_max_rel_diff", "parity_max_abs_diff_raw", "parity_row_to_anchor_max_abs_diff",
+    "parity_sorted_scores_max_abs_diff", "parity_images_same_order",
+})
+
+
+def metrics_only(values: dict[str, Any]) -> dict[str, Any]:
+    """The results among a stage's summary: numbers, nulls, state labels and result flags."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if k in NOT_METRICS:
+            continue
+        if isinstance(v, bool):
+            keep = k in METRIC_FLAGS
+        elif isinstance(v, (int, float)) or v is None:
+            keep = True
+        else:
+            keep = isinstance(v, str) and k in METRIC_STATES
+        if keep:
+            out[k] = v
+    return out
+
+
+def write_metrics(path: Path, stage: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Write ``{stage: results}`` to a stage's metrics.json; returns what was written.
+
+    Nesting under the stage name makes every name DVC shows unique (``qat.best``,
+    ``verdict.label``), so ``dvc exp show`` never needs file-prefixed column headers.  The full
+    summary (params, prose, diagnostics) belongs in the stage's metadata.json.
+    """
+    kept = metrics_only(values)
+    write_json(path, {stage: kept})
+    return kept
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A stage's results from its metrics.json, nested (``{stage: {...}}``) or flat (files
+    written before the nesting); raises OSError / ValueError for unreadable JSON."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")  # noqa: TRY004 (reads as bad JSON)
+    return unwrap_metrics(data)
+
+
+def unwrap_metrics(data: dict[str, Any]) -> dict[str, Any]:
+    if len(data) == 1:
+        (only,) = data.values()
+        if isinstance(only, dict):
+            return only
+    return data

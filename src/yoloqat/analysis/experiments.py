@@ -38,6 +38,7 @@ from yoloqat.paths import (
     QC_METRICS,
     VERDICT_METRICS,
 )
+from yoloqat.provenance import unwrap_metrics
 
 PARAMS_FILE = PARAMS.as_posix()
 METRIC_FILES = {
@@ -196,7 +197,7 @@ def _metrics(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for key, path in METRIC_FILES.items():
         entry = files.get(path)
         if isinstance(entry, dict) and isinstance(entry.get("data"), dict):
-            out[key] = entry["data"]
+            out[key] = unwrap_metrics(entry["data"])
     return out
 
 

@@ -61,7 +61,7 @@ from yoloqat.paths import (
     W4A16_ONNX,
 )
 from yoloqat.pipeline.status import SKIPPED_DIVERGED, diverged_upstream
-from yoloqat.provenance import fresh_outputs, run_metadata, write_json
+from yoloqat.provenance import fresh_outputs, run_metadata, write_json, write_metrics
 from yoloqat.quant.checkpoint import load_qat_checkpoint
 
 THROUGHPUT_BATCH = 8
@@ -276,7 +276,7 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
         # A diverged run has no W4A16 model: an empty list keeps the DVC outputs complete.
         rows = coco_predictions(samples, preds[key]) if key in preds else []
         _write_compact_json(out / f"predictions_{key}.json", rows)
-    write_json(cfg.resolve(EVALUATE_METRICS), m)
+    write_metrics(cfg.resolve(EVALUATE_METRICS), "evaluate", m)
     write_json(out / "metadata.json", run_metadata(cfg, "evaluate", ev.device, {"summary": m}))
     print(format_table(m))
     return m

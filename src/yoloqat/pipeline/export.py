@@ -56,7 +56,7 @@ from yoloqat.paths import (
     W4A16_ONNX,
 )
 from yoloqat.pipeline.status import SKIPPED_DIVERGED, diverged_upstream
-from yoloqat.provenance import run_metadata, write_json
+from yoloqat.provenance import run_metadata, write_json, write_metrics
 from yoloqat.quant.checkpoint import load_qat_checkpoint, load_ultralytics_model, weights_finite
 from yoloqat.quant.fold import FoldedConv, fold_float, fold_quantized
 
@@ -229,7 +229,7 @@ def export_models(cfg: Config) -> dict[str, Any]:
 
 def _finish(cfg: Config, results_dir: Path, metrics: dict[str, Any], t0: float) -> None:
     metrics["seconds"] = round(time.time() - t0, 1)
-    write_json(cfg.resolve(EXPORT_METRICS), metrics)
+    write_metrics(cfg.resolve(EXPORT_METRICS), "export", metrics)
     write_json(
         results_dir / "metadata.json", run_metadata(cfg, "export", "cpu", {"summary": metrics})
     )

@@ -12,7 +12,7 @@ from yoloqat.config import Config
 from yoloqat.errors import CorrectionError
 from yoloqat.paths import QAT_LAST, QAT_METRICS, QC_DIR, QC_METRICS, QC_RESULTS, QC_STEM
 from yoloqat.pipeline.status import SKIPPED_DIVERGED, diverged_upstream
-from yoloqat.provenance import fresh_outputs, run_metadata, write_json
+from yoloqat.provenance import fresh_outputs, run_metadata, write_json, write_metrics
 from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint, weights_finite
 from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs
 from yoloqat.quant.correction import (
@@ -144,7 +144,7 @@ def run_qc(cfg: Config) -> dict[str, Any]:
 def _finish(cfg: Config, summary: dict[str, Any], t0: float) -> dict[str, Any]:
     summary["seconds"] = round(time.time() - t0, 1)
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-    write_json(QC_METRICS, clean)
+    write_metrics(QC_METRICS, "qc", clean)
     write_json(QC_DIR / "metadata.json", run_metadata(cfg, "qc", cfg.device, {"summary": clean}))
     def r(key: str) -> str:
         v = clean.get(key)

@@ -7,10 +7,10 @@ with the metrics files of the stages it depends on, in DAG order.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from yoloqat.config import Config
+from yoloqat.provenance import read_metrics
 
 DIVERGED = "diverged"
 SKIPPED_DIVERGED = "skipped_diverged"
@@ -22,8 +22,8 @@ def recorded_status(path: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        status = json.loads(path.read_text()).get("status")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        status = read_metrics(path).get("status")
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
     return status if isinstance(status, str) else None
 

@@ -17,7 +17,6 @@ one file.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -37,22 +36,21 @@ from yoloqat.paths import (
     QAT_RESULTS,
     QC_METRICS,
     VERDICT_CURVES,
+    VERDICT_METADATA,
     VERDICT_METRICS,
 )
 from yoloqat.pipeline.status import DIVERGED
-from yoloqat.provenance import write_json
+from yoloqat.provenance import read_metrics, write_json, write_metrics
 
 EVAL_FIELDS = ("gap_mAP50-95", "w4a16_mAP50-95", "fp32_mAP50-95")
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A stage's results (nested or flat metrics.json), or a one-line VerdictError."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return read_metrics(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise VerdictError(f"{path} ({what}) cannot be read: {type(exc).__name__}") from None
-    if not isinstance(data, dict):
-        raise VerdictError(f"{path} ({what}) must hold a JSON object")
-    return data
 
 
 def _fp_best(cfg: Config) -> float | None:
@@ -201,7 +199,9 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     fp_curve = (read_curve(cfg.resolve(FP_RESULTS)).values
                 if cfg.resolve(FP_RESULTS / DVCLIVE_MAP).is_file() else [])
     write_curves_csv(cfg.resolve(VERDICT_CURVES), fp_curve, control_curve, series)
-    write_json(cfg.resolve(VERDICT_METRICS), out)
+    # results only in metrics.json; the run's params and the verdicts' reasons in metadata.json
+    write_metrics(cfg.resolve(VERDICT_METRICS), "verdict", out)
+    write_json(cfg.resolve(VERDICT_METADATA), out)
     ema_text = f", EMA curve {verdicts[EMA].label}" if verdicts[EMA] is not None else ""
     print(
         f"verdict: {cfg.model} ema={cfg.ema} qc={cfg.qc} seed={cfg.seed} -> {primary.label} "

@@ -31,9 +31,13 @@ class EpochLogger:
     (the QAT stage adds oscillation statistics there).
     """
 
-    def __init__(self, live_dir: Path | str, extra: Callable[[Any], dict[str, float]] | None = None):
+    def __init__(
+        self, live_dir: Path | str, extra: Callable[[Any], dict[str, float]] | None = None,
+        metrics_key: str | None = None,
+    ):
         self.live_dir = str(live_dir)
         self.extra = extra
+        self.metrics_key = metrics_key or Path(live_dir).name  # results/qat -> "qat"
         self.history: list[dict[str, float | None]] = []
         self._live: Any = None
         self._logged_epochs: set[int] = set()
@@ -80,12 +84,15 @@ class EpochLogger:
         return [float("nan") if r.get(key) is None else float(r[key]) for r in self.history]
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write ``metrics.json`` with the summary (not the last step's values)."""
+        """Close DVCLive, then write ``metrics.json`` as the stage's results (not the last step's
+        values, and nested under the stage name: see :func:`yoloqat.provenance.write_metrics`)."""
+        from yoloqat.provenance import write_metrics
+
         self.open()
-        self._live.summary = {k: v for k, v in summary.items() if v is not None}
-        self._live.make_summary()
-        self._live.end()
+        self._live.end()  # DVCLive's own summary (last values + step) is replaced just below
         self._live = None
+        write_metrics(Path(self.live_dir) / "metrics.json", self.metrics_key,
+                      {k: v for k, v in summary.items() if v is not None})
 
 
 def curve_summary(curve: list[float], prefix: str = "") -> dict[str, Any]:
