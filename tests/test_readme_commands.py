@@ -19,7 +19,7 @@ def readme_commands() -> list[str]:
     """Commands from README's bash blocks (continuations joined, trailing comments dropped)."""
     text = (REPO / "README.md").read_text()
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
         joined = block.replace("\\\n", " ")
         for line in joined.splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
