@@ -107,7 +107,10 @@ def test_paired_curves_ema_on_off_share_one_training_trajectory(qat_repo):
         assert (qat_repo / "models/qat" / name).is_file()
     rows = (qat_repo / "results/qat/oscillation_layers.csv").read_text().splitlines()
     assert len(rows) == 1 + 107  # header + every quantized conv of yolov10n
-    assert on["ema"] is True and on["ema_window_steps"] >= 1.0
+    assert on["ema_window_steps"] >= 1.0
+    meta = json.loads((qat_repo / "models/qat/metadata.json").read_text())["summary"]
+    assert meta["ema"] is False and meta["bits"] == 4  # params live in metadata, not metrics
+    assert "ema" not in off and "bits" not in off
 
 
 def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_unchanged(qat_repo):
@@ -125,7 +128,9 @@ def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_u
     bnre = _run_qat_stage(qat_repo, {"qat": {**base, "bn_reestimate": 2}})
     for n in names:
         assert _tsv(qat_repo, n).splitlines()[1:] == plain_tsv[n], n
-    assert bnre["best"] == plain["best"] and bnre["bn_reestimate"] == 2
+    assert bnre["best"] == plain["best"]
+    meta = json.loads((qat_repo / "models/qat/metadata.json").read_text())["summary"]
+    assert meta["bn_reestimate"] == 2
     assert "bnre_best" in bnre and "bnre_best" not in plain
     assert (qat_repo / "results/qat/plots/metrics/val_bnre/mAP50-95.tsv").is_file()
     model, payload = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")
@@ -207,7 +212,8 @@ def test_qc_stage_applies_or_passes_through(qat_repo, qc):
     assert all(a.equal(b) for a, b in zip(qat_ints, qc_ints, strict=True))  # integers never move
     if qc:
         assert metrics["status"] == "applied" and metrics["steps"] == 2  # min_steps of the tiny config
-        assert metrics["fold_max_rel_diff"] <= 1e-4
+        meta = json.loads((qat_repo / "models/qc/metadata.json").read_text())["summary"]
+        assert meta["fold_max_rel_diff"] <= 1e-4 and "fold_max_rel_diff" not in metrics
         assert metrics["gamma_max_abs_change"] > 0
     else:
         assert metrics["status"] == "passed_through" and metrics["steps"] == 0
