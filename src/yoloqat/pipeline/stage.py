@@ -23,7 +23,7 @@ from yoloqat.config import Config, load_config
 from yoloqat.errors import DataWarning, YoloqatError
 from yoloqat.paths import STAGE_LOCKS
 from yoloqat.pipeline.lock import one_writer
-from yoloqat.pipeline.staging import staged_outputs
+from yoloqat.pipeline.staging import mirror_of, staged_outputs
 from yoloqat.provenance import clean_on_failure
 
 
@@ -83,6 +83,9 @@ def run_stage(
             else:
                 job(cfg)
     except YoloqatError as exc:
-        print(one_line(name, exc), file=sys.stderr)
+        # a message naming a file the job opened names it inside the mirror; the user knows
+        # the real path
+        msg = one_line(name, exc).replace(str(mirror_of(cfg.root, name)), str(cfg.root))
+        print(msg, file=sys.stderr)
         return 2
     return 0

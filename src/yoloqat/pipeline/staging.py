@@ -37,6 +37,11 @@ STAGING = Path(".yoloqat/staging")
 NOT_MIRRORED = frozenset({".git", ".dvc", ".yoloqat"})
 
 
+def mirror_of(root: Path, stage: str) -> Path:
+    """Where ``stage`` runs: its staging mirror of ``root``."""
+    return root / STAGING / stage
+
+
 def _relative(root: Path, path: Path) -> Path:
     rel = path.relative_to(root) if path.is_absolute() else path
     if rel == Path(".") or ".." in rel.parts:
@@ -90,7 +95,7 @@ def staged_outputs(cfg: Config, stage: str, outputs: Sequence[Path]) -> Iterator
     """
     root = cfg.root
     rels = [_relative(root, Path(p)) for p in outputs]
-    mirror = root / STAGING / stage
+    mirror = mirror_of(root, stage)
     replaced = root / STAGING / f"{stage}.replaced"
     for leftover in (mirror, replaced):  # from a run that was killed
         _remove(leftover)
