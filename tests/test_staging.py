@@ -124,6 +124,11 @@ def test_a_killed_stage_leaves_the_previous_outputs_untouched(repo):
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert stage.stdout.readline() == "written\n"
+        # a second writer is refused before it touches anything, the running stage's mirror included
+        second = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+        assert second.returncode == 2 and "another process" in second.stderr
+        staged = repo / ".yoloqat/staging/fake/results/fake/epoch.tsv"
+        assert staged.read_text() == "step\tx\n0\t9\n"
     finally:
         stage.send_signal(signal.SIGKILL)
         stage.wait(timeout=30)
