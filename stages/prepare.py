@@ -16,4 +16,6 @@ def job(cfg):
 
 
 if __name__ == "__main__":
+    # No outputs to stage or clean: prepare_dataset builds data/prepared in a temp folder and
+    # swaps it into place itself, so a failed or killed run leaves the previous dataset as it was.
     raise SystemExit(run_stage("prepare", job, lambda cfg: []))

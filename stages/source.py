@@ -21,4 +21,6 @@ def job(cfg):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("source", job, lambda cfg: [SOURCE_FINGERPRINT]))
+    # Not staged: its one output is written atomically (write_json: a temp file, then a rename),
+    # and the fingerprint hashes the data's paths under cfg.root, which must stay the real root.
+    raise SystemExit(run_stage("source", job, lambda cfg: [SOURCE_FINGERPRINT], staged=False))

@@ -20,7 +20,11 @@ def test_dvc_repro_prepare_and_train_fp_then_nothing_to_do(tmp_path):
     assert (repo / "models/fp/best.pt").is_file()
     meta = json.loads((repo / "models/fp/metadata.json").read_text())
     assert meta["seed"] == 0 and meta["dataset_hash"] == manifest["content_hash"]
-    assert meta["git"]["commit"] and "torch" in meta["packages"] and meta["params"]["fp"]["epochs"] == 1
+    assert "torch" in meta["packages"] and meta["params"]["fp"]["epochs"] == 1
+    # the job ran in a staging mirror; provenance still names the repository's own revision
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert meta["git"] == {"commit": head, "dirty": False}
+    assert list((repo / ".yoloqat/staging").iterdir()) == []  # nothing left of the mirror
     metrics = read_metrics(repo / "results/train_fp/metrics.json")
     assert metrics["status"] == "completed" and metrics["epochs"] == 1
     assert 0.0 <= metrics["best"] <= 1.0

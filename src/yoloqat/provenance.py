@@ -31,6 +31,8 @@ def package_versions() -> dict[str, str]:
 
 
 def git_revision(root: Path) -> dict[str, Any]:
+    # A running stage's root is its staging mirror inside the repository; the mirror holds no
+    # .git (pipeline/staging.py), so git finds the real repository above it.
     def run(*args: str) -> str | None:
         try:
             res = subprocess.run(
