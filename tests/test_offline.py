@@ -76,3 +76,27 @@ def test_fp_epochs_zero_only_evaluates_the_given_checkpoint(tmp_path, monkeypatc
     assert 0.0 <= summary["best"] <= 1.0
     assert (repo / "models/fp/best.pt").read_bytes() == (repo / "user_yolov10n.pt").read_bytes()
     assert no_network == []
+
+
+def test_the_trainer_args_dump_is_dropped_but_other_lines_stay():
+    import logging
+
+    from yoloqat.offline import configure_offline
+
+    configure_offline()
+    from ultralytics.utils import LOGGER
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    LOGGER.addHandler(handler)
+    try:
+        LOGGER.info("engine/trainer: agnostic_nms=False, epochs=10, lr0=0.0005, nbs=8")
+        LOGGER.info("      Epoch    GPU_mem   box_loss")
+    finally:
+        LOGGER.removeHandler(handler)
+    assert seen == ["      Epoch    GPU_mem   box_loss"]

@@ -33,6 +33,8 @@ def configure_offline(state_dir: Path | None = None) -> Path:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import ultralytics.utils as uu
 
+    _drop_trainer_args_line(logging.getLogger(uu.LOGGING_NAME))
+
     # Ultralytics' own DVCLive callback would write ./dvclive from every stage; the project
     # logs through its own Live objects instead.  Other integrations are off for the same reason.
     wanted = {"dvc": False, "sync": False, "tensorboard": False, "wandb": False,
@@ -61,3 +63,20 @@ def _provide_fonts(user_config_dir: Path) -> None:
         target = user_config_dir / name
         if not target.exists() and source.is_file():
             shutil.copyfile(source, target)
+
+
+class _TrainerArgsLine(logging.Filter):
+    """Drops Ultralytics' one-line dump of every trainer argument (~1,700 characters per trainer).
+
+    The same arguments are kept, readable, in ``results/<stage>/ultralytics/args.yaml``; the
+    epoch table and progress bars still print.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("engine/trainer: " in msg and "lr0=" in msg and "epochs=" in msg)
+
+
+def _drop_trainer_args_line(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _TrainerArgsLine) for f in logger.filters):
+        logger.addFilter(_TrainerArgsLine())
