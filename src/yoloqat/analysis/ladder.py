@@ -46,6 +46,7 @@ import yaml
 from yoloqat.analysis.experiments import FAILED, PENDING, ExpRecord, flatten, run_dvc
 from yoloqat.analysis.paired import PairedOutcome, paired_outcome
 from yoloqat.config import MODELS, LadderConfig, load_config_for
+from yoloqat.curves.stability import mean_std
 from yoloqat.numbers import finite_number
 
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
@@ -176,12 +177,6 @@ def merge_seed(seed: int, recs: Sequence[ExpRecord]) -> SeedRun:
 # groups
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) >= 2 else None)
-
-
 @dataclass
 class Group:
     setting: Setting
@@ -213,8 +208,8 @@ class Group:
             vals = [c.max_drawdown for c in curves if c.max_drawdown is not None]
             return statistics.fmean(vals) if vals else None
 
-        qc_mean, qc_std = _mean_std(qc)
-        w4_mean, w4_std = _mean_std(w4)
+        qc_mean, qc_std = mean_std(qc)
+        w4_mean, w4_std = mean_std(w4)
         return {
             "seeds": [r.seed for r in self.runs],
             "live_n": len(live), "live_failed": sum(c.failed for c in live),
@@ -226,7 +221,7 @@ class Group:
             "qc_n": len(qc), "qc_delta_mean": qc_mean, "qc_delta_std": qc_std,
             "qc_improved": sum(1 for x in qc if x > 0),
             "w4a16_mean": w4_mean, "w4a16_std": w4_std,
-            "gap_mean": _mean_std(gaps)[0],
+            "gap_mean": mean_std(gaps)[0],
         }
 
 

@@ -244,7 +244,8 @@ def classify_run(
     )
 
 
-def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+def mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1; None below two values) of a list."""
     if not xs:
         return None, None
     mean = statistics.fmean(xs)
@@ -261,8 +262,8 @@ def summarize_group(verdicts: Sequence[Verdict]) -> dict[str, Any]:
         counts[v.label] = counts.get(v.label, 0) + 1
     bests = [v.best for v in verdicts if _finite(v.best)]
     finals = [v.final for v in verdicts if _finite(v.final)]
-    best_mean, best_std = _mean_std(bests)
-    final_mean, final_std = _mean_std(finals)
+    best_mean, best_std = mean_std(bests)
+    final_mean, final_std = mean_std(finals)
     return {
         "runs": len(verdicts),
         "counts": counts,

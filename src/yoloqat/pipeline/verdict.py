@@ -53,21 +53,26 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise VerdictError(f"{path} ({what}) cannot be read: {type(exc).__name__}") from None
 
 
-def _fp_best(cfg: Config) -> float | None:
+def _fp_curve(cfg: Config) -> list[float]:
+    """The FP baseline's per-epoch val mAP50-95 ([] when train_fp logged none)."""
+    live = cfg.resolve(FP_RESULTS)
+    if not (live / DVCLIVE_MAP).is_file():
+        return []
+    try:
+        return read_curve(live).values
+    except CurveError as exc:
+        raise VerdictError(str(exc)) from None
+
+
+def _fp_best(cfg: Config, fp_curve: list[float]) -> float | None:
     """The FP baseline's best val mAP50-95: its summary, else the max of its curve."""
     path = cfg.resolve(FP_METRICS)
     if path.is_file():
         best = finite_number(_read_json(path, "train_fp metrics").get("best"))
         if best is not None:
             return best
-    curve_path = cfg.resolve(FP_RESULTS / DVCLIVE_MAP)
-    if curve_path.is_file():
-        try:
-            values = [v for v in read_curve(curve_path).values if math.isfinite(v)]
-        except CurveError:
-            return None
-        return max(values) if values else None
-    return None
+    values = [v for v in fp_curve if math.isfinite(v)]
+    return max(values) if values else None
 
 
 def _eval_fields(cfg: Config) -> dict[str, float]:
@@ -188,7 +193,8 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     out.update(_curve_fields("live_", verdicts[LIVE]))
     out.update(_curve_fields("ema_", verdicts[EMA]))
     out["qc_delta_mAP50-95"] = _qc_delta(cfg)
-    fp_best = _fp_best(cfg)
+    fp_curve = _fp_curve(cfg)  # read once: the FP best's fallback and the curves table
+    fp_best = _fp_best(cfg, fp_curve)
     control_best, control_curve = _control(cfg)
     out["fp_best"] = fp_best
     out["fp_control_best"] = control_best
@@ -196,8 +202,6 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     if reference is not None and out.get("best") is not None:
         out["gap_to_fp"] = reference - out["best"]
     out.update(_eval_fields(cfg))
-    fp_curve = (read_curve(cfg.resolve(FP_RESULTS)).values
-                if cfg.resolve(FP_RESULTS / DVCLIVE_MAP).is_file() else [])
     write_curves_csv(cfg.resolve(VERDICT_CURVES), fp_curve, control_curve, series)
     # results only in metrics.json; the run's params and the verdicts' reasons in metadata.json
     write_metrics(cfg.resolve(VERDICT_METRICS), "verdict", out)
