@@ -82,6 +82,15 @@ def test_repo_params_load_with_documented_defaults():
         ({"qat__lsq_grad_scale": 1}, "qat.lsq_grad_scale=1"),
         ({"qat__lsq_grad_scale": True}, "qat.lsq_grad_scale=True"),  # with scaling: maxabs
         ({"correction__head": "no"}, "correction.head='no'"),
+        ({"qat__scaling": "lsq"}, "qat.scaling='lsq'"),
+        ({"qat__scale_weight_decay": 0.0005}, "qat.scale_weight_decay=0.0005"),  # with scaling: maxabs
+        ({"qat__scale_weight_decay": -1.0}, "qat.scale_weight_decay=-1.0"),
+        ({"qat__lrf": 0}, "qat.lrf=0"),
+        ({"qat__momentum": 1.0}, "qat.momentum=1.0"),
+        ({"qat__mosaic": 1.5}, "qat.mosaic=1.5"),
+        ({"qat__close_mosaic": -1}, "qat.close_mosaic=-1"),
+        ({"preset": "collapse"}, "preset='collapse'"),
+        ({"preset": None}, "preset=None"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(tmp_path, change, needle):
@@ -164,3 +173,49 @@ def test_train_fp_with_a_file_that_is_not_a_checkpoint_is_one_line_and_writes_no
         "key, '#'.)"
     )]
     assert not (tmp_path / "models").exists() and not (tmp_path / "results").exists()
+
+
+def test_unknown_preset_names_the_allowed_ones(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_params(tmp_path, preset="collapse"))
+    assert str(err.value) == (
+        "params: preset='collapse' is not allowed; expected one of none | reference | reference_cpu"
+    )
+
+
+def test_a_preset_fills_keys_left_at_their_default(tmp_path):
+    from yoloqat.presets import PRESETS
+
+    cfg = load_config(write_params(tmp_path, preset="reference"))
+    assert cfg.preset == "reference"
+    assert (cfg.model, cfg.data.imgsz, cfg.fp.control) == ("yolo10m", 640, False)
+    q = cfg.qat
+    assert (q.init, q.optimizer, q.lr0, q.lrf, q.momentum, q.weight_decay) == (
+        "scratch", "SGD", 0.01, 0.1, 0.937, 0.0005
+    )
+    assert (q.epochs, q.batch, q.warmup_epochs, q.mosaic, q.close_mosaic, q.amp) == (
+        300, 32, 3.0, 1.0, 10, True
+    )
+    assert (q.bits, q.edge_bits, q.granularity, q.scaling, q.scale_weight_decay) == (
+        4, 4, "per_tensor", "decoupled", 0.0005
+    )
+    assert (q.ema_decay, q.ema_tau) == (0.9999, 2000.0)
+    for name, values in PRESETS.items():  # every preset names real keys and validates
+        cfg = load_config(write_params(tmp_path, preset=name))
+        resolved = cfg.as_dict()
+        for dotted, value in values.items():
+            node = resolved
+            for part in dotted.split("."):
+                node = node[part]
+            assert node == value, (name, dotted)
+
+
+def test_a_key_set_away_from_its_default_beats_the_preset(tmp_path):
+    cfg = load_config(write_params(tmp_path, preset="reference_cpu", qat__epochs=12, qat__lr0=0.02))
+    assert (cfg.qat.epochs, cfg.qat.lr0) == (12, 0.02)
+    assert (cfg.qat.scaling, cfg.qat.lrf, cfg.model) == ("decoupled", 0.9, "yolo10n")
+
+
+def test_preset_none_changes_nothing(tmp_path):
+    none = load_config(write_params(tmp_path, preset="none"))
+    assert none.as_dict() == load_config(REPO / "params.yaml").as_dict()

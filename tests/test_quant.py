@@ -53,7 +53,7 @@ def _grid_ok(q: QuantConv2d, bits: int, per_channel: bool) -> None:
 
 
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
-@pytest.mark.parametrize("scaling", ["maxabs", "learned"])
+@pytest.mark.parametrize("scaling", ["maxabs", "learned", "decoupled"])
 def test_every_conv_is_on_the_int4_grid(yolo_fp, granularity, scaling):
     recipe = QuantRecipe(bits=4, granularity=granularity, scaling=scaling, edge_bits=4)
     model = quantize_model(copy.deepcopy(yolo_fp), recipe)
@@ -159,13 +159,13 @@ def _tiny_quant_model(scaling: str) -> nn.Module:
     return quantize_model(host, QuantRecipe(scaling=scaling))
 
 
-@pytest.mark.parametrize("scaling", ["maxabs", "learned"])
+@pytest.mark.parametrize("scaling", ["maxabs", "learned", "decoupled"])
 def test_ema_on_matches_hand_computed_average(scaling):
     model = _tiny_quant_model(scaling)
     decay, tau = 0.9, 2.0
     ema = make_ema(model, enabled=True, decay=decay, tau=tau)
     keys = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point]
-    if scaling == "learned":
+    if scaling != "maxabs":
         assert any("scaling_impl.value" in k for k in keys)  # learned scales are averaged too
     expected = {k: model.state_dict()[k].clone() for k in keys}
     for step in range(1, 4):
@@ -247,3 +247,27 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_with_the_loaders_reason(tmp_
         "params: fp.init_checkpoint='state.pt' is not allowed; expected an Ultralytics YOLO .pt "
         "checkpoint (not an Ultralytics checkpoint: no model under 'ema' or 'model')"
     )
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_decoupled_integers_come_from_the_pre_scale_and_the_learned_scale_only_rescales(granularity):
+    """Brevitas' decoupled quantizer: integers = clamp(round(w / pre_scale)), output = integers *
+    learned scale.  weight_scale() is the pre-scale (the divisor), int_weight() the output grid."""
+    from yoloqat.quant.convert import int_weight, weight_scale
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
+    model = quantize_model(host, QuantRecipe(granularity=granularity, scaling="decoupled"))
+    for _, q in quant_convs(model):
+        pre = weight_scale(q)
+        expected = torch.clamp(torch.round(q.weight.detach() / pre), -7, 7).to(torch.int8)
+        iw = int_weight(q)
+        assert torch.equal(iw.integers, expected)
+        assert iw.integers.abs().max() == 7  # the max-abs weight sits on the grid's edge
+        with torch.no_grad():
+            q.weight_quant.tensor_quant.scaling_impl.value.mul_(2.0)
+        moved = int_weight(q)
+        assert torch.equal(moved.integers, expected)  # the learned scale never re-rounds
+        torch.testing.assert_close(moved.scale, 2.0 * iw.scale)
+        torch.testing.assert_close(moved.value, q.quant_weight().value.detach())
+        assert torch.equal(weight_scale(q), pre)

@@ -201,22 +201,29 @@ def test_bn_reestimate_equals_a_manual_pass():
 # learned scales: no-decay group, LSQ gradient scale
 
 
-def _learned(granularity: str = "per_channel") -> nn.Module:
+def _learned(granularity: str = "per_channel", scaling: str = "learned") -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1))
-    return quantize_model(model, QuantRecipe(scaling="learned", granularity=granularity))
+    return quantize_model(model, QuantRecipe(scaling=scaling, granularity=granularity))
 
 
-@pytest.mark.parametrize("scaling", ["learned", "maxabs"])
-def test_learned_scales_land_in_a_no_decay_group(scaling):
+def _optimizer(model: nn.Module, scale_weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    from types import SimpleNamespace
+
     from yoloqat.train.trainer import QATTrainer
 
-    model = _learned() if scaling == "learned" else quantize_model(
+    trainer = QATTrainer.__new__(QATTrainer)  # build_optimizer needs no dataset
+    trainer.freezer = None
+    trainer.qat_settings = SimpleNamespace(scale_weight_decay=scale_weight_decay)
+    return trainer.build_optimizer(model, name="AdamW", lr=1e-3, momentum=0.9, decay=5e-4)
+
+
+@pytest.mark.parametrize("scaling", ["learned", "decoupled", "maxabs"])
+def test_learned_scales_land_in_a_no_decay_group(scaling):
+    model = _learned(scaling=scaling) if scaling != "maxabs" else quantize_model(
         nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), QuantRecipe()
     )
-    trainer = QATTrainer.__new__(QATTrainer)  # build_optimizer needs no dataset or settings
-    trainer.freezer = None
-    opt = trainer.build_optimizer(model, name="AdamW", lr=1e-3, momentum=0.9, decay=5e-4)
+    opt = _optimizer(model)
     groups = {g["param_group"]: g for g in opt.param_groups}
     ids = lambda g: {id(p) for p in g["params"]}
     scales = {id(p) for *_, p in scale_parameters(model)}
@@ -229,6 +236,17 @@ def test_learned_scales_land_in_a_no_decay_group(scaling):
     assert groups["weight"]["weight_decay"] == 5e-4
     assert ids(groups["weight"]) == {id(model[0].weight), id(model[2].weight)}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_scale_weight_decay_decays_only_the_scales_by_its_own_amount():
+    """The reference run decayed its scales (stock Ultralytics grouping); the param sets how much."""
+    model = _learned(scaling="decoupled", granularity="per_tensor")
+    opt = _optimizer(model, scale_weight_decay=0.05)
+    groups = {g["param_group"]: g for g in opt.param_groups}
+    scales = {id(p) for *_, p in scale_parameters(model)}
+    assert {id(p) for p in groups["scale"]["params"]} == scales
+    assert groups["scale"]["weight_decay"] == 0.05 and groups["weight"]["weight_decay"] == 5e-4
+    assert not scales & {id(p) for p in groups["weight"]["params"]}
 
 
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
@@ -248,3 +266,22 @@ def test_lsq_gradient_scale_is_one_over_sqrt_n_qp(granularity):
         torch.testing.assert_close(s.grad, p.grad * factors[name], rtol=1e-6, atol=0)
     for a, b in ((plain[0].weight, scaled[0].weight), (plain[2].weight, scaled[2].weight)):
         assert a.grad.equal(b.grad)  # weights' gradients untouched
+
+
+def test_scale_ratio_stats_are_the_geometric_mean_and_minimum_of_the_moves():
+    from yoloqat.quant.scales import scale_ratio_stats, scale_snapshot
+
+    model = _learned(scaling="decoupled", granularity="per_tensor")
+    initial = scale_snapshot(model)
+    assert len(initial) == 2
+    params = [p for *_, p in scale_parameters(model)]
+    with torch.no_grad():
+        params[0].mul_(0.25)
+        params[1].mul_(4.0)
+    stats = scale_ratio_stats(model, initial)
+    assert stats["scale/ratio_geomean"] == pytest.approx(1.0, abs=1e-12)
+    assert stats["scale/ratio_min"] == pytest.approx(0.25, abs=1e-12)
+    with torch.no_grad():
+        params[1].div_(4.0)
+    assert scale_ratio_stats(model, initial)["scale/ratio_geomean"] == pytest.approx(0.5, abs=1e-12)
+    assert scale_ratio_stats(quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3)), QuantRecipe()), {}) == {}

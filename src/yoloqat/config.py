@@ -11,6 +11,7 @@ so a stage can print it and exit non-zero before it writes anything.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -20,13 +21,15 @@ from typing import Any
 import yaml
 
 from yoloqat.errors import ConfigError
+from yoloqat.presets import PRESETS
 
 MODELS = ("yolo10n", "yolo10s", "yolo10m")
 DATA_SOURCES = ("synthetic", "coco", "yolo")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 QAT_INITS = ("fp", "scratch")
 GRANULARITIES = ("per_channel", "per_tensor")
-SCALINGS = ("maxabs", "learned")
+SCALINGS = ("maxabs", "learned", "decoupled")
+LEARNED_SCALINGS = ("learned", "decoupled")  # scalings with a trainable scale parameter
 EVAL_DEVICES = ("cpu", "cuda")
 # onnxruntime is the reference runtime (the headline metrics); the others run beside it.
 EVAL_RUNTIMES = ("onnxruntime", "openvino")
@@ -65,7 +68,8 @@ def _int(key: str, value: Any, lo: int | None = None, hi: int | None = None) -> 
 
 
 def _float(
-    key: str, value: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+    key: str, value: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+    hi_open: bool = False,
 ) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
@@ -74,16 +78,16 @@ def _float(
         if ok and lo is not None:
             ok = value > lo if lo_open else value >= lo
         if ok and hi is not None:
-            ok = value <= hi
+            ok = value < hi if hi_open else value <= hi
     if not ok:
-        bound = _range_text(lo, hi, lo_open)
+        bound = _range_text(lo, hi, lo_open, hi_open)
         raise _fail(key, value, "a finite number" + bound)
     return float(value)
 
 
-def _range_text(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+def _range_text(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:
     if lo is not None and hi is not None:
-        return f" in {'(' if lo_open else '['}{lo}, {hi}]"
+        return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     if lo is not None:
         return f" {'>' if lo_open else '>='} {lo}"
     if hi is not None:
@@ -170,8 +174,12 @@ class QATConfig:
     batch: int = 8
     optimizer: str = "AdamW"
     lr0: float = 0.0005
+    lrf: float = 0.01  # final lr = lr0 * lrf (Ultralytics' linear decay); the reference run: 0.1
+    momentum: float = 0.937  # SGD momentum / Adam beta1 (Ultralytics' default)
     weight_decay: float = 0.0005
     warmup_epochs: float = 0.0
+    mosaic: float = 0.0  # mosaic probability (the reference run: 1.0)
+    close_mosaic: int = 0  # turn mosaic off for the last N epochs (Ultralytics' default: 10)
     amp: bool = False
     bits: int = 4
     granularity: str = "per_channel"
@@ -187,6 +195,9 @@ class QATConfig:
     freeze_threshold: float = 0.0  # freeze weights whose oscillation frequency exceeds it; 0 = off
     bn_reestimate: int = 0  # training batches for BN re-estimation before val / save; 0 = off
     lsq_grad_scale: bool = False  # learned scales only: LSQ's 1/sqrt(N * Qp) gradient scale
+    # learned scales only: their weight decay (0: none).  Stock Ultralytics (the reference run)
+    # decays them like conv weights, 0.0005.
+    scale_weight_decay: float = 0.0
 
     @property
     def edge_bits(self) -> int:
@@ -241,6 +252,7 @@ class LadderConfig:
 
 @dataclass(frozen=True)
 class Config:
+    preset: str = "none"  # a named set of params (yoloqat/presets.py), applied to default keys
     model: str = "yolo10n"
     ema: bool = True
     qc: bool = True
@@ -336,17 +348,24 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
     flb = b.get("first_last_bits", d.first_last_bits)
     scaling = _choice("qat.scaling", b.get("scaling", d.scaling), SCALINGS)
     lsq = _bool("qat.lsq_grad_scale", b.get("lsq_grad_scale", d.lsq_grad_scale))
-    if lsq and scaling != "learned":
-        # a silent no-op would make a grid cell look like a tested variant
-        raise _fail("qat.lsq_grad_scale", lsq, "false unless qat.scaling=learned (it scales learned scales' gradients)")
+    scale_wd = _float("qat.scale_weight_decay", b.get("scale_weight_decay", d.scale_weight_decay), 0.0, 1.0)
+    # a silent no-op would make a grid cell look like a tested variant
+    if lsq and scaling not in LEARNED_SCALINGS:
+        raise _fail("qat.lsq_grad_scale", lsq, "false unless qat.scaling is learned or decoupled (it scales learned scales' gradients)")
+    if scale_wd > 0 and scaling not in LEARNED_SCALINGS:
+        raise _fail("qat.scale_weight_decay", scale_wd, "0 unless qat.scaling is learned or decoupled (max-abs scales have no parameter)")
     return QATConfig(
         init=init,
         epochs=_int("qat.epochs", b.get("epochs", d.epochs), 1),
         batch=_int("qat.batch", b.get("batch", d.batch), 1),
         optimizer=_choice("qat.optimizer", b.get("optimizer", d.optimizer), OPTIMIZERS),
         lr0=_float("qat.lr0", b.get("lr0", d.lr0), 0.0, 1.0, lo_open=True),
+        lrf=_float("qat.lrf", b.get("lrf", d.lrf), 0.0, 1.0, lo_open=True),
+        momentum=_float("qat.momentum", b.get("momentum", d.momentum), 0.0, 1.0, hi_open=True),
         weight_decay=_float("qat.weight_decay", b.get("weight_decay", d.weight_decay), 0.0, 1.0),
         warmup_epochs=_float("qat.warmup_epochs", b.get("warmup_epochs", d.warmup_epochs), 0.0),
+        mosaic=_float("qat.mosaic", b.get("mosaic", d.mosaic), 0.0, 1.0),
+        close_mosaic=_int("qat.close_mosaic", b.get("close_mosaic", d.close_mosaic), 0),
         amp=_bool("qat.amp", b.get("amp", d.amp)),
         bits=bits,
         granularity=_choice(
@@ -365,6 +384,7 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         ),
         bn_reestimate=_int("qat.bn_reestimate", b.get("bn_reestimate", d.bn_reestimate), 0),
         lsq_grad_scale=lsq,
+        scale_weight_decay=scale_wd,
     )
 
 
@@ -443,12 +463,48 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 TOP_LEVEL = {f.name for f in dataclasses.fields(Config)} - {"root"}
 
 
+_MISSING = object()
+
+
+def _get_dotted(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _default_at(dotted: str) -> Any:
+    node: Any = Config()
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its preset's values filled into every key it leaves at the default (or omits).
+
+    A key set to a non-default value keeps it: the user's explicit choice beats the preset.
+    """
+    name = raw.get("preset", Config.preset)
+    if not isinstance(name, str) or name not in PRESETS:
+        raise _fail("preset", name, "one of " + " | ".join(PRESETS))
+    out = copy.deepcopy(raw)
+    for dotted, value in PRESETS[name].items():
+        current = _get_dotted(out, dotted)
+        if current is _MISSING or current == _default_at(dotted):
+            _set_dotted(out, dotted, value)
+    return out
+
+
 def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
     for key in raw:
         if key not in TOP_LEVEL:
             raise ConfigError(
                 f"params: unknown key {key}; allowed keys are " + ", ".join(sorted(TOP_LEVEL))
             )
+    raw = apply_preset(raw)
     device = raw.get("device", "cpu")
     if isinstance(device, int) and not isinstance(device, bool):
         device = str(device)
@@ -486,6 +542,7 @@ def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
     ):
         raise _fail("ladder.seeds", seeds, "a non-empty list of integers")
     return Config(
+        preset=raw.get("preset", Config.preset),
         model=_choice("model", raw.get("model", "yolo10n"), MODELS),
         ema=_bool("ema", raw.get("ema", True)),
         qc=_bool("qc", raw.get("qc", True)),

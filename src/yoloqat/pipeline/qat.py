@@ -26,6 +26,7 @@ from yoloqat.train.overrides import (
     MODEL_YAML,
     keep_run_files,
     require_dataset,
+    qat_schedule,
     ultralytics_overrides,
 )
 
@@ -57,6 +58,9 @@ def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, 
         "freeze_threshold": q.freeze_threshold, "bn_reestimate": q.bn_reestimate,
     }
     last = logger.history[-1] if logger.history else {}
+    for key in ("scale/ratio_geomean", "scale/ratio_min"):  # learned scales only
+        if last.get(key) is not None:
+            out[f"{key.replace('/', '_')}_final"] = last[key]
     if q.dampening > 0:
         out["dampening_penalty_final"] = last.get("damp/penalty")
         out["dampening_lambda_final"] = last.get("damp/lambda")
@@ -80,15 +84,12 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         track_every=cfg.qat.track_every, out_dir=str(QAT_DIR.resolve()),
         dampening=cfg.qat.dampening, dampening_ramp=cfg.qat.dampening_ramp,
         freeze_threshold=cfg.qat.freeze_threshold, bn_reestimate=cfg.qat.bn_reestimate,
-        lsq_grad_scale=cfg.qat.lsq_grad_scale,
+        lsq_grad_scale=cfg.qat.lsq_grad_scale, scale_weight_decay=cfg.qat.scale_weight_decay,
     )
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
         overrides = ultralytics_overrides(
-            cfg, model=model_arg, epochs=cfg.qat.epochs, batch=cfg.qat.batch,
-            optimizer=cfg.qat.optimizer, lr0=cfg.qat.lr0, weight_decay=cfg.qat.weight_decay,
-            warmup_epochs=cfg.qat.warmup_epochs, workers=cfg.qat.workers, project=runs,
-            name="qat", amp=cfg.qat.amp,
+            cfg, model=model_arg, project=runs, name="qat", amp=cfg.qat.amp, **qat_schedule(cfg)
         )
         trainer = QATTrainer(overrides=overrides, settings=settings)
         trainer.add_callback("on_fit_epoch_end", logger.on_fit_epoch_end)

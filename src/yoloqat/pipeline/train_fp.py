@@ -29,6 +29,7 @@ from yoloqat.train.overrides import (
     MODEL_YAML,
     keep_run_files,
     require_dataset,
+    qat_schedule,
     ultralytics_overrides,
 )
 
@@ -72,11 +73,9 @@ def train_fp_control(cfg: Config) -> dict[str, Any]:
         if not FP_CHECKPOINT.is_file():
             raise CheckpointError(f"{FP_CHECKPOINT} not found; run the train_fp stage first")
         require_dataset()
-        q = cfg.qat
         summary = _train(cfg, logger, FP_CONTROL_DIR, FP_CONTROL_RESULTS, {
-            "model": str(FP_CHECKPOINT.resolve()), "epochs": q.epochs, "batch": q.batch,
-            "optimizer": q.optimizer, "lr0": q.lr0, "weight_decay": q.weight_decay,
-            "warmup_epochs": q.warmup_epochs, "workers": q.workers, "patience": max(q.epochs, 1),
+            "model": str(FP_CHECKPOINT.resolve()), "patience": max(cfg.qat.epochs, 1),
+            **qat_schedule(cfg),
         })
     summary["seconds"] = round(time.time() - t0, 1)
     logger.finish(summary)

@@ -17,9 +17,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from brevitas.core.quant.int import DecoupledRescalingIntQuant
 from brevitas.inject.enum import ScalingImplType
 from brevitas.nn import QuantConv2d
-from brevitas.quant.scaled_int import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
+from brevitas.quant.scaled_int import (
+    Int4WeightPerTensorFloatDecoupled,
+    Int8WeightPerChannelFloat,
+    Int8WeightPerChannelFloatDecoupled,
+    Int8WeightPerTensorFloat,
+)
 from torch import nn
 
 
@@ -27,7 +33,7 @@ from torch import nn
 class QuantRecipe:
     bits: int = 4
     granularity: str = "per_channel"  # per_channel | per_tensor
-    scaling: str = "maxabs"  # maxabs | learned
+    scaling: str = "maxabs"  # maxabs | learned | decoupled
     edge_bits: int = 4  # first conv and the head's output convs
 
     def to_dict(self) -> dict[str, Any]:
@@ -40,6 +46,13 @@ class QuantRecipe:
 
 def _quantizer(recipe: QuantRecipe) -> type:
     """The Brevitas weight quantizer for a recipe (bit width is set per layer)."""
+    if recipe.scaling == "decoupled":
+        # Brevitas' decoupled quantizers (the reference collapse run's choice, per tensor): the
+        # integers are round(w / pre_scale) with a max-abs statistic pre_scale, the output is
+        # integers * scale with a separately learned scale (initialised from the statistic).
+        if recipe.granularity == "per_tensor":
+            return Int4WeightPerTensorFloatDecoupled
+        return Int8WeightPerChannelFloatDecoupled
     base = Int8WeightPerChannelFloat if recipe.granularity == "per_channel" else Int8WeightPerTensorFloat
     if recipe.scaling == "learned":
         # LSQ-style: the scale is a trainable parameter initialised from the max-abs statistic.
@@ -230,8 +243,11 @@ def weight_scale(q: QuantConv2d) -> torch.Tensor:
     """The scale ``q``'s forward quantizes its weight with now, broadcastable to the weight.
 
     FastQuantConv2d: the arithmetic of :func:`fake_quant_maxabs` (max-abs / int_max, clamped at
-    1e-10), without autograd and without a host-device sync.  Any other QuantConv2d: Brevitas'
-    own ``quant_weight()`` scale (learned scales).  Always a fresh tensor.
+    1e-10), without autograd and without a host-device sync.  A decoupled quantizer: its
+    *pre*-scale, the divisor that sets the integers (the learned output scale only multiplies
+    them back, so ``weight / weight_scale`` is the latent integer position either way).  Any
+    other QuantConv2d: Brevitas' own ``quant_weight()`` scale (learned scales).  Always a fresh
+    tensor.
     """
     w = q.weight.detach()
     if isinstance(q, FastQuantConv2d):
@@ -241,6 +257,11 @@ def weight_scale(q: QuantConv2d) -> torch.Tensor:
             absmax = w.reshape(w.shape[0], -1).abs().amax(dim=1, keepdim=True)
             return (absmax.clamp_min(1e-10) / int_max).reshape(-1, *([1] * (w.dim() - 1)))
         return (w.abs().amax().clamp_min(1e-10) / int_max).reshape(())
+    tensor_quant = q.weight_quant.tensor_quant
+    if isinstance(tensor_quant, DecoupledRescalingIntQuant):
+        # the same three calls DecoupledRescalingIntQuant.forward makes to get pre_scale
+        int_threshold = tensor_quant.int_scaling_impl(tensor_quant.msb_clamp_bit_width_impl())
+        return (tensor_quant.pre_scaling_impl(w) / int_threshold).detach().clone()
     return q.quant_weight().scale.detach().clone()
 
 

@@ -60,3 +60,29 @@ class _Scaled:
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         return grad * self.factor
+
+
+@torch.no_grad()
+def scale_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every learned scale, by name (empty for max-abs scaling)."""
+    return {name: p.detach().clone() for name, _, p in scale_parameters(model)}
+
+
+@torch.no_grad()
+def scale_ratio_stats(model: nn.Module, initial: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How far the learned scales moved from ``initial``: geometric mean and minimum of
+    ``|s| / |s_initial|`` over every scale value (``scale/ratio_geomean``, ``scale/ratio_min``).
+
+    Why it is logged: before a BatchNorm the loss is blind to a conv's output scale, so nothing
+    but weight decay moves a per-tensor learned scale's magnitude; a steady fall of the geometric
+    mean is that decay at work (README, "Looking for the collapse").
+    """
+    logs = []
+    for name, _, p in scale_parameters(model):
+        if name in initial:
+            ratio = p.detach().abs().double() / initial[name].abs().double().clamp_min(1e-30)
+            logs.append(ratio.clamp_min(1e-300).log().reshape(-1))
+    if not logs:
+        return {}
+    flat = torch.cat(logs)
+    return {"scale/ratio_geomean": float(flat.mean().exp()), "scale/ratio_min": float(flat.min().exp())}

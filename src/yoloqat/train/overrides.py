@@ -21,7 +21,8 @@ def require_dataset(path: Path = DATASET_YAML) -> Path:
 def ultralytics_overrides(
     cfg: Config, *, model: str, epochs: int, batch: int, optimizer: str, lr0: float,
     weight_decay: float, warmup_epochs: float, workers: int, project: str, name: str,
-    amp: bool = True, patience: int = 100,
+    amp: bool = True, patience: int = 100, lrf: float = 0.01, momentum: float = 0.937,
+    mosaic: float = 0.0, close_mosaic: int = 0,
 ) -> dict[str, Any]:
     """The Ultralytics args shared by the FP and QAT trainers (augmentation kept identical)."""
     return {
@@ -39,6 +40,8 @@ def ultralytics_overrides(
         "deterministic": True,
         "optimizer": optimizer,
         "lr0": lr0,
+        "lrf": lrf,
+        "momentum": momentum,
         "weight_decay": weight_decay,
         "warmup_epochs": warmup_epochs,
         "patience": patience,
@@ -51,10 +54,10 @@ def ultralytics_overrides(
         "name": name,
         "exist_ok": True,
         "verbose": True,
-        # Short runs on small images: mosaic would shrink objects to a few pixels, and a
-        # final mosaic-free phase is what the model is judged on.
-        "mosaic": 0.0,
-        "close_mosaic": 0,
+        # Off by default (FP always): on short runs with small images mosaic shrinks objects to
+        # a few pixels.  QAT can turn it on (qat.mosaic) to follow the reference recipe.
+        "mosaic": mosaic,
+        "close_mosaic": close_mosaic,
         "cache": False,
     }
 
@@ -76,3 +79,14 @@ def keep_run_files(save_dir: Path, results_dir: Path) -> list[Path]:
             dest.mkdir(parents=True, exist_ok=True)
             kept.append(Path(shutil.copy2(src, dest / name)))
     return kept
+
+
+def qat_schedule(cfg: Config) -> dict[str, Any]:
+    """QAT's optimizer and augmentation arguments, shared by the qat stage and FP continued (the
+    equal-training control must see the same schedule)."""
+    q = cfg.qat
+    return {
+        "epochs": q.epochs, "batch": q.batch, "optimizer": q.optimizer, "lr0": q.lr0, "lrf": q.lrf,
+        "momentum": q.momentum, "weight_decay": q.weight_decay, "warmup_epochs": q.warmup_epochs,
+        "mosaic": q.mosaic, "close_mosaic": q.close_mosaic, "workers": q.workers,
+    }

@@ -51,6 +51,7 @@ class QATSettings:
     freeze_threshold: float = 0.0
     bn_reestimate: int = 0
     lsq_grad_scale: bool = False
+    scale_weight_decay: float = 0.0  # weight decay of learned scales (0: a no-decay group)
 
     def to_env(self) -> None:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
@@ -185,14 +186,16 @@ class QATTrainer(FPTrainer):
         self.freezer: Any = None
         self.bnre_state: dict[str, torch.Tensor] | None = None  # BN stats of the last val_bnre
         self._bnre_loader: Any = None
+        self.initial_scales: dict[str, torch.Tensor] = {}  # learned scales at the start
         super().__init__(*args, **kwargs)
         self.add_callback("on_pretrain_routine_end", _install_ema)
         self.add_callback("on_pretrain_routine_end", _install_tracker)
         self.add_callback("on_pretrain_routine_end", _install_dampening)
+        self.add_callback("on_pretrain_routine_end", _snapshot_scales)
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         model = quantize_model(super().get_model(cfg=cfg, weights=weights, verbose=verbose), self.recipe)
-        if self.recipe.scaling == "learned" and self.qat_settings.lsq_grad_scale:
+        if self.recipe.scaling != "maxabs" and self.qat_settings.lsq_grad_scale:
             from yoloqat.quant.scales import register_lsq_grad_scale
 
             register_lsq_grad_scale(model)
@@ -203,13 +206,16 @@ class QATTrainer(FPTrainer):
 
         Ultralytics groups parameters by name and type: a Brevitas scale is neither a bias nor a
         norm weight, so it would get weight decay, which pulls the scale (the grid) towards 0.
+        ``scale_weight_decay`` > 0 gives them that decay instead (the reference run's stock
+        Ultralytics grouping decayed them like conv weights).
         The freezer's reset is hooked right after ``optimizer.step()``: before Ultralytics'
         EMA update reads the weights.
         """
         from yoloqat.quant.scales import scale_parameters
 
         optimizer = super().build_optimizer(model, *args, **kwargs)
-        move_to_no_decay_group(optimizer, [p for *_, p in scale_parameters(unwrap_model(model))], "scale")
+        scales = [p for *_, p in scale_parameters(unwrap_model(model))]
+        move_to_group(optimizer, scales, "scale", weight_decay=self.qat_settings.scale_weight_decay)
         optimizer.register_step_post_hook(self._after_optimizer_step)
         return optimizer
 
@@ -296,6 +302,10 @@ class QATTrainer(FPTrainer):
             row["osc/frac_frozen"] = self.freezer.frac_frozen()
         if self.dampening is not None:
             row.update(self.dampening.pop_stats())
+        if self.initial_scales:
+            from yoloqat.quant.scales import scale_ratio_stats
+
+            row.update(scale_ratio_stats(unwrap_model(self.model), self.initial_scales))
         return row
 
     def save_model(self) -> bool:
@@ -338,8 +348,10 @@ class QATTrainer(FPTrainer):
         return None
 
 
-def move_to_no_decay_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], label: str) -> None:
-    """Take ``params`` out of their groups and add them as one group without weight decay.
+def move_to_group(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], label: str, weight_decay: float = 0.0
+) -> None:
+    """Take ``params`` out of their groups and add them as one group with ``weight_decay``.
 
     The new group copies the settings (lr, betas / momentum) of the group they came from, with
     Ultralytics' ``param_group`` label, so warm-up and the lr schedule treat it like the rest."""
@@ -355,7 +367,13 @@ def move_to_no_decay_group(optimizer: torch.optim.Optimizer, params: list[nn.Par
     if source is None:
         raise ValueError("none of the parameters is in the optimizer")
     settings = {k: v for k, v in source.items() if k != "params"}
-    optimizer.add_param_group({**settings, "params": list(params), "weight_decay": 0.0, "param_group": label})
+    optimizer.add_param_group({**settings, "params": list(params), "weight_decay": weight_decay, "param_group": label})
+
+
+def _snapshot_scales(trainer: QATTrainer) -> None:
+    from yoloqat.quant.scales import scale_snapshot
+
+    trainer.initial_scales = scale_snapshot(unwrap_model(trainer.model))
 
 
 def _install_tracker(trainer: QATTrainer) -> None:
