@@ -25,8 +25,8 @@ from yoloqat.train.live import EpochLogger, curve_summary
 from yoloqat.train.overrides import (
     MODEL_YAML,
     keep_run_files,
-    require_dataset,
     qat_schedule,
+    require_dataset,
     ultralytics_overrides,
 )
 
