@@ -125,18 +125,51 @@ def exps_main(argv: list[str]) -> int:
     return 0
 
 
+def _search_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="yoloqat search",
+                 description="Tabulate and plot single experiments of a failure search "
+                             "(README.md + curves.png in --out).")
+    ap.add_argument("names", nargs="+", metavar="NAME", help="DVC experiment names, in table order")
+    ap.add_argument("--out", default="reports/failure_search", help="output folder")
+    ap.add_argument("--title", default="Failure search", help="the report's heading")
+    ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="read a saved `dvc exp show --json` instead of running dvc")
+    return ap
+
+
+def search_main(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from yoloqat.analysis.experiments import read_experiments
+    from yoloqat.analysis.search import markdown_table, search_row, select, write_search_report
+
+    args = _search_parser().parse_args(argv)
+    try:
+        records = select(read_experiments(args.repo, args.from_json), args.names)
+        report = write_search_report(Path(args.out), records, args.repo, args.title)
+    except (YoloqatError, OSError) as exc:
+        print(f"yoloqat search: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(markdown_table([search_row(r) for r in records]))
+    print(f"wrote {report} and {report.parent / 'curves.png'}")
+    return 0
+
+
 def _main_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="yoloqat",
         description="EMA + Quantization Correction for W4A16 QAT of YOLOv10: stability tools.",
     )
-    sub = ap.add_subparsers(dest="command", metavar="{exps,judge,ladder}")
+    sub = ap.add_subparsers(dest="command", metavar="{exps,judge,ladder,search}")
     sub.add_parser("exps", help="one compact line per DVC experiment (yoloqat exps -h)",
                    add_help=False)
     sub.add_parser("judge", help="label training curves stable / collapsed / ... "
                    "(yoloqat judge -h for its options)", add_help=False)
     sub.add_parser("ladder", help="group experiments, decide the next rung, write reports "
                    "(yoloqat ladder -h)", add_help=False)
+    sub.add_parser("search", help="table + curves of single runs of a failure search "
+                   "(yoloqat search -h)", add_help=False)
     return ap
 
 
@@ -151,13 +184,15 @@ def main(argv: list[str] | None = None) -> int:
             return ladder_main(argv[1:])
         if argv and argv[0] == "exps":
             return exps_main(argv[1:])
+        if argv and argv[0] == "search":
+            return search_main(argv[1:])
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     ap = _main_parser()
     if not argv or argv[0] in ("-h", "--help"):
         ap.print_help(sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge or ladder",
+    print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge, ladder or search",
           file=sys.stderr)
     return 2
 

@@ -1,0 +1,205 @@
+"""The failure-search report: one row per experiment, what it changed and how its curves went.
+
+``yoloqat search NAME [NAME ...]`` reads the named DVC experiments (``dvc exp show``), describes
+each by the params it sets away from the defaults (after its preset is applied, so a preset row
+shows the recipe it ran), and writes ``README.md`` (the table) and ``curves.png`` (each run's
+paired live / EMA val mAP50-95 curves) to ``--out`` (default ``reports/failure_search``).
+
+Single runs, not seed groups: this is where a failure is looked for; ``yoloqat ladder`` is
+where a found one is measured over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yoloqat.analysis.experiments import ExpRecord, read_curves
+from yoloqat.config import Config, apply_preset
+from yoloqat.errors import ConfigError, ExperimentsError
+
+# params that never describe a QAT setting (where the data lives, how results are judged)
+IGNORED_PREFIXES = ("stability.", "ladder.", "evaluate.", "export.", "data.path", "device")
+
+
+@dataclass(frozen=True)
+class SearchRow:
+    name: str
+    setting: str  # the params set away from the defaults, "k=v k=v"
+    status: str
+    live_label: str | None
+    live_best: float | None
+    live_best_epoch: int | None
+    live_final: float | None
+    live_max_drawdown: float | None
+    ema_label: str | None
+    ema_final: float | None
+    osc_final: float | None
+    scale_ratio_final: float | None
+    epochs: int | None
+    seconds: float | None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def setting_text(params: dict[str, Any]) -> str:
+    """The run's params that differ from the defaults once its preset is applied (``default`` if
+    none), the preset first.  Keys the config does not know (an older run) are shown as given."""
+    defaults = _flatten(Config().as_dict())
+    given = {k: v for k, v in params.items() if v is not None or k in defaults}
+    try:
+        resolved = _flatten(apply_preset(_nested(given)))
+    except ConfigError:  # an unknown preset (an old or broken params block): show it as recorded
+        resolved = given
+    preset = resolved.get("preset", "none")
+    diffs = [
+        f"{k}={_text(v)}" for k, v in sorted(resolved.items())
+        if k != "preset" and not k.startswith(IGNORED_PREFIXES)
+        and k in defaults and _norm(v) != _norm(defaults[k])
+    ]
+    head = [f"preset={preset}"] if preset not in (None, "none") else []
+    return " ".join(head + diffs) or "default"
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(v)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)):
+        return float(v)
+    return v
+
+
+def _text(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def search_row(rec: ExpRecord) -> SearchRow:
+    v, q = rec.verdict, rec.metrics.get("qat", {})
+    epoch = v.get("live_best_epoch")
+    return SearchRow(
+        name=rec.name, setting=setting_text(rec.params),
+        status=rec.state if rec.state != "done" else str(q.get("status") or v.get("status") or "done"),
+        live_label=v.get("live_label") or v.get("label"),
+        live_best=_num(v.get("live_best", v.get("best"))),
+        live_best_epoch=int(epoch) if isinstance(epoch, int) else None,
+        live_final=_num(v.get("live_final", v.get("final"))),
+        live_max_drawdown=_num(v.get("live_max_drawdown", v.get("max_drawdown"))),
+        ema_label=v.get("ema_label"), ema_final=_num(v.get("ema_final")),
+        osc_final=_num(q.get("osc/frac_oscillating")),
+        scale_ratio_final=_num(q.get("scale_ratio_geomean_final")),
+        epochs=q.get("epochs") if isinstance(q.get("epochs"), int) else None,
+        seconds=_num(q.get("seconds")),
+    )
+
+
+def select(records: Sequence[ExpRecord], names: Sequence[str]) -> list[ExpRecord]:
+    """The experiments called ``names``, in that order; an unknown name is an error."""
+    by_name = {r.name: r for r in records if r.kind == "experiment"}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        known = ", ".join(sorted(by_name)) or "none"
+        raise ExperimentsError(f"unknown experiment(s) {', '.join(missing)}; known: {known}")
+    return [by_name[n] for n in names]
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[SearchRow]) -> str:
+    head = ("| exp | setting (vs defaults) | epochs | live verdict | live best (epoch) | live final "
+            "| max drawdown | EMA verdict / final | oscillating | scale ratio | qat s |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        best = "-" if r.live_best is None else f"{r.live_best:.4f} ({r.live_best_epoch})"
+        ema = "-" if r.ema_label is None else f"{r.ema_label} / {_f(r.ema_final, 4)}"
+        lines.append(
+            f"| {r.name} | `{r.setting}` | {r.epochs or '-'} | {r.live_label or r.status} | {best} "
+            f"| {_f(r.live_final, 4)} | {_f(r.live_max_drawdown)} | {ema} | {_f(r.osc_final, 4)} "
+            f"| {_f(r.scale_ratio_final, 3)} | {_f(r.seconds, 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(path: Path, rows: Sequence[SearchRow], curves: Sequence[dict[str, Any]]) -> None:
+    """One small panel per run: live (solid) and EMA (dashed) val mAP50-95 per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(rows), 1)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, row, c in zip(axes.flat, rows, curves, strict=False):
+        live = c.get("live") or c.get("map") or []
+        ema = c.get("ema") or []
+        if live:
+            ax.plot(range(1, len(live) + 1), live, "-o", ms=2.5, label="live (plain QAT)")
+        if ema:
+            ax.plot(range(1, len(ema) + 1), ema, "--", label="EMA")
+        ax.set_title(f"{row.name}: {row.live_label or row.status}", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("val mAP50-95", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_search_report(
+    out_dir: Path, records: Sequence[ExpRecord], repo: str | Path = ".", title: str = "Failure search"
+) -> Path:
+    rows = [search_row(r) for r in records]
+    curves = [read_curves(r, repo) for r in records]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_curves(out_dir / "curves.png", rows, curves)
+    text = [
+        f"# {title}",
+        "",
+        "Written by `yoloqat search " + " ".join(r.name for r in rows) + "`; one row per DVC "
+        "experiment, its setting given as the params it sets away from the defaults (after its "
+        "preset). Verdicts by the rules of README \"How the answer is decided\"; `scale ratio` is "
+        "the geometric mean of |learned scale| / |initial| at the end (learned scalings only).",
+        "",
+        markdown_table(rows),
+        "",
+        "![live and EMA val mAP50-95 per epoch](curves.png)",
+        "",
+    ]
+    (out_dir / "README.md").write_text("\n".join(text))
+    return out_dir / "README.md"

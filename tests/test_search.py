@@ -1,0 +1,59 @@
+"""yoloqat search: each run described by what it changed, its curves judged and plotted."""
+
+from __future__ import annotations
+
+import pytest
+
+from yoloqat.analysis.experiments import ExpRecord
+from yoloqat.analysis.search import markdown_table, search_row, select, setting_text
+from yoloqat.cli import main
+from yoloqat.errors import ExperimentsError
+
+
+def _rec(name: str, params: dict, verdict: dict | None = None, qat: dict | None = None) -> ExpRecord:
+    return ExpRecord(
+        name=name, rev="0" * 40, kind="experiment", state="done", params=params,
+        metrics={"verdict": verdict or {}, "qat": qat or {}},
+    )
+
+
+def test_setting_is_what_differs_from_the_defaults_after_the_preset():
+    assert setting_text({"model": "yolo10n", "seed": 0, "qat.epochs": 10}) == "default"
+    assert setting_text({"qat.lr0": 0.01, "qat.scaling": "learned", "data.path": "/x"}) == (
+        "qat.lr0=0.01 qat.scaling=learned"
+    )
+    preset = setting_text({"preset": "reference_cpu", "qat.epochs": 12})
+    assert preset.startswith("preset=reference_cpu ")
+    assert "qat.epochs=12" in preset and "qat.scaling=decoupled" in preset and "qat.lrf=0.9" in preset
+    assert "qat.init=scratch" in preset and "fp.control=false" in preset
+
+
+def test_rows_read_the_paired_verdicts_and_the_scale_drift():
+    rec = _rec(
+        "wd-accel", {"qat.scale_weight_decay": 0.05, "qat.scaling": "decoupled"},
+        verdict={"label": "collapsed", "live_label": "collapsed", "live_best": 0.2, "live_best_epoch": 3,
+                 "live_final": 0.01, "live_max_drawdown": 0.95, "ema_label": "collapsed", "ema_final": 0.02},
+        qat={"epochs": 15, "osc/frac_oscillating": 0.012, "scale_ratio_geomean_final": 0.004, "seconds": 300.0},
+    )
+    row = search_row(rec)
+    assert (row.live_label, row.live_best, row.live_best_epoch, row.live_final) == ("collapsed", 0.2, 3, 0.01)
+    assert (row.scale_ratio_final, row.osc_final, row.epochs) == (0.004, 0.012, 15)
+    table = markdown_table([row])
+    assert "| wd-accel | `qat.scale_weight_decay=0.05 qat.scaling=decoupled` | 15 | collapsed | 0.2000 (3) |" in table
+    assert "| 0.0100 | 0.950 | collapsed / 0.0200 | 0.0120 | 0.004 | 300 |" in table
+
+
+def test_unknown_experiment_names_are_one_error_naming_them():
+    recs = [_rec("a", {}), _rec("b", {})]
+    assert [r.name for r in select(recs, ["b", "a"])] == ["b", "a"]
+    with pytest.raises(ExperimentsError, match=r"unknown experiment\(s\) zzz; known: a, b"):
+        select(recs, ["a", "zzz"])
+
+
+def test_search_cli_bad_json_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "show.json"
+    bad.write_text("{not json")
+    assert main(["search", "x", "--from-json", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("yoloqat search: error:")
+    assert not (tmp_path / "out").exists()
