@@ -219,3 +219,14 @@ def test_a_key_set_away_from_its_default_beats_the_preset(tmp_path):
 def test_preset_none_changes_nothing(tmp_path):
     none = load_config(write_params(tmp_path, preset="none"))
     assert none.as_dict() == load_config(REPO / "params.yaml").as_dict()
+
+
+def test_scientific_notation_written_by_dvc_is_a_number(tmp_path):
+    """`dvc exp run -S qat.dampening=1e-5` writes `1e-05`, which PyYAML reads as a string."""
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text().replace("dampening: 0.0 ", "dampening: 1e-05 "))
+    assert yaml.safe_load(path.read_text())["qat"]["dampening"] == "1e-05"
+    assert load_config(path).qat.dampening == 1e-05
+    path.write_text((REPO / "params.yaml").read_text().replace("dampening: 0.0 ", "dampening: 1e-x "))
+    with pytest.raises(ConfigError, match=r"qat.dampening='1e-x'"):
+        load_config(path)

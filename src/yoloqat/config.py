@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,22 @@ def _int(key: str, value: Any, lo: int | None = None, hi: int | None = None) -> 
     return value
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _scientific(value: Any) -> Any:
+    """``1e-05`` as a number.  Why: ``dvc exp run -S qat.dampening=1e-5`` writes ``1e-05`` into
+    params.yaml, and PyYAML (YAML 1.1) reads a float without a dot as a string."""
+    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        return float(value)
+    return value
+
+
 def _float(
     key: str, value: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
     hi_open: bool = False,
 ) -> float:
+    value = _scientific(value)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
         value = float(value)
