@@ -212,3 +212,23 @@ def test_the_error_path_is_light():
             "print(heavy); sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _stage_params(stage: str) -> set[str]:
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    return {p for p in spec.get("params", []) if isinstance(p, str)}
+
+
+def test_fp_stages_depend_on_every_param_they_read():
+    """train_fp lists the fp keys one by one (all but fp.control, so turning the control off does
+    not retrain the FP model); fp_control follows QAT's schedule, so it needs every key of it."""
+    import dataclasses
+
+    from yoloqat.config import FPConfig, load_config
+    from yoloqat.train.overrides import qat_schedule
+
+    fp_keys = {f"fp.{f.name}" for f in dataclasses.fields(FPConfig)} - {"fp.control"}
+    assert fp_keys <= _stage_params("train_fp")
+    assert "fp.control" not in _stage_params("train_fp")
+    schedule = {f"qat.{k}" for k in qat_schedule(load_config(REPO / "params.yaml"))}
+    assert schedule <= _stage_params("fp_control")
