@@ -49,6 +49,7 @@ def train_fp(cfg: Config) -> dict[str, Any]:
             "model": init or MODEL_YAML[cfg.model], "epochs": f.epochs, "batch": f.batch,
             "optimizer": f.optimizer, "lr0": f.lr0, "weight_decay": f.weight_decay,
             "warmup_epochs": f.warmup_epochs, "workers": f.workers, "patience": f.patience,
+            "amp": f.amp,
         })
     summary["seconds"] = round(time.time() - t0, 1)
     logger.finish(summary)
@@ -77,6 +78,7 @@ def train_fp_control(cfg: Config) -> dict[str, Any]:
             "model": str(FP_CHECKPOINT.resolve()), "epochs": q.epochs, "batch": q.batch,
             "optimizer": q.optimizer, "lr0": q.lr0, "weight_decay": q.weight_decay,
             "warmup_epochs": q.warmup_epochs, "workers": q.workers, "patience": max(q.epochs, 1),
+            "amp": q.amp,  # equal training: QAT's precision too
         })
     summary["seconds"] = round(time.time() - t0, 1)
     logger.finish(summary)
