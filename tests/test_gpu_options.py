@@ -223,3 +223,17 @@ def test_trainer_builds_the_dataset_uncached_then_caches_to_disk_cache_dir(monke
     assert seen == {"cache_during_build": False, "ds": "dataset", "folder": tr.disk_cache_dir()}
     assert trainer.args.cache == "disk"
     assert Path(tr.disk_cache_dir()).name == "image_cache"
+
+
+def test_gpu_check_without_cuda_is_one_line_and_exit_0():
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: gpu_check would run the whole check")
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0
+    assert res.stdout.splitlines() == [
+        "gpu-check: no CUDA device (torch.cuda.is_available() is false); nothing run"
+    ]
