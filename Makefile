@@ -19,7 +19,7 @@ export GIT_AUTHOR_EMAIL ?= yoloqat@localhost
 export GIT_COMMITTER_EMAIL ?= yoloqat@localhost
 endif
 
-.PHONY: setup repo run pipeline test lint bench clean-results
+.PHONY: setup repo run pipeline test lint bench gpu-check clean-results
 
 setup: $(STAMP)
 
@@ -58,3 +58,12 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/qat_step_time.py
+
+# On a one-GPU machine: the CUDA step benchmark, the CUDA tests and the pipeline at a bigger
+# budget on a temporary copy, then one summary (README "GPU").  Offline; without a CUDA device
+# it prints one line and exits 0.  No `setup` prerequisite: a GPU box may have no registry,
+# so it runs with .venv's python when there is one, else python3 (packages on PYTHONPATH).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) benchmarks/gpu_check.py

@@ -19,6 +19,21 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests run only where torch sees a CUDA device (`make gpu-check`'s
+    machine); everywhere else they are skipped with the reason."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models on a shared 2-core CPU: one intra-op thread avoids spin-waiting contention

@@ -91,6 +91,15 @@ def test_repo_params_load_with_documented_defaults():
         ({"qat__close_mosaic": -1}, "qat.close_mosaic=-1"),
         ({"preset": "collapse"}, "preset='collapse'"),
         ({"preset": None}, "preset=None"),
+        ({"deterministic": "yes"}, "deterministic='yes'"),
+        ({"cache": True}, "cache=True"),  # Ultralytics' True means ram: say which
+        ({"cache": "gpu"}, "cache='gpu'"),
+        ({"cache": 0}, "cache=0"),
+        ({"fp__workers": -1}, "fp.workers=-1"),
+        ({"fp__workers": "many"}, "fp.workers='many'"),
+        ({"qat__workers": 2.5}, "qat.workers=2.5"),
+        ({"qat__workers": True}, "qat.workers=True"),
+        ({"fp__amp": "fp16"}, "fp.amp='fp16'"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(tmp_path, change, needle):
@@ -101,6 +110,16 @@ def test_invalid_values_name_key_value_and_allowed(tmp_path, change, needle):
     assert "\n" not in msg
     assert needle in msg
     assert "expected" in msg
+
+
+def test_input_pipeline_values_that_are_allowed(tmp_path):
+    cfg = load_config(write_params(tmp_path, deterministic=False, cache="disk", fp__workers="auto",
+                                   qat__workers=3, fp__amp=True))
+    assert (cfg.deterministic, cfg.cache, cfg.fp.workers, cfg.qat.workers, cfg.fp.amp) == (
+        False, "disk", "auto", 3, True)
+    assert load_config(write_params(tmp_path, cache="ram")).cache == "ram"
+    default = load_config(REPO / "params.yaml")
+    assert (default.deterministic, default.cache, default.fp.amp) == (True, False, False)
 
 
 def test_unknown_keys_are_rejected(tmp_path):

@@ -439,3 +439,46 @@ def test_openvino_requested_but_not_installed_is_one_line(tiny_pipeline, tmp_pat
         " pip install -e '.[openvino]' or remove openvino from evaluate.runtimes"
     )
     assert not (tmp_path / "results/evaluate").exists()
+
+
+def test_evaluate_device_cuda_without_the_cuda_provider_falls_back_to_cpu_in_one_line(
+    tiny_pipeline, tmp_path, capsys
+):
+    import dataclasses
+    import shutil
+
+    import onnxruntime
+
+    from yoloqat.deploy.runtime import CUDA_PROVIDER_MISSING
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: no fallback to test")
+    root, cfg = tiny_pipeline
+    for d in ("models", "data", "results"):
+        shutil.copytree(root / d, tmp_path / d)
+    shutil.rmtree(tmp_path / "results/evaluate", ignore_errors=True)
+    ev = dataclasses.replace(cfg.evaluate, device="cuda")
+    m = evaluate_models(dataclasses.replace(cfg, root=tmp_path, evaluate=ev))
+    out = capsys.readouterr().out.splitlines()
+    assert out.count(CUDA_PROVIDER_MISSING) == 1
+    assert CUDA_PROVIDER_MISSING == (
+        "evaluate: CUDAExecutionProvider not available (pip install -e '.[gpu]'); "
+        "running onnxruntime on CPU"
+    )
+    assert m["device"] == "cuda" and m["onnxruntime_device"] == "cpu"
+    assert m["providers"] == ["CPUExecutionProvider"]
+    assert m["w4a16_mAP50-95"] is not None
+
+
+def test_ort_device_uses_cuda_when_the_provider_is_there(monkeypatch, capsys):
+    import onnxruntime
+
+    from yoloqat.deploy.runtime import ort_device, providers_for
+
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers",
+        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    assert ort_device("cuda") == "cuda" and ort_device("cpu") == "cpu"
+    assert providers_for("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert capsys.readouterr().out == ""

@@ -323,3 +323,128 @@ def test_mixed_bit_widths_get_per_width_keys_and_a_low_bit_headline():
     assert run["osc/frac_oscillating"] == 2 / n4 and run["osc/frac_oscillating_w8"] == 1 / n8
     # one bit width: exactly the usual keys (test_tracker_counts... checks the values)
     assert list(OscillationTracker(tiny_model()).epoch_summary()) == list(SUMMARY_KEYS)
+
+
+# --------------------------------------------------------------------------------------------
+# fused (flat-buffer) tracking == the per-layer reference, bit for bit
+
+
+def _yolo_quantized(recipe: QuantRecipe) -> nn.Module:
+    from yoloqat.offline import configure_offline
+
+    configure_offline()
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    return quantize_model(DetectionModel("yolov10n.yaml", nc=6, verbose=False), recipe)
+
+
+def _assert_trackers_equal(fused: OscillationTracker, ref: OscillationTracker) -> None:
+    assert fused.groups and not ref.groups
+    for (_, _, _, a), (_, _, _, b) in zip(fused.layers, ref.layers, strict=True):
+        for name in ("prev_int", "last_sign", "freq", "_x", "scale", "scale0"):
+            ta, tb = getattr(a, name), getattr(b, name)
+            assert ta.dtype == tb.dtype and ta.shape == tb.shape, name
+            assert torch.equal(ta, tb), name
+    # dict equality of floats: exact, no tolerance
+    assert fused.layer_table() == ref.layer_table()
+    assert fused.epoch_summary() == ref.epoch_summary()
+    assert fused.summary() == ref.summary()
+
+
+def _run_pair(model: nn.Module, steps: int, every: int = 1, **kw) -> None:
+    import copy
+
+    twin = copy.deepcopy(model)
+    fused = OscillationTracker(model, every=every, fused=True, **kw)
+    ref = OscillationTracker(twin, every=every, fused=False, **kw)
+    params = [m.weight for _, m, _, _ in fused.layers]
+    twin_params = [m.weight for _, m, _, _ in ref.layers]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        with torch.no_grad():
+            for p, q in zip(params, twin_params, strict=True):
+                # moves of about half a grid step, so weights flip back and forth
+                noise = torch.randn(p.shape, generator=gen) * p.abs().amax() / 14
+                p.add_(noise)
+                q.add_(noise)
+        assert fused.step() == ref.step()
+        if step == steps // 2:
+            assert fused.epoch_summary() == ref.epoch_summary()  # a window boundary mid-run
+    _assert_trackers_equal(fused, ref)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [QuantRecipe(), QuantRecipe(granularity="per_tensor"), QuantRecipe(bits=4, edge_bits=8)],
+    ids=["per_channel", "per_tensor", "w4_edges_w8"],
+)
+def test_fused_tracker_equals_per_layer_tracker_on_tiny_model(recipe):
+    model = quantize_model(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 1)),
+        recipe,
+    )
+    _run_pair(model, steps=9, headline_bits=4)
+    _run_pair(model, steps=10, every=3, headline_bits=4)
+
+
+def test_fused_tracker_equals_per_layer_tracker_on_yolov10n():
+    """yolov10n W4 with int8 edges (two fused groups), several steps, every statistic exact."""
+    _run_pair(_yolo_quantized(QuantRecipe(bits=4, edge_bits=8)), steps=5, headline_bits=4)
+
+
+def test_fused_tracker_drives_the_freezer_exactly_as_the_per_layer_one():
+    import copy
+
+    from yoloqat.quant.freezing import WeightFreezer
+
+    model = tiny_model()
+    twin = copy.deepcopy(model)
+    runs = []
+    for m, fused in ((model, True), (twin, False)):
+        tracker = OscillationTracker(m, momentum=0.25, fused=fused)
+        runs.append((m, tracker, WeightFreezer(tracker, threshold=0.2)))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(12):
+        noises = [torch.randn(q.weight.shape, generator=gen) * 0.3 for q in model if isinstance(q, QuantConv2d)]
+        for m, tracker, freezer in runs:
+            with torch.no_grad():
+                for q, n in zip([q for q in m if isinstance(q, QuantConv2d)], noises, strict=True):
+                    q.weight.add_(n)
+            if tracker.step():
+                freezer.update()
+    (m1, t1, f1), (m2, t2, f2) = runs
+    assert f1.frozen_count() == f2.frozen_count() and f1.frozen_count()[0] > 0
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert t1.summary() == t2.summary()
+
+
+def test_learned_scale_layers_stay_on_the_per_layer_path():
+    tracker = OscillationTracker(tiny_model(QuantRecipe(scaling="learned")), fused=True)
+    assert not tracker.groups and len(tracker._single) == 3
+
+
+def test_fused_by_default_only_on_cuda():
+    assert not OscillationTracker(tiny_model()).groups  # CPU: the per-layer path is faster
+
+
+@pytest.mark.cuda
+def test_fused_tracker_equals_per_layer_tracker_on_cuda():
+    """The same comparison on the GPU: CUDA kernels (segment_reduce, scalar division) too."""
+    model = _yolo_quantized(QuantRecipe(bits=4, edge_bits=8)).cuda()
+    import copy
+
+    twin = copy.deepcopy(model)
+    fused = OscillationTracker(model, headline_bits=4)  # fused by default on CUDA
+    ref = OscillationTracker(twin, fused=False, headline_bits=4)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(6):
+        with torch.no_grad():
+            for (_, p, _, _), (_, q, _, _) in zip(fused.layers, ref.layers, strict=True):
+                noise = torch.randn(p.weight.shape, generator=gen, device="cuda") * p.weight.abs().amax() / 14
+                p.weight.add_(noise)
+                q.weight.add_(noise)
+        fused.step()
+        ref.step()
+    _assert_trackers_equal(fused, ref)

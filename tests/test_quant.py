@@ -88,13 +88,25 @@ def test_first_last_bits_apply_to_stem_and_head_outputs(yolo_fp):
 @pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_fast_path_matches_brevitas_forward_and_gradient(per_channel, bits):
+    _check_fast_path_against_brevitas(per_channel, bits, torch.device("cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_fast_path_matches_brevitas_forward_and_gradient_on_cuda(per_channel, bits):
+    """The same checks with CUDA kernels (the division by int_max, the max-abs reduction)."""
+    _check_fast_path_against_brevitas(per_channel, bits, torch.device("cuda"))
+
+
+def _check_fast_path_against_brevitas(per_channel: bool, bits: int, device: torch.device) -> None:
     torch.manual_seed(1)
     host = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 8, 3), nn.Conv2d(8, 2, 1))
     recipe = QuantRecipe(bits=bits, granularity="per_channel" if per_channel else "per_tensor",
                          edge_bits=bits)
-    q = quantize_model(host, recipe)[1]
+    q = quantize_model(host, recipe)[1].to(device)
     assert isinstance(q, FastQuantConv2d)
-    g = torch.randn_like(q.weight)
+    g = torch.randn(q.weight.shape).to(device)
     ref = QuantConv2d.quant_weight(q).value  # Brevitas' own quantizer
     (ref * g).sum().backward()
     ref_grad = q.weight.grad.clone()
@@ -103,7 +115,7 @@ def test_fast_path_matches_brevitas_forward_and_gradient(per_channel, bits):
     (fast * g).sum().backward()
     assert torch.equal(fast, ref)
     torch.testing.assert_close(w.grad, ref_grad, rtol=0, atol=1e-5)
-    x = torch.randn(2, 4, 9, 9)
+    x = torch.randn(2, 4, 9, 9).to(device)
     torch.testing.assert_close(q(x), nn.functional.conv2d(x, ref, q.bias), rtol=0, atol=1e-6)
 
 

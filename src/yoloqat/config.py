@@ -34,6 +34,9 @@ LEARNED_SCALINGS = ("learned", "decoupled")  # scalings with a trainable scale p
 EVAL_DEVICES = ("cpu", "cuda")
 # onnxruntime is the reference runtime (the headline metrics); the others run beside it.
 EVAL_RUNTIMES = ("onnxruntime", "openvino")
+# Ultralytics' image cache: False (read every image every epoch), "ram" or "disk" (.npy files).
+CACHE_MODES = (False, "ram", "disk")
+AUTO = "auto"  # fp.workers / qat.workers: resolved per machine by train.overrides.resolve_workers
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -108,6 +111,22 @@ def _range_text(lo: float | None, hi: float | None, lo_open: bool = False, hi_op
     return ""
 
 
+def _workers(key: str, value: Any) -> int | str:
+    """Dataloader workers: an integer >= 0, or ``auto`` (decided on the machine that trains)."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, value, f"an integer >= 0 or {AUTO}")
+    return value
+
+
+def _cache(key: str, value: Any) -> bool | str:
+    # `value in CACHE_MODES` would accept 0 (== False); only the exact YAML values pass.
+    if value is False or (isinstance(value, str) and value in CACHE_MODES):
+        return value
+    raise _fail(key, value, "false | ram | disk")
+
+
 def _imgsz(key: str, value: Any) -> int:
     v = _int(key, value, 32)
     if v % 32:
@@ -173,8 +192,11 @@ class FPConfig:
     weight_decay: float = 0.0005
     warmup_epochs: float = 1.0
     init_checkpoint: str | None = None
-    workers: int = 0
+    workers: int | str = 0  # an integer >= 0 or "auto"
     patience: int = 100
+    # fp16 autocast + GradScaler on CUDA (Ultralytics' yolo26n.pt AMP check is bypassed: the
+    # project never downloads); Ultralytics never autocasts on CPU, so there it changes nothing.
+    amp: bool = False
     # Train an "FP continued" control for as many epochs, with the same optimizer settings, as
     # QAT adds, so the W4A16-vs-FP gap compares equal training.
     control: bool = True
@@ -201,7 +223,7 @@ class QATConfig:
     ema_decay: float = 0.99  # the paper's 0.9999 / 2000 are for COCO-length runs
     ema_tau: float = 60.0
     track_every: int = 1
-    workers: int = 0
+    workers: int | str = 0  # an integer >= 0 or "auto"
     # Nagel et al.'s remedies, each off by default.
     dampening: float = 0.0  # lambda of the dampening loss; 0 = off
     dampening_ramp: bool = False  # cosine ramp of lambda from 0 over training
@@ -271,6 +293,10 @@ class Config:
     qc: bool = True
     seed: int = 0
     device: str = "cpu"
+    # Ultralytics' deterministic mode (torch.use_deterministic_algorithms, cuDNN deterministic)
+    # for every training stage; false lets cuDNN pick the fastest (non-deterministic) kernels.
+    deterministic: bool = True
+    cache: bool | str = False  # Ultralytics' image cache for every training stage: false | ram | disk
     data: DataConfig = field(default_factory=DataConfig)
     fp: FPConfig = field(default_factory=FPConfig)
     qat: QATConfig = field(default_factory=QATConfig)
@@ -342,8 +368,9 @@ def _fp(raw: dict[str, Any], root: Path) -> FPConfig:
         init_checkpoint=_optional_path(
             "fp.init_checkpoint", b.get("init_checkpoint", d.init_checkpoint), True, root
         ),
-        workers=_int("fp.workers", b.get("workers", d.workers), 0),
+        workers=_workers("fp.workers", b.get("workers", d.workers)),
         patience=_int("fp.patience", b.get("patience", d.patience), 1),
+        amp=_bool("fp.amp", b.get("amp", d.amp)),
         control=_bool("fp.control", b.get("control", d.control)),
     )
 
@@ -389,7 +416,7 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         ema_decay=_float("qat.ema_decay", b.get("ema_decay", d.ema_decay), 0.0, 1.0),
         ema_tau=_float("qat.ema_tau", b.get("ema_tau", d.ema_tau), 0.0, lo_open=True),
         track_every=_int("qat.track_every", b.get("track_every", d.track_every), 1),
-        workers=_int("qat.workers", b.get("workers", d.workers), 0),
+        workers=_workers("qat.workers", b.get("workers", d.workers)),
         dampening=_float("qat.dampening", b.get("dampening", d.dampening), 0.0),
         dampening_ramp=_bool("qat.dampening_ramp", b.get("dampening_ramp", d.dampening_ramp)),
         freeze_threshold=_float(
@@ -561,6 +588,8 @@ def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
         qc=_bool("qc", raw.get("qc", True)),
         seed=_int("seed", raw.get("seed", 0), 0),
         device=device,
+        deterministic=_bool("deterministic", raw.get("deterministic", True)),
+        cache=_cache("cache", raw.get("cache", False)),
         data=_data(raw, root),
         fp=_fp(raw, root),
         qat=_qat(raw, root),

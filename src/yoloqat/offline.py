@@ -14,9 +14,14 @@ from pathlib import Path
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def project_state_dir() -> Path:
+    """The project's state folder (``.yoloqat`` of this checkout, or ``$YOLOQAT_STATE_DIR``)."""
+    return Path(os.environ.get("YOLOQAT_STATE_DIR") or _REPO_ROOT / ".yoloqat")
+
+
 def configure_offline(state_dir: Path | None = None) -> Path:
     """Point Ultralytics at a project-owned settings folder and forbid network side effects."""
-    state_dir = Path(state_dir or os.environ.get("YOLOQAT_STATE_DIR") or _REPO_ROOT / ".yoloqat")
+    state_dir = Path(state_dir or project_state_dir())
     cfg_dir = state_dir / "ultralytics"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("YOLO_CONFIG_DIR", str(cfg_dir))

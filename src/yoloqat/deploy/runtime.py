@@ -30,6 +30,24 @@ def onnxruntime_module() -> Any:
     return onnxruntime
 
 
+CUDA_PROVIDER_MISSING = (
+    "evaluate: CUDAExecutionProvider not available (pip install -e '.[gpu]'); "
+    "running onnxruntime on CPU"
+)
+
+
+def ort_device(requested: str) -> str:
+    """The device onnxruntime will really use for ``evaluate.device``: ``cuda`` only when this
+    onnxruntime build has the CUDA provider; otherwise ``cpu``, said in one line (a CPU-only
+    onnxruntime on a GPU machine is a set-up choice, not a reason to lose the run)."""
+    if requested != "cuda":
+        return "cpu"
+    if "CUDAExecutionProvider" in onnxruntime_module().get_available_providers():
+        return "cuda"
+    print(CUDA_PROVIDER_MISSING)
+    return "cpu"
+
+
 def providers_for(device: str) -> list[str]:
     ort = onnxruntime_module()
 
@@ -82,6 +100,10 @@ def open_session(
     except Exception as exc:  # noqa: BLE001  (onnxruntime raises its own untyped errors)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise EvaluateError(f"onnxruntime cannot load {str(path)!r} ({first})") from None
+    if device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+        # onnxruntime-gpu drops the provider (with its own warning) when CUDA or cuDNN libraries
+        # do not load; the run then is a CPU run, and its latency must not be read as GPU's.
+        print(f"evaluate: onnxruntime could not start CUDA for {path.name}; it runs on CPU")
     inp, out = sess.get_inputs(), sess.get_outputs()
     in_shape = inp[0].shape if len(inp) == 1 else None
     if in_shape is None or len(in_shape) != 4 or in_shape[2:] != [imgsz, imgsz]:

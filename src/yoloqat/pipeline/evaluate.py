@@ -44,7 +44,13 @@ from yoloqat.config import Config
 from yoloqat.data.splits import letterbox_batch, read_split
 from yoloqat.deploy.openvino_runtime import DEVICE as OPENVINO_DEVICE
 from yoloqat.deploy.openvino_runtime import compile_openvino, openvino_runner, openvino_version
-from yoloqat.deploy.runtime import measure_speed, onnx_runner, open_session, torch_runner
+from yoloqat.deploy.runtime import (
+    measure_speed,
+    onnx_runner,
+    open_session,
+    ort_device,
+    torch_runner,
+)
 from yoloqat.deploy.scoring import (
     coco_ground_truth,
     coco_predictions,
@@ -172,9 +178,11 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
     threads = os.cpu_count() or 1
     skipped = diverged_upstream(cfg, EXPORT_METRICS) is not None
 
+    # evaluate.device=cuda without onnxruntime's CUDA provider: one line, then CPU
+    device = ort_device(ev.device)
     # Validate every input before anything is written.
-    fp_sess = open_session(cfg.resolve(FP32_ONNX), imgsz, ev.device, threads)
-    w_sess = None if skipped else open_session(cfg.resolve(W4A16_ONNX), imgsz, ev.device, threads)
+    fp_sess = open_session(cfg.resolve(FP32_ONNX), imgsz, device, threads)
+    w_sess = None if skipped else open_session(cfg.resolve(W4A16_ONNX), imgsz, device, threads)
     samples, names = read_split(cfg.resolve(DATASET_YAML), "val", require_labels=True)
     runners = {"fp32": onnx_runner(fp_sess)}
     if w_sess is not None:
@@ -196,7 +204,7 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
     # Every deployed model is timed in one interleaved loop, so all see the same machine load.
     timed = {k: v for k, v in runners.items() if k != "pytorch_w4a16"}
     if w_sess is not None:
-        folded = open_session(cfg.resolve(W4A16_ONNX), imgsz, ev.device, threads, fold_dequantize=True)
+        folded = open_session(cfg.resolve(W4A16_ONNX), imgsz, device, threads, fold_dequantize=True)
         timed["w4a16_prefolded"] = onnx_runner(folded)
     x1 = letterbox_batch(samples[:1], imgsz)
     x8 = letterbox_batch([samples[i % len(samples)] for i in range(THROUGHPUT_BATCH)], imgsz)
@@ -259,6 +267,7 @@ def evaluate_models(cfg: Config) -> dict[str, Any]:
             "conf": ev.conf,
             "imgsz": imgsz,
             "device": ev.device,
+            "onnxruntime_device": device,  # cpu when the CUDA provider was missing
             "providers": fp_sess.get_providers(),
             "ort_intra_op_threads": threads,
             **({"openvino_device": OPENVINO_DEVICE, "openvino_threads": threads} if openvino else {}),

@@ -89,7 +89,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
         overrides = ultralytics_overrides(
-            cfg, model=model_arg, project=runs, name="qat", amp=cfg.qat.amp, **qat_schedule(cfg)
+            cfg, model=model_arg, project=runs, name="qat", **qat_schedule(cfg)
         )
         trainer = QATTrainer(overrides=overrides, settings=settings)
         trainer.add_callback("on_fit_epoch_end", logger.on_fit_epoch_end)

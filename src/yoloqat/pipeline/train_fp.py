@@ -50,6 +50,7 @@ def train_fp(cfg: Config) -> dict[str, Any]:
             "model": init or MODEL_YAML[cfg.model], "epochs": f.epochs, "batch": f.batch,
             "optimizer": f.optimizer, "lr0": f.lr0, "weight_decay": f.weight_decay,
             "warmup_epochs": f.warmup_epochs, "workers": f.workers, "patience": f.patience,
+            "amp": f.amp,
         })
     summary["seconds"] = round(time.time() - t0, 1)
     logger.finish(summary)

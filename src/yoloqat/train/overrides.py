@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from yoloqat.config import Config
+from yoloqat.config import AUTO, Config
 from yoloqat.errors import DataError
 from yoloqat.paths import DATASET_YAML
 
@@ -18,10 +19,30 @@ def require_dataset(path: Path = DATASET_YAML) -> Path:
     return path
 
 
+def device_is_cuda(device: str) -> bool:
+    """``device`` as params.yaml gives it (``cpu``, ``0``, ``0,1``, ``cuda:0``) names a CUDA device."""
+    return str(device).strip().lower() not in ("cpu", "mps", "")
+
+
+AUTO_WORKERS_MAX = 8
+
+
+def resolve_workers(workers: int | str, device: str, cpu_count: int | None = None) -> int:
+    """``fp.workers`` / ``qat.workers`` as a number.  ``auto``: ``min(8, cores)`` on CUDA, where
+    decoding and augmenting images on the main thread would starve the GPU; 0 on CPU, where
+    Ultralytics forces 0 anyway (the model, not the loader, is the bottleneck there)."""
+    if workers != AUTO:
+        return int(workers)
+    if not device_is_cuda(device):
+        return 0
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return min(AUTO_WORKERS_MAX, cores)
+
+
 def ultralytics_overrides(
     cfg: Config, *, model: str, epochs: int, batch: int, optimizer: str, lr0: float,
-    weight_decay: float, warmup_epochs: float, workers: int, project: str, name: str,
-    amp: bool = True, patience: int = 100, lrf: float = 0.01, momentum: float = 0.937,
+    weight_decay: float, warmup_epochs: float, workers: int | str, project: str, name: str,
+    amp: bool = False, patience: int = 100, lrf: float = 0.01, momentum: float = 0.937,
     mosaic: float = 0.0, close_mosaic: int = 0,
 ) -> dict[str, Any]:
     """The Ultralytics args shared by the FP and QAT trainers (augmentation kept identical)."""
@@ -35,9 +56,9 @@ def ultralytics_overrides(
         # images that leaves a handful of optimizer steps per epoch.  One step per batch.
         "nbs": batch,
         "device": cfg.device,
-        "workers": workers,
+        "workers": resolve_workers(workers, cfg.device),
         "seed": cfg.seed,
-        "deterministic": True,
+        "deterministic": cfg.deterministic,
         "optimizer": optimizer,
         "lr0": lr0,
         "lrf": lrf,
@@ -45,6 +66,8 @@ def ultralytics_overrides(
         "weight_decay": weight_decay,
         "warmup_epochs": warmup_epochs,
         "patience": patience,
+        # On CUDA the trainer subclass decides AMP without Ultralytics' downloading check
+        # (trainer.offline_amp_check); on CPU Ultralytics never autocasts.
         "amp": amp,
         "plots": False,  # plotting fetches a font from the network
         # Validate YOLOv10's one-to-one (end-to-end, NMS-free) head: the head that is exported.
@@ -58,7 +81,9 @@ def ultralytics_overrides(
         # a few pixels.  QAT can turn it on (qat.mosaic) to follow the reference recipe.
         "mosaic": mosaic,
         "close_mosaic": close_mosaic,
-        "cache": False,
+        # "disk": the trainer keeps the .npy files in the project's state folder, not next to
+        # the images (data/prepared is a DVC output and must not change).
+        "cache": cfg.cache,
     }
 
 
@@ -89,4 +114,5 @@ def qat_schedule(cfg: Config) -> dict[str, Any]:
         "epochs": q.epochs, "batch": q.batch, "optimizer": q.optimizer, "lr0": q.lr0, "lrf": q.lrf,
         "momentum": q.momentum, "weight_decay": q.weight_decay, "warmup_epochs": q.warmup_epochs,
         "mosaic": q.mosaic, "close_mosaic": q.close_mosaic, "workers": q.workers,
+        "amp": q.amp,  # equal training: QAT's precision too
     }
