@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,19 @@ from yoloqat.offline import configure_offline
 from yoloqat.pipeline.export import export_models
 from yoloqat.provenance import read_metrics
 from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint
-from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs, quantize_model
+from yoloqat.quant.convert import (
+    QuantRecipe,
+    int_weight,
+    quant_convs,
+    quantize_model,
+    weight_scale,
+)
+from yoloqat.quant.correction import (
+    CorrectedConv,
+    corrected_convs,
+    fold_qc_into_bn,
+    insert_correction,
+)
 
 # Before anything imports ultralytics (the modules above import it lazily, inside functions).
 configure_offline()
@@ -48,8 +61,19 @@ def randomize_bn(model: torch.nn.Module, seed: int) -> None:
                 m.running_var.copy_(0.3 + torch.rand(n, generator=g))
 
 
-def make_inputs(root: Path, imgsz: int = IMGSZ, qat: bool = True) -> None:
-    """data/prepared, models/fp/best.pt and models/qc/best.qat.pt, as upstream stages make them."""
+def make_inputs(
+    root: Path,
+    imgsz: int = IMGSZ,
+    qat: bool = True,
+    recipe: QuantRecipe | None = None,
+    prepare: Callable[[torch.nn.Module], None] | None = None,
+) -> None:
+    """data/prepared, models/fp/best.pt and models/qc/best.qat.pt, as upstream stages make them.
+
+    ``recipe`` (default ``QuantRecipe()``) quantizes the QAT model; ``prepare`` changes it
+    (after BN randomization) before it is saved.
+    """
+    recipe = recipe or QuantRecipe()
     from ultralytics.nn.tasks import DetectionModel
 
     generate_synthetic(
@@ -68,9 +92,13 @@ def make_inputs(root: Path, imgsz: int = IMGSZ, qat: bool = True) -> None:
     torch.save({"model": None, "ema": fp.eval()}, root / "models/fp/best.pt")
     if qat:
         model = DetectionModel("yolov10n.yaml", nc=6, verbose=False)
-        quantize_model(model, QuantRecipe())
+        quantize_model(model, recipe)
         randomize_bn(model, 2)
-        save_qat_checkpoint(model, QuantRecipe(), root / "models/qc/best", info={}, names=NAMES)
+        info = {}
+        if prepare is not None:
+            prepare(model)
+            info = {"qc": "applied"} if corrected_convs(model) else {}  # as the qc stage records
+        save_qat_checkpoint(model, recipe, root / "models/qc/best", info=info, names=NAMES)
 
 
 def config(root: Path, imgsz: int = IMGSZ) -> Config:
@@ -106,23 +134,38 @@ def dq_weights(
 
 
 def exported_quant_convs(fq: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The fake-quant convs that survive into the end-to-end graph (one-to-many head dropped)."""
+    """{graph layer name: fake-quant conv} for the convs that survive into the end-to-end graph
+    (one-to-many head dropped); a head conv wrapped by a QC correction is named by its wrapper."""
     head = f"model.{len(fq.model) - 1}."
-    return {n: q for n, q in quant_convs(fq) if not n.startswith((head + "cv2.", head + "cv3."))}
+    wrapped = {f"{n}.conv": n for n in corrected_convs(fq)}
+    return {
+        wrapped.get(n, n): q
+        for n, q in quant_convs(fq)
+        if not n.startswith((head + "cv2.", head + "cv3."))
+    }
 
 
-def test_int4_weights_reproduce_the_fake_quant_weights_exactly(exported):
-    root, metrics, fq = exported
-    proto = onnx.load(root / "models/onnx/w4a16.onnx")
+def channel_gain(fq: torch.nn.Module, name: str) -> torch.Tensor:
+    """What export folds into layer ``name``'s per-channel scale: its BN's gain
+    g / sqrt(var + eps), its head correction's gamma, or 1 (float64, one per output channel)."""
+    m = fq.get_submodule(name)
+    if isinstance(m, CorrectedConv):
+        return m.correction.gamma.detach().double()
+    parent = fq.get_submodule(name.rpartition(".")[0])
+    bn = getattr(parent, "bn", None)
+    if name.endswith(".conv") and isinstance(bn, torch.nn.BatchNorm2d):
+        return bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return torch.ones(m.out_channels, dtype=torch.float64)
+
+
+def assert_int_weights_exact(proto: onnx.ModelProto, fq: torch.nn.Module) -> int:
+    """Every exported INT4 weight is the fake-quant layer's trained integers (a channel whose
+    folded gain is negative negated, exactly) times a positive scale, and integers * scale is
+    the fake-quant weight times the folded gain.  Returns the number of negated channels."""
     dq = dq_weights(proto)
     convs = exported_quant_convs(fq)
     assert set(dq) == set(convs)
-    assert (
-        metrics["int4_convs"]
-        == len(convs)
-        == sum(t.data_type == onnx.TensorProto.INT4 for t in proto.graph.initializer)
-    )
-    modules = dict(fq.named_modules())
+    assert len(convs) == sum(t.data_type == onnx.TensorProto.INT4 for t in proto.graph.initializer)
     flipped = 0
     for name, q in convs.items():
         tensor, ints, scale = dq[name]
@@ -137,22 +180,141 @@ def test_int4_weights_reproduce_the_fake_quant_weights_exactly(exported):
         sign = np.where(same, 1, -1)
         flipped += int((~same).sum())
         assert np.all(scale >= 0)
-        # integers * scale == fake-quant weight * BN gain (per channel).
-        parent = modules[name.rpartition(".")[0]]
-        w = iw.value.double()
-        gain = torch.ones(w.shape[0], dtype=torch.float64)
-        if name.endswith(".conv") and isinstance(getattr(parent, "bn", None), torch.nn.BatchNorm2d):
-            bn = parent.bn
-            gain = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        expected = (w * gain.view(-1, 1, 1, 1)).numpy()
+        # integers * scale == fake-quant weight * folded gain (per channel).
+        gain = channel_gain(fq, name)
+        expected = (iw.value.double() * gain.view(-1, 1, 1, 1)).numpy()
         got = ints.astype(np.float64) * scale.reshape(-1, 1, 1, 1)
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12, err_msg=name)
         np.testing.assert_allclose(
-            scale * sign, (iw.scale.double().reshape(-1) * gain).numpy(), rtol=1e-6
+            scale * sign, (iw.scale.double().reshape(-1) * gain).numpy(), rtol=1e-6, err_msg=name
         )
+    return flipped
+
+
+def test_int4_weights_reproduce_the_fake_quant_weights_exactly(exported):
+    root, metrics, fq = exported
+    proto = onnx.load(root / "models/onnx/w4a16.onnx")
+    flipped = assert_int_weights_exact(proto, fq)
+    assert metrics["int4_convs"] == len(exported_quant_convs(fq))
     assert metrics["sign_flipped_channels"] == flipped > 0  # randomize_bn makes some gains negative
     assert metrics["int_weights_exact"] is True
 
+
+
+def assert_matches_the_fake_quant_model(root: Path, metrics: dict, fq: torch.nn.Module) -> None:
+    """onnxruntime on w4a16.onnx vs the fake-quant PyTorch model, as the parity test checks."""
+    assert metrics["parity_max_abs_diff"] < 1e-3
+    x = np.random.default_rng(7).random((2, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    sess = ort.InferenceSession(
+        str(root / "models/onnx/w4a16.onnx"), providers=["CPUExecutionProvider"]
+    )
+    out = sess.run(None, {"images": x})[0]
+    ref, dense = torch_end2end_dense(
+        prepare_end2end(fq, IMGSZ, 300, export=False), torch.from_numpy(x)
+    )
+    parity = compare_end2end(out, ref, dense)
+    assert parity["max_abs_diff"] < 1e-3, parity
+
+
+def correct_the_head(model: torch.nn.Module) -> None:
+    """The model as the qc stage leaves it with ``correction.head``: the BN-fed corrections
+    folded into their BN, the 12 head output convs still wrapped, here with gammas of both
+    signs (|gamma| in 0.5..1.5) and non-zero betas."""
+    insert_correction(model, head=True)
+    fold_qc_into_bn(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in corrected_convs(model):
+            aff = model.get_submodule(name).correction
+            n = aff.gamma.numel()
+            sign = torch.where(torch.rand(2, n, generator=g) < 0.5, -1.0, 1.0)
+            aff.gamma.copy_((0.5 + torch.rand(n, generator=g)) * sign[0])
+            aff.beta.copy_((0.05 + 0.2 * torch.rand(n, generator=g)) * sign[1])
+
+
+@pytest.fixture(scope="module")
+def exported_corrected(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_qc_head")
+    make_inputs(root, prepare=correct_the_head)
+    metrics = export_models(config(root))
+    fq, payload = load_qat_checkpoint(root / "models/qc/best.qat.pt")
+    return root, metrics, fq, payload
+
+
+def test_head_correction_folds_exactly_into_the_exported_onnx(exported_corrected):
+    root, metrics, fq, payload = exported_corrected
+    head = f"model.{len(fq.model) - 1}."
+    assert len(payload["corrected"]) == 12 and payload["corrected"] == corrected_convs(fq)
+    proto = onnx.load(root / "models/onnx/w4a16.onnx")
+    inits = {t.name: t for t in proto.graph.initializer}
+    convs = {n.input[1]: n for n in proto.graph.node if n.op_type == "Conv"}
+    dq = dq_weights(proto)
+    exported_heads = [n for n in payload["corrected"] if n.startswith(head + "one2one_cv")]
+    assert len(exported_heads) == 6  # one2one_cv2/cv3 x 3 levels; the one-to-many head is dropped
+    negative = 0
+    for name in exported_heads:
+        wrapped = fq.get_submodule(name)
+        gamma = wrapped.correction.gamma.detach().double()
+        beta = wrapped.correction.beta.detach().double()
+        negative += int((gamma < 0).sum())
+        iw = int_weight(wrapped.conv)
+        _, ints, scale = dq[name]
+        # the stored integers are the trained ones, negated where gamma < 0: bit for bit
+        sign = torch.sign(gamma).to(torch.int8).view(-1, 1, 1, 1)
+        np.testing.assert_array_equal(ints, (iw.integers * sign).numpy(), err_msg=name)
+        # the dequantization scale is |gamma| * the trained scale
+        np.testing.assert_allclose(
+            scale, (gamma.abs() * iw.scale.double().reshape(-1)).numpy(), rtol=1e-6, err_msg=name
+        )
+        # and the Conv reading that weight has bias gamma * b + beta
+        conv = convs[f"{name}.weight"]
+        assert len(conv.input) == 3, name
+        bias = numpy_helper.to_array(inits[conv.input[2]])
+        b = wrapped.conv.bias.detach().double()
+        np.testing.assert_allclose(bias, (gamma * b + beta).numpy(), rtol=1e-6, err_msg=name)
+    assert negative > 0
+    flipped = assert_int_weights_exact(proto, fq)
+    assert metrics["sign_flipped_channels"] == flipped > negative  # BN flips + the head's
+    assert metrics["int_weights_exact"] is True
+    assert_matches_the_fake_quant_model(root, metrics, fq)
+
+
+DECOUPLED = QuantRecipe(granularity="per_tensor", scaling="decoupled")
+
+
+def perturb_learned_scales(model: torch.nn.Module) -> None:
+    """Move every decoupled quantizer's learned output scale off its max-abs initialisation,
+    by a different factor in 0.5..2 per layer (the integers still come from the pre-scale)."""
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, q in quant_convs(model):
+            q.weight_quant.tensor_quant.scaling_impl.value.mul_(
+                2 ** (2 * torch.rand((), generator=g) - 1)
+            )
+
+
+@pytest.fixture(scope="module")
+def exported_decoupled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_decoupled")
+    make_inputs(root, recipe=DECOUPLED, prepare=perturb_learned_scales)
+    metrics = export_models(config(root))
+    fq, payload = load_qat_checkpoint(root / "models/qc/best.qat.pt")
+    return root, metrics, fq, payload
+
+
+def test_decoupled_scaling_exports_exact_integers(exported_decoupled):
+    root, metrics, fq, payload = exported_decoupled
+    assert QuantRecipe.from_dict(payload["recipe"]) == DECOUPLED
+    for name, q in quant_convs(fq):
+        # the learned scale survived the checkpoint and is not the max-abs statistic
+        learned, pre = int_weight(q).scale.double(), weight_scale(q).double()
+        assert learned.numel() == 1 and not torch.allclose(learned, pre, rtol=1e-3), name
+    proto = onnx.load(root / "models/onnx/w4a16.onnx")
+    flipped = assert_int_weights_exact(proto, fq)
+    assert metrics["int4_convs"] == len(exported_quant_convs(fq))
+    assert metrics["sign_flipped_channels"] == flipped > 0
+    assert metrics["int_weights_exact"] is True
+    assert_matches_the_fake_quant_model(root, metrics, fq)
 
 def test_graphs_pass_the_checker_and_have_a_dynamic_batch(exported):
     root, metrics, _ = exported
