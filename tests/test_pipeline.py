@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.helpers import copy_repo, run, tiny_params
+from tests.helpers import REPO, copy_repo, run, tiny_params
 from yoloqat.provenance import read_metrics
 
 
@@ -40,3 +40,20 @@ def test_dvc_repro_prepare_and_train_fp_then_nothing_to_do(tmp_path):
     ran = [ln for ln in second.stdout.splitlines() if ln.startswith("Running stage")]
     assert ran == ["Running stage 'source':"], second.stdout
     assert "didn't change, skipping" in second.stdout
+
+
+def test_fp_control_off_still_writes_every_declared_output(tmp_path, monkeypatch):
+    """DVC fails a stage whose declared outputs are missing: with fp.control false the stage
+    trains nothing but must still leave each of them (a bug that stopped every control-off run)."""
+    import yaml
+
+    from yoloqat.config import Config, FPConfig
+    from yoloqat.pipeline.train_fp import train_fp_control
+
+    monkeypatch.chdir(tmp_path)
+    summary = train_fp_control(Config(root=tmp_path, fp=FPConfig(control=False)))
+    assert summary["status"] == "off"
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["fp_control"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"] + spec.get("metrics", [])]
+    missing = [o for o in outs if not (tmp_path / o).exists()]
+    assert not missing, missing

@@ -16,6 +16,7 @@ from typing import Any
 from yoloqat.config import Config
 from yoloqat.errors import CheckpointError
 from yoloqat.paths import (
+    DVCLIVE_PLOTS,
     FP_CHECKPOINT,
     FP_CONTROL_DIR,
     FP_CONTROL_RESULTS,
@@ -26,6 +27,7 @@ from yoloqat.provenance import fresh_outputs, run_metadata, write_json
 from yoloqat.quant.checkpoint import check_start_checkpoint
 from yoloqat.train.live import EpochLogger, curve_summary
 from yoloqat.train.overrides import (
+    KEPT_RUN_DIR,
     MODEL_YAML,
     keep_run_files,
     qat_schedule,
@@ -70,6 +72,10 @@ def train_fp_control(cfg: Config) -> dict[str, Any]:
     logger = EpochLogger(FP_CONTROL_RESULTS)
     if not cfg.fp.control:
         summary: dict[str, Any] = {"status": "off", "epochs": 0}
+        # every declared output must exist, or DVC fails the stage: say why it holds no run
+        for folder in (FP_CONTROL_RESULTS / KEPT_RUN_DIR, FP_CONTROL_RESULTS / DVCLIVE_PLOTS):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "OFF.txt").write_text("fp.control is false: no FP-continued run was trained\n")
     else:
         if not FP_CHECKPOINT.is_file():
             raise CheckpointError(f"{FP_CHECKPOINT} not found; run the train_fp stage first")
