@@ -199,6 +199,7 @@ def test_unknown_preset_names_the_allowed_ones(tmp_path):
         load_config(write_params(tmp_path, preset="collapse"))
     assert str(err.value) == (
         "params: preset='collapse' is not allowed; expected one of none | reference | reference_cpu"
+        " | collapse_cpu"
     )
 
 

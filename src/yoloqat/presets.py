@@ -13,6 +13,11 @@ quantizer on every conv (first and last included), learned scales in Ultralytics
 group, AMP, mosaic, and Ultralytics' EMA constants.  It is sized for COCO on a GPU (README,
 "Presets", gives the command and its cost).  ``reference_cpu`` is the same recipe cut to the
 embedded data and one CPU run (yolo10n, 96 px, 30 epochs; README says what differs and why).
+
+``collapse_cpu`` is the failure found on the embedded data (README, "Looking for the collapse";
+reports/failure_search): the reference recipe from the trained FP model for 15 epochs, with the
+learned scales' weight decay raised 100x (0.0005 -> 0.05) so that ~900 CPU steps shrink them
+about as far as the reference's first ~10^5 steps would have.
 """
 
 from __future__ import annotations
@@ -59,4 +64,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "qat.lrf": 0.9,
         "qat.close_mosaic": 0,
     },
+}
+
+PRESETS["collapse_cpu"] = {
+    **{k: v for k, v in _REFERENCE_RECIPE.items() if k != "qat.init"},  # from the FP model
+    "qat.epochs": 15,
+    "qat.lrf": 0.9,
+    "qat.close_mosaic": 0,
+    "qat.scale_weight_decay": 0.05,
 }
