@@ -40,7 +40,10 @@ def test_rows_read_the_paired_verdicts_and_the_scale_drift():
     assert (row.scale_ratio_final, row.osc_final, row.epochs) == (0.004, 0.012, 15)
     table = markdown_table([row])
     assert "| wd-accel | `qat.scale_weight_decay=0.05 qat.scaling=decoupled` | 15 | collapsed | 0.2000 (3) |" in table
-    assert "| 0.0100 | 0.950 | collapsed / 0.0200 | 0.0120 | 0.004 | 300 |" in table
+    assert "| 0.0100 | 0.950 | collapsed / 0.0200 | - | 0.0120 | 0.004 | 300 |" in table
+    judged = search_row(rec, bnre=[0.1, 0.2, 0.25, 0.26, 0.27, 0.27])
+    assert (judged.bnre_label, judged.bnre_final) == ("stable", 0.27)
+    assert "| stable / 0.2700 |" in markdown_table([judged])
 
 
 def test_unknown_experiment_names_are_one_error_naming_them():

@@ -215,3 +215,14 @@ def test_broken_curve_is_a_verdict_error(tmp_path):
     (tmp_path / "results/qat/plots/metrics/val/mAP50-95.tsv").write_text("step\tmAP50-95\n0\tx\n")
     with pytest.raises(VerdictError, match="expected a number"):
         judge_qat_run(make_cfg(tmp_path))
+
+
+def test_bn_reestimation_curve_gets_its_own_verdict_when_on(tmp_path):
+    bnre = [0.2, 0.25, 0.28, 0.28, 0.1, 0.09, 0.08, 0.05]  # collapses to the end
+    write_qat(tmp_path, STABLE)
+    write_live_ema(tmp_path, STABLE, STABLE)
+    write_tsv(tmp_path / "results/qat/plots/metrics/val_bnre/mAP50-95.tsv", "mAP50-95", bnre)
+    on = judge_qat_run(make_cfg(tmp_path, ema=True, qat={"bits": 4, "bn_reestimate": 16}))
+    assert on["bnre_label"] == "collapsed" and on["bnre_best"] == 0.28 and on["label"] == "stable"
+    off = judge_qat_run(make_cfg(tmp_path, ema=True))
+    assert off["bnre_label"] is None and off["bnre_best"] is None

@@ -142,16 +142,16 @@ def search_main(argv: list[str]) -> int:
     from pathlib import Path
 
     from yoloqat.analysis.experiments import read_experiments
-    from yoloqat.analysis.search import markdown_table, search_row, select, write_search_report
+    from yoloqat.analysis.search import select, write_search_report
 
     args = _search_parser().parse_args(argv)
     try:
         records = select(read_experiments(args.repo, args.from_json), args.names)
-        report = write_search_report(Path(args.out), records, args.repo, args.title)
+        report, table = write_search_report(Path(args.out), records, args.repo, args.title)
     except (YoloqatError, OSError) as exc:
         print(f"yoloqat search: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    print(markdown_table([search_row(r) for r in records]))
+    print(table)
     print(f"wrote {report} and {report.parent / 'curves.png'}")
     return 0
 

@@ -53,6 +53,7 @@ PARAM_KEYS = ("model", "ema", "qc", "seed", "qat.bits", "qat.init")
 MAP_TSV = (QAT_RESULTS / DVCLIVE_MAP).as_posix()
 LIVE_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "val_live" / "mAP50-95.tsv").as_posix()
 EMA_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "val_ema" / "mAP50-95.tsv").as_posix()
+BNRE_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "val_bnre" / "mAP50-95.tsv").as_posix()
 OSC_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "osc" / "frac_oscillating.tsv").as_posix()
 FP_MAP_TSV = (FP_RESULTS / DVCLIVE_MAP).as_posix()
 
@@ -288,12 +289,14 @@ def read_series(repo: str | Path, rev: str, path: str) -> list[float] | None:
 
 def read_curves(record: ExpRecord, repo: str | Path = ".") -> dict[str, list[float] | None]:
     """The per-epoch curves the report plots: ``map`` (the deployed val mAP50-95), ``live`` and
-    ``ema`` (the paired curves; None for runs made before they were logged), ``osc``
+    ``ema`` (the paired curves; None for runs made before they were logged), ``bnre`` (the
+    deployed model after BN re-estimation; None unless qat.bn_reestimate was on), ``osc``
     (osc/frac_oscillating) and ``fp_map`` (the FP baseline's val mAP50-95)."""
     return {
         "map": read_series(repo, record.rev, MAP_TSV),
         "live": read_series(repo, record.rev, LIVE_TSV),
         "ema": read_series(repo, record.rev, EMA_TSV),
+        "bnre": read_series(repo, record.rev, BNRE_TSV),
         "osc": read_series(repo, record.rev, OSC_TSV),
         "fp_map": read_series(repo, record.rev, FP_MAP_TSV),
     }

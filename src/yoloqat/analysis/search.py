@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.analysis.experiments import ExpRecord, read_curves
-from yoloqat.config import Config, apply_preset
+from yoloqat.config import Config, StabilityConfig, apply_preset
+from yoloqat.curves.stability import classify_run
 from yoloqat.errors import ConfigError, ExperimentsError
 
 # params that never describe a QAT setting (where the data lives, how results are judged)
@@ -41,6 +42,8 @@ class SearchRow:
     scale_ratio_final: float | None
     epochs: int | None
     seconds: float | None
+    bnre_label: str | None = None  # the BN-re-estimated curve, judged here (qat.bn_reestimate > 0)
+    bnre_final: float | None = None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -101,9 +104,13 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def search_row(rec: ExpRecord) -> SearchRow:
+def search_row(rec: ExpRecord, bnre: list[float] | None = None) -> SearchRow:
+    """One table row from the run's stored verdicts; ``bnre`` (its val_bnre curve, if logged) is
+    judged here with the default stability rules, since runs older than the verdict's bnre_*
+    fields have only the curve."""
     v, q = rec.verdict, rec.metrics.get("qat", {})
     epoch = v.get("live_best_epoch")
+    bnre_verdict = classify_run(bnre, None, StabilityConfig(), q.get("status")) if bnre else None
     return SearchRow(
         name=rec.name, setting=setting_text(rec.params),
         status=rec.state if rec.state != "done" else str(q.get("status") or v.get("status") or "done"),
@@ -117,6 +124,8 @@ def search_row(rec: ExpRecord) -> SearchRow:
         scale_ratio_final=_num(q.get("scale_ratio_geomean_final")),
         epochs=q.get("epochs") if isinstance(q.get("epochs"), int) else None,
         seconds=_num(q.get("seconds")),
+        bnre_label=bnre_verdict.label if bnre_verdict else None,
+        bnre_final=bnre[-1] if bnre else None,
     )
 
 
@@ -136,14 +145,16 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 def markdown_table(rows: Sequence[SearchRow]) -> str:
     head = ("| exp | setting (vs defaults) | epochs | live verdict | live best (epoch) | live final "
-            "| max drawdown | EMA verdict / final | oscillating | scale ratio | qat s |")
-    lines = [head, "|" + "---|" * 11]
+            "| max drawdown | EMA verdict / final | BN re-est. verdict / final | oscillating "
+            "| scale ratio | qat s |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         best = "-" if r.live_best is None else f"{r.live_best:.4f} ({r.live_best_epoch})"
         ema = "-" if r.ema_label is None else f"{r.ema_label} / {_f(r.ema_final, 4)}"
+        bnre = "-" if r.bnre_label is None else f"{r.bnre_label} / {_f(r.bnre_final, 4)}"
         lines.append(
             f"| {r.name} | `{r.setting}` | {r.epochs or '-'} | {r.live_label or r.status} | {best} "
-            f"| {_f(r.live_final, 4)} | {_f(r.live_max_drawdown)} | {ema} | {_f(r.osc_final, 4)} "
+            f"| {_f(r.live_final, 4)} | {_f(r.live_max_drawdown)} | {ema} | {bnre} | {_f(r.osc_final, 4)} "
             f"| {_f(r.scale_ratio_final, 3)} | {_f(r.seconds, 0)} |"
         )
     return "\n".join(lines)
@@ -169,6 +180,9 @@ def plot_curves(path: Path, rows: Sequence[SearchRow], curves: Sequence[dict[str
             ax.plot(range(1, len(live) + 1), live, "-o", ms=2.5, label="live (plain QAT)")
         if ema:
             ax.plot(range(1, len(ema) + 1), ema, "--", label="EMA")
+        bnre = c.get("bnre") or []
+        if bnre:
+            ax.plot(range(1, len(bnre) + 1), bnre, ":", label="BN re-estimated")
         ax.set_title(f"{row.name}: {row.live_label or row.status}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("val mAP50-95", fontsize=8)
@@ -183,9 +197,9 @@ def plot_curves(path: Path, rows: Sequence[SearchRow], curves: Sequence[dict[str
 
 def write_search_report(
     out_dir: Path, records: Sequence[ExpRecord], repo: str | Path = ".", title: str = "Failure search"
-) -> Path:
-    rows = [search_row(r) for r in records]
+) -> tuple[Path, str]:
     curves = [read_curves(r, repo) for r in records]
+    rows = [search_row(r, c.get("bnre")) for r, c in zip(records, curves, strict=True)]
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(out_dir / "curves.png", rows, curves)
     text = [
@@ -202,4 +216,4 @@ def write_search_report(
         "",
     ]
     (out_dir / "README.md").write_text("\n".join(text))
-    return out_dir / "README.md"
+    return out_dir / "README.md", markdown_table(rows)

@@ -32,6 +32,7 @@ from yoloqat.paths import DVCLIVE_PLOTS
 MAP_NAME = "mAP50-95.tsv"
 PRIMARY = "val/mAP50-95"  # the curve of the model a run deploys
 LIVE, EMA = "val_live/mAP50-95", "val_ema/mAP50-95"
+BNRE = "val_bnre/mAP50-95"  # the deployed model after BN re-estimation (qat.bn_reestimate > 0)
 DVCLIVE_MAP = DVCLIVE_PLOTS / "val" / MAP_NAME
 DVCLIVE_LOSS_DIR = DVCLIVE_PLOTS / "train"
 MAP_COLUMNS = ("metrics/mAP50-95(B)", "metrics/mAP_0.5:0.95", "metrics/mAP50-95", "val/mAP50-95")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.config import Config
-from yoloqat.curves.reader import DVCLIVE_MAP, EMA, LIVE, PRIMARY, read_curve
+from yoloqat.curves.reader import BNRE, DVCLIVE_MAP, EMA, LIVE, PRIMARY, read_curve
 from yoloqat.curves.stability import Verdict, classify_run
 from yoloqat.errors import CurveError, VerdictError
 from yoloqat.numbers import finite_number
@@ -192,6 +192,10 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {**primary.as_dict(), "status": status, **run_params(cfg)}
     out.update(_curve_fields("live_", verdicts[LIVE]))
     out.update(_curve_fields("ema_", verdicts[EMA]))
+    # BN re-estimation: its paired curve (the deployed weights, statistics re-estimated)
+    bnre = (classify_run(series[BNRE], losses, cfg.stability, status)
+            if cfg.qat.bn_reestimate > 0 and BNRE in series else None)
+    out.update(_curve_fields("bnre_", bnre))
     out["qc_delta_mAP50-95"] = _qc_delta(cfg)
     fp_curve = _fp_curve(cfg)  # read once: the FP best's fallback and the curves table
     fp_best = _fp_best(cfg, fp_curve)
