@@ -19,7 +19,7 @@ export GIT_AUTHOR_EMAIL ?= yoloqat@localhost
 export GIT_COMMITTER_EMAIL ?= yoloqat@localhost
 endif
 
-.PHONY: setup repo run pipeline test lint bench gpu-check clean-results
+.PHONY: setup repo run pipeline test lint bench gpu-check demo-collapse clean-results
 
 setup: $(STAMP)
 
@@ -67,3 +67,9 @@ GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 gpu-check:
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) benchmarks/gpu_check.py
+
+# The failure found on the embedded data (preset collapse_cpu, README "Looking for the collapse"),
+# run into the workspace, then its paired verdicts: the deployed (EMA), EMA and live curves.
+demo-collapse: setup repo
+	dvc exp run -S preset=collapse_cpu
+	@yoloqat judge results/qat

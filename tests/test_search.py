@@ -51,6 +51,10 @@ def test_unknown_experiment_names_are_one_error_naming_them():
     assert [r.name for r in select(recs, ["b", "a"])] == ["b", "a"]
     with pytest.raises(ExperimentsError, match=r"unknown experiment\(s\) zzz; known: a, b"):
         select(recs, ["a", "zzz"])
+    failed = ExpRecord(name="a", rev="1" * 40, kind="experiment", state="failed", timestamp="2026-11-30T05:30")
+    newer = ExpRecord(name="a", rev="2" * 40, kind="experiment", state="done", timestamp="2026-11-30T05:40")
+    assert select([failed, recs[0], newer], ["a"])[0].rev == "2" * 40  # done and newest wins
+    assert select([newer, failed], ["a"])[0].rev == "2" * 40
 
 
 def test_search_cli_bad_json_is_one_line_exit_2(tmp_path, capsys):

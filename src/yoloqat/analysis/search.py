@@ -131,12 +131,23 @@ def search_row(rec: ExpRecord, bnre: list[float] | None = None) -> SearchRow:
 
 def select(records: Sequence[ExpRecord], names: Sequence[str]) -> list[ExpRecord]:
     """The experiments called ``names``, in that order; an unknown name is an error."""
-    by_name = {r.name: r for r in records if r.kind == "experiment"}
+    # A name can repeat (a failed run queued again): take a finished run, then the newest.
+    by_name: dict[str, ExpRecord] = {}
+    for r in records:
+        if r.kind != "experiment":
+            continue
+        kept = by_name.get(r.name)
+        if kept is None or _preference(r) > _preference(kept):
+            by_name[r.name] = r
     missing = [n for n in names if n not in by_name]
     if missing:
         known = ", ".join(sorted(by_name)) or "none"
         raise ExperimentsError(f"unknown experiment(s) {', '.join(missing)}; known: {known}")
     return [by_name[n] for n in names]
+
+
+def _preference(r: ExpRecord) -> tuple[bool, str]:
+    return (r.state == "done" and not r.error, r.timestamp or "")
 
 
 def _f(x: float | None, digits: int = 3) -> str:
