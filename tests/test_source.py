@@ -77,8 +77,9 @@ def test_dvc_exp_run_with_an_unknown_top_level_key_fails_with_one_line(tmp_path)
     assert res.returncode != 0
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("source: ")]
     assert lines == [
-        ("source: error: params: unknown key foo; allowed keys are correction, data, device, ema, "
-        "evaluate, export, fp, ladder, model, qat, qc, seed, stability")
+        ("source: error: params: unknown key foo; allowed keys are cache, correction, data, "
+         "deterministic, device, ema, evaluate, export, fp, ladder, model, preset, qat, qc, seed, "
+         "stability")
     ]
     assert "Running stage 'prepare'" not in res.stdout
     assert not (repo / "data/prepared").exists()
