@@ -194,7 +194,8 @@ def plot_curves(path: Path, rows: Sequence[SearchRow], curves: Sequence[dict[str
         bnre = c.get("bnre") or []
         if bnre:
             ax.plot(range(1, len(bnre) + 1), bnre, ":", label="BN re-estimated")
-        ax.set_title(f"{row.name}: {row.live_label or row.status}", fontsize=9)
+        labels = f"live {row.live_label or row.status}" + (f", EMA {row.ema_label}" if row.ema_label else "")
+        ax.set_title(f"{row.name}: {labels}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("val mAP50-95", fontsize=8)
         ax.tick_params(labelsize=7)
