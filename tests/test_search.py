@@ -64,3 +64,19 @@ def test_search_cli_bad_json_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("yoloqat search: error:")
     assert not (tmp_path / "out").exists()
+
+
+def test_ladder_and_search_describe_a_preset_run_by_what_it_ran_with():
+    from yoloqat.analysis.experiments import resolved_params
+    from yoloqat.analysis.ladder import setting_of
+
+    params = {"model": "yolo10n", "ema": True, "qc": True, "seed": 1, "preset": "collapse_cpu",
+              "qat.epochs": 10, "qat.optimizer": "AdamW", "qat.bn_reestimate": 16}
+    resolved = resolved_params(params)
+    assert (resolved["qat.epochs"], resolved["qat.optimizer"], resolved["qat.scale_weight_decay"]) == (
+        15, "SGD", 0.05
+    )
+    assert resolved["qat.bn_reestimate"] == 16  # not a preset key: as given
+    setting = dict(setting_of(_rec("x", params)).values)
+    assert setting["qat.epochs"] == "15" and setting["qat.optimizer"] == "SGD"
+    assert resolved_params({"preset": "gone", "qat.epochs": 10}) == {"preset": "gone", "qat.epochs": 10}

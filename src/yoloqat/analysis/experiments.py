@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yoloqat.config import apply_preset
 from yoloqat.curves.reader import DVCLIVE_MAP, on_epochs, parse_tsv, steps_up_to
-from yoloqat.errors import CurveError, ExperimentsError
+from yoloqat.errors import ConfigError, CurveError, ExperimentsError
 from yoloqat.paths import (
     DVCLIVE_PLOTS,
     EVALUATE_METRICS,
@@ -184,6 +185,27 @@ def flatten(block: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"qat.bits": 4}`` -> ``{"qat": {"bits": 4}}`` (the inverse of :func:`flatten`)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def resolved_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A run's dotted params with its preset applied: the values it really ran with (params.yaml
+    holds the preset's name and the defaults).  As recorded when the preset is unknown here."""
+    try:
+        return flatten(apply_preset(nested(params)))
+    except ConfigError:
+        return dict(params)
 
 
 def _params(data: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,14 @@ from typing import Any
 
 import yaml
 
-from yoloqat.analysis.experiments import FAILED, PENDING, ExpRecord, flatten, run_dvc
+from yoloqat.analysis.experiments import (
+    FAILED,
+    PENDING,
+    ExpRecord,
+    flatten,
+    resolved_params,
+    run_dvc,
+)
 from yoloqat.analysis.paired import PairedOutcome, paired_outcome
 from yoloqat.config import MODELS, LadderConfig, load_config_for
 from yoloqat.curves.stability import mean_std
@@ -84,7 +91,7 @@ def setting_values(params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
 
 
 def setting_of(rec: ExpRecord) -> Setting | None:
-    p = rec.params
+    p = resolved_params(rec.params)  # a preset's values, not the defaults params.yaml shows
     if not isinstance(p.get("model"), str) or not isinstance(p.get("ema"), bool):
         return None
     if not isinstance(p.get("qc"), bool):

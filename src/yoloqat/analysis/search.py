@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yoloqat.analysis.experiments import ExpRecord, read_curves
-from yoloqat.config import Config, StabilityConfig, apply_preset
+from yoloqat.analysis.experiments import ExpRecord, flatten, read_curves, resolved_params
+from yoloqat.config import Config, StabilityConfig
 from yoloqat.curves.stability import classify_run
-from yoloqat.errors import ConfigError, ExperimentsError
+from yoloqat.errors import ExperimentsError
 
 # params that never describe a QAT setting (where the data lives, how results are judged)
 IGNORED_PREFIXES = ("stability.", "ladder.", "evaluate.", "export.", "data.path", "device")
@@ -46,36 +46,11 @@ class SearchRow:
     bnre_final: float | None = None
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def setting_text(params: dict[str, Any]) -> str:
     """The run's params that differ from the defaults once its preset is applied (``default`` if
     none), the preset first.  Keys the config does not know (an older run) are shown as given."""
-    defaults = _flatten(Config().as_dict())
-    given = {k: v for k, v in params.items() if v is not None or k in defaults}
-    try:
-        resolved = _flatten(apply_preset(_nested(given)))
-    except ConfigError:  # an unknown preset (an old or broken params block): show it as recorded
-        resolved = given
+    defaults = flatten(Config().as_dict())
+    resolved = resolved_params({k: v for k, v in params.items() if v is not None or k in defaults})
     preset = resolved.get("preset", "none")
     diffs = [
         f"{k}={_text(v)}" for k, v in sorted(resolved.items())
