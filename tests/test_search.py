@@ -80,3 +80,11 @@ def test_ladder_and_search_describe_a_preset_run_by_what_it_ran_with():
     setting = dict(setting_of(_rec("x", params)).values)
     assert setting["qat.epochs"] == "15" and setting["qat.optimizer"] == "SGD"
     assert resolved_params({"preset": "gone", "qat.epochs": 10}) == {"preset": "gone", "qat.epochs": 10}
+
+
+def test_the_ladder_finds_a_preset_setting_from_a_params_file_naming_the_preset():
+    from yoloqat.analysis.ladder import configured_setting, setting_of
+
+    run = _rec("x", {"model": "yolo10n", "ema": True, "qc": True, "seed": 2, "preset": "collapse_cpu",
+                     "qat.epochs": 10})
+    assert configured_setting("yolo10n", {"preset": "collapse_cpu", "qat.epochs": 10}) == setting_of(run)

@@ -408,7 +408,7 @@ class Decision:
 
 
 def configured_setting(model: str, params: dict[str, Any]) -> Setting:
-    return Setting(model, setting_values(params))
+    return Setting(model, setting_values(resolved_params(params)))
 
 
 def _rung(model: str, groups: Sequence[Group], cfg: LadderConfig, params: dict[str, Any]) -> Rung:
