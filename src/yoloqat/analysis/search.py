@@ -21,6 +21,7 @@ from yoloqat.analysis.experiments import ExpRecord, flatten, read_curves, resolv
 from yoloqat.config import Config, StabilityConfig
 from yoloqat.curves.stability import classify_run
 from yoloqat.errors import ExperimentsError
+from yoloqat.numbers import finite_number
 
 # params that never describe a QAT setting (where the data lives, how results are judged)
 IGNORED_PREFIXES = ("stability.", "ladder.", "evaluate.", "export.", "data.path", "device")
@@ -75,10 +76,6 @@ def _text(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
 def search_row(rec: ExpRecord, bnre: list[float] | None = None) -> SearchRow:
     """One table row from the run's stored verdicts; ``bnre`` (its val_bnre curve, if logged) is
     judged here with the default stability rules, since runs older than the verdict's bnre_*
@@ -90,15 +87,15 @@ def search_row(rec: ExpRecord, bnre: list[float] | None = None) -> SearchRow:
         name=rec.name, setting=setting_text(rec.params),
         status=rec.state if rec.state != "done" else str(q.get("status") or v.get("status") or "done"),
         live_label=v.get("live_label") or v.get("label"),
-        live_best=_num(v.get("live_best", v.get("best"))),
+        live_best=finite_number(v.get("live_best", v.get("best"))),
         live_best_epoch=int(epoch) if isinstance(epoch, int) else None,
-        live_final=_num(v.get("live_final", v.get("final"))),
-        live_max_drawdown=_num(v.get("live_max_drawdown", v.get("max_drawdown"))),
-        ema_label=v.get("ema_label"), ema_final=_num(v.get("ema_final")),
-        osc_final=_num(q.get("osc/frac_oscillating")),
-        scale_ratio_final=_num(q.get("scale_ratio_geomean_final")),
+        live_final=finite_number(v.get("live_final", v.get("final"))),
+        live_max_drawdown=finite_number(v.get("live_max_drawdown", v.get("max_drawdown"))),
+        ema_label=v.get("ema_label"), ema_final=finite_number(v.get("ema_final")),
+        osc_final=finite_number(q.get("osc/frac_oscillating")),
+        scale_ratio_final=finite_number(q.get("scale_ratio_geomean_final")),
         epochs=q.get("epochs") if isinstance(q.get("epochs"), int) else None,
-        seconds=_num(q.get("seconds")),
+        seconds=finite_number(q.get("seconds")),
         bnre_label=bnre_verdict.label if bnre_verdict else None,
         bnre_final=bnre[-1] if bnre else None,
     )
