@@ -465,7 +465,7 @@ def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     if not isinstance(raw, dict):
         raise ConfigError(f"params: {str(path)!r} must hold a mapping of keys")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     return config_from_dict(raw, root=path.resolve().parent)
 
 
@@ -492,7 +492,7 @@ def load_config_for(path: str | Path, *sections: str) -> Config:
         return config_from_dict({k: raw[k] for k in sections if k in raw}, root=path.resolve().parent)
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
     for p in parents:
@@ -534,7 +534,7 @@ def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
     for dotted, value in PRESETS[name].items():
         current = _get_dotted(out, dotted)
         if current is _MISSING or current == _default_at(dotted):
-            _set_dotted(out, dotted, value)
+            set_dotted(out, dotted, value)
     return out
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yoloqat.config import apply_preset
+from yoloqat.config import apply_preset, set_dotted
 from yoloqat.curves.reader import DVCLIVE_MAP, on_epochs, parse_tsv, steps_up_to
 from yoloqat.errors import ConfigError, CurveError, ExperimentsError
 from yoloqat.paths import (
@@ -191,11 +191,7 @@ def nested(dotted: dict[str, Any]) -> dict[str, Any]:
     """``{"qat.bits": 4}`` -> ``{"qat": {"bits": 4}}`` (the inverse of :func:`flatten`)."""
     out: dict[str, Any] = {}
     for key, value in dotted.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_dotted(out, key, value)
     return out
 
 
