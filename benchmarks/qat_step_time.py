@@ -6,7 +6,11 @@ other round) so that load from other processes and clock drift hit all of them a
 * ``fp32``                 the float model
 * ``fp_amp``               the float model with fp16 autocast + GradScaler (CUDA only: PyTorch
                            and Ultralytics do not autocast on CPU; the row says "n/a on cpu")
-* ``w4a16_fast``           the project's W4A16 model (Brevitas QuantConv2d, fused max-abs path)
+* ``w4a16_fast``           the project's W4A16 model (Brevitas QuantConv2d, fused max-abs path;
+                           the fake-quant mode for the device: all layers in one batched pass
+                           on CUDA, per layer on CPU)
+* ``w4a16_fast_other``     the same with the other fake-quant mode (per layer on CUDA, batched
+                           on CPU), so the batched pass's gain is measured side by side
 * ``w4a16_fast+osc``       the same + oscillation tracking every step (the tracker's default
                            path for the device: flat buffers on CUDA, per layer on CPU)
 * ``w4a16_fast+osc_other`` the same with the tracker's other path (per layer on CUDA, flat
@@ -40,7 +44,7 @@ configure_offline()
 
 from ultralytics.nn.tasks import DetectionModel
 
-from yoloqat.quant.convert import FastQuantConv2d, QuantRecipe, quantize_model
+from yoloqat.quant.convert import FastQuantConv2d, QuantRecipe, quantize_model, set_fake_quant_mode
 from yoloqat.quant.oscillation import OscillationTracker
 
 NA_ON_CPU = "n/a on cpu"
@@ -103,7 +107,12 @@ def build_steps(args, device: torch.device) -> tuple[dict[str, Callable[[], None
     steps["fp_amp"] = make_step(copy.deepcopy(fp), x, amp=True) if cuda else None
     fast = quantize_model(copy.deepcopy(fp), QuantRecipe())
     steps["w4a16_fast"] = make_step(fast, x)
-    info = {"quantized_convs": sum(isinstance(m, FastQuantConv2d) for m in fast.modules())}
+    other = quantize_model(copy.deepcopy(fp), QuantRecipe())
+    set_fake_quant_mode(other, "per_layer" if cuda else "batched")
+    steps["w4a16_fast_other"] = make_step(other, x)
+    info = {"quantized_convs": sum(isinstance(m, FastQuantConv2d) for m in fast.modules()),
+            "fake_quant": "batched (one pass over all layers)" if cuda else "per layer",
+            "fake_quant_other": "per layer" if cuda else "batched (one pass over all layers)"}
     if args.track:
         for name, fused in (("w4a16_fast+osc", cuda), ("w4a16_fast+osc_other", not cuda)):
             tracked = quantize_model(copy.deepcopy(fp), QuantRecipe())

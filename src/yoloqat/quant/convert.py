@@ -28,6 +28,8 @@ from brevitas.quant.scaled_int import (
 )
 from torch import nn
 
+from yoloqat.quant.batched_fake_quant import build_layout, fake_quant_segments, layout_key
+
 
 @dataclass(frozen=True)
 class QuantRecipe:
@@ -136,10 +138,63 @@ class FastQuantConv2d(QuantConv2d):
 
     fast_bits: int = 4
     fast_per_channel: bool = True
+    # set by the model's batched pre-hook for the length of one model forward (see
+    # FAKE_QUANT_MODES); None: quantize this layer's weight on its own
+    batched_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        w = fake_quant_maxabs(self.weight, self.fast_bits, self.fast_per_channel)
+        w = self.batched_weight
+        if w is None:
+            w = fake_quant_maxabs(self.weight, self.fast_bits, self.fast_per_channel)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# How a quantized model's FastQuantConv2d weights are fake-quantized in a forward of the whole
+# model: ``per_layer`` one autograd node per conv; ``batched`` all float32 layers in one pass
+# (yoloqat.quant.batched_fake_quant), done once by a forward pre-hook on the model; ``auto``
+# batched on CUDA, where per-layer kernels are launch-bound, per layer on CPU.  Forward is
+# bit-identical either way; gradients agree to float rounding.
+FAKE_QUANT_MODES = ("auto", "per_layer", "batched")
+
+
+def set_fake_quant_mode(model: nn.Module, mode: str) -> None:
+    if mode not in FAKE_QUANT_MODES:
+        raise ValueError(f"fake-quant mode {mode!r} is not allowed; expected one of {' | '.join(FAKE_QUANT_MODES)}")
+    model.fake_quant_mode = mode  # type: ignore[assignment]
+    if _batched_pre_hook not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_batched_pre_hook)
+        # always_call: a forward that raises must not leave stale weights on the convs
+        model.register_forward_hook(_clear_batched_weights, always_call=True)
+
+
+def _batched_pre_hook(model: nn.Module, _args: Any) -> None:
+    # Module hooks survive deepcopy (Ultralytics' EMA copy): everything is looked up on the
+    # module the hook is called for, never captured.
+    mode = getattr(model, "fake_quant_mode", "auto")
+    if mode == "per_layer":
+        return
+    convs = [m for m in model.modules() if isinstance(m, FastQuantConv2d)]
+    if not convs or (mode == "auto" and not convs[0].weight.is_cuda):
+        return
+    device = convs[0].weight.device
+    convs = [m for m in convs if m.weight.device == device and m.weight.dtype == torch.float32]
+    if not convs:
+        return
+    weights = [m.weight for m in convs]
+    int_maxes = [2 ** (int(m.fast_bits) - 1) - 1 for m in convs]
+    per_channel = [bool(m.fast_per_channel) for m in convs]
+    layout = getattr(model, "_fake_quant_layout", None)
+    if layout is None or layout.key != layout_key(weights, int_maxes, per_channel):
+        layout = build_layout(weights, int_maxes, per_channel)
+        model._fake_quant_layout = layout  # type: ignore[assignment]
+    for m, w in zip(convs, fake_quant_segments(weights, layout)):
+        m.batched_weight = w
+
+
+def _clear_batched_weights(model: nn.Module, _args: Any, _output: Any) -> None:
+    for m in model.modules():
+        if isinstance(m, FastQuantConv2d):
+            m.batched_weight = None
 
 
 def _make_quant_conv(conv: nn.Conv2d, bits: int, recipe: QuantRecipe) -> QuantConv2d:
@@ -184,6 +239,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
         setattr(parent, child, _make_quant_conv(conv, bits, recipe))
     materialize_scales(model)
     model.quant_recipe = recipe.to_dict()  # type: ignore[assignment]
+    set_fake_quant_mode(model, "auto")
     return model
 
 
