@@ -220,3 +220,29 @@ def test_qc_stage_applies_or_passes_through(qat_repo, qc):
         assert metrics["after_mAP50-95"] == metrics["before_mAP50-95"]
         for k, v in qat_model.state_dict().items():
             assert qc_model.state_dict()[k].equal(v), k
+
+
+def test_bn_momentum_setting_reaches_every_batchnorm_of_the_qat_model(monkeypatch):
+    from torch import nn
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from yoloqat.quant.convert import QuantRecipe
+    from yoloqat.train.trainer import QATSettings, QATTrainer
+
+    def tiny(*_args, **_kwargs):
+        # Ultralytics builds its BatchNorms with momentum 0.03
+        bn = (nn.BatchNorm2d(4, momentum=0.03), nn.BatchNorm2d(4, momentum=0.03))
+        return nn.Sequential(nn.Conv2d(3, 4, 3), bn[0], nn.Conv2d(4, 4, 1), bn[1])
+
+    monkeypatch.setattr(DetectionTrainer, "get_model", tiny)
+    for momentum, expected in ((0.1, 0.1), (None, 0.03)):  # None: the model's own
+        trainer = QATTrainer.__new__(QATTrainer)
+        trainer.qat_settings = QATSettings(recipe=QuantRecipe().to_dict(), ema=False, ema_decay=0.9,
+                                           ema_tau=1.0, track_every=1, out_dir=".", bn_momentum=momentum)
+        trainer.recipe = QuantRecipe()
+        model = trainer.get_model()
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(bns) == 2 and all(bn.momentum == expected for bn in bns)
+    trainer.qat_settings = QATSettings(recipe=QuantRecipe().to_dict(), ema=False, ema_decay=0.9,
+                                       ema_tau=1.0, track_every=1, out_dir=".", bn_momentum=0.5)
+    assert all(bn.momentum == 0.5 for bn in trainer.get_model().modules() if isinstance(bn, nn.BatchNorm2d))

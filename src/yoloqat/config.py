@@ -233,6 +233,10 @@ class QATConfig:
     # learned scales only: their weight decay (0: none).  Stock Ultralytics (the reference run)
     # decays them like conv weights, 0.0005.
     scale_weight_decay: float = 0.0
+    # BatchNorm momentum of the QAT model (PyTorch's: new = (1 - m) * old + m * batch); None
+    # keeps Ultralytics' 0.03.  Oscillating integer weights shift the pre-BN statistics every
+    # step, and this sets how fast the running statistics (used at validation) follow them.
+    bn_momentum: float | None = None
 
     @property
     def edge_bits(self) -> int:
@@ -425,6 +429,9 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         bn_reestimate=_int("qat.bn_reestimate", b.get("bn_reestimate", d.bn_reestimate), 0),
         lsq_grad_scale=lsq,
         scale_weight_decay=scale_wd,
+        bn_momentum=None if b.get("bn_momentum") is None else _float(
+            "qat.bn_momentum", b["bn_momentum"], 0.0, 1.0, lo_open=True
+        ),
     )
 
 

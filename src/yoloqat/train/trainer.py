@@ -54,6 +54,7 @@ class QATSettings:
     bn_reestimate: int = 0
     lsq_grad_scale: bool = False
     scale_weight_decay: float = 0.0  # weight decay of learned scales (0: a no-decay group)
+    bn_momentum: float | None = None  # BatchNorm momentum of the QAT model; None: Ultralytics'
 
     def to_env(self) -> None:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
@@ -285,6 +286,10 @@ class QATTrainer(FPTrainer):
             from yoloqat.quant.scales import register_lsq_grad_scale
 
             register_lsq_grad_scale(model)
+        if self.qat_settings.bn_momentum is not None:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = self.qat_settings.bn_momentum
         return model
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
