@@ -24,6 +24,19 @@ from typing import Any
 import torch
 
 
+def maxabs_scale(absmax: torch.Tensor, int_max: int | torch.Tensor) -> torch.Tensor:
+    """``max(absmax, 1e-10) / int_max``, always a true division on the tensor's device.
+
+    Why not ``/ int_max`` with a Python number: on CUDA PyTorch computes a division by a CPU
+    scalar as ``a * (1 / b)``, which differs from ``a / b`` in the last bit for about half of
+    all values; Brevitas divides by a tensor on the device.  Dividing by a 0-dim tensor on the
+    same device keeps every path (Brevitas, per layer, batched, the oscillation tracker) on the
+    same bits, on CPU (which divides either way) and CUDA alike.
+    """
+    divisor = int_max if torch.is_tensor(int_max) else absmax.new_full((), float(int_max))
+    return absmax.clamp_min(1e-10) / divisor
+
+
 @dataclass(frozen=True)
 class SegmentLayout:
     """Where each layer's weight lies in the flat buffer and how it splits into segments."""
@@ -78,7 +91,7 @@ class _SegmentedMaxAbsFakeQuant(torch.autograd.Function):
         absmax = torch.zeros(layout.segments, dtype=flat.dtype, device=flat.device)
         # |w| >= 0, so starting the max from 0 changes nothing (an all-zero segment stays 0)
         absmax.scatter_reduce_(0, seg, flat.abs(), "amax", include_self=True)
-        scale = (absmax.clamp_min(1e-10) / layout.int_max).index_select(0, seg)
+        scale = maxabs_scale(absmax, layout.int_max).index_select(0, seg)
         x = flat / scale
         q = torch.clamp(torch.round(x), -layout.int_max_of, layout.int_max_of)
         ctx.save_for_backward(flat, q, x, absmax)

@@ -28,7 +28,12 @@ from brevitas.quant.scaled_int import (
 )
 from torch import nn
 
-from yoloqat.quant.batched_fake_quant import build_layout, fake_quant_segments, layout_key
+from yoloqat.quant.batched_fake_quant import (
+    build_layout,
+    fake_quant_segments,
+    layout_key,
+    maxabs_scale,
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ class _MaxAbsFakeQuant(torch.autograd.Function):
         int_max = float(2 ** (bits - 1) - 1)
         flat = weight.reshape(weight.shape[0], -1) if per_channel else weight.reshape(1, -1)
         absmax, idx = flat.abs().max(dim=1, keepdim=True)
-        scale = absmax.clamp_min(1e-10) / int_max
+        scale = maxabs_scale(absmax, int_max)
         scale = scale.reshape(-1, *([1] * (weight.dim() - 1))) if per_channel else scale.reshape(())
         x = weight / scale
         q = torch.clamp(torch.round(x), -int_max, int_max)
@@ -311,8 +316,8 @@ def weight_scale(q: QuantConv2d) -> torch.Tensor:
         # abs + amax: a dim-wise aminmax is ~10x slower on CPU
         if q.fast_per_channel:
             absmax = w.reshape(w.shape[0], -1).abs().amax(dim=1, keepdim=True)
-            return (absmax.clamp_min(1e-10) / int_max).reshape(-1, *([1] * (w.dim() - 1)))
-        return (w.abs().amax().clamp_min(1e-10) / int_max).reshape(())
+            return maxabs_scale(absmax, int_max).reshape(-1, *([1] * (w.dim() - 1)))
+        return maxabs_scale(w.abs().amax(), int_max).reshape(())
     tensor_quant = q.weight_quant.tensor_quant
     if isinstance(tensor_quant, DecoupledRescalingIntQuant):
         # the same three calls DecoupledRescalingIntQuant.forward makes to get pre_scale

@@ -35,6 +35,7 @@ import torch
 from brevitas.nn import QuantConv2d
 from torch import nn
 
+from yoloqat.quant.batched_fake_quant import maxabs_scale
 from yoloqat.quant.convert import FastQuantConv2d, weight_scale
 
 SUMMARY_KEYS = (
@@ -278,9 +279,8 @@ class FusedOscillationGroup:
         # unsafe=True: the lengths are right by construction; the checked path compares their
         # sum with the data size, a host-device sync on every call.
         absmax = torch.segment_reduce(flat.abs(), "max", lengths=self._lengths, unsafe=True)
-        # Divided by the Python number, as convert.weight_scale does: on CUDA a CPU-scalar
-        # divisor becomes a multiplication by its reciprocal, so the same form keeps the bits.
-        scale = absmax.clamp_min(1e-10) / float(self.int_max)
+        # the same division as convert.weight_scale (see maxabs_scale), so the bits agree
+        scale = maxabs_scale(absmax, self.int_max)
         per_weight = torch.repeat_interleave(scale, self._lengths, output_size=self.total)
         x = flat.div_(per_weight).clamp_(-self.int_max, self.int_max)
         return scale, x
