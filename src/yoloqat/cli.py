@@ -156,12 +156,49 @@ def search_main(argv: list[str]) -> int:
     return 0
 
 
+def _remedies_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="yoloqat remedies",
+                 description="Judge and plot one curve of a group of seed runs per variant "
+                             "(README.md + curves.png in --out).")
+    ap.add_argument("--variant", action="append", required=True, metavar="LABEL=CURVE:EXP,EXP,...",
+                    help="a table row: its label, the curve judged (live | ema | bnre) and the "
+                         "DVC experiments (one per seed); repeat for every row")
+    ap.add_argument("--out", default="reports/remedies", help="output folder")
+    ap.add_argument("--title", default="Remedies", help="the report's heading")
+    ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="read a saved `dvc exp show --json` instead of running dvc")
+    return ap
+
+
+def remedies_main(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from yoloqat.analysis.experiments import read_experiments
+    from yoloqat.analysis.remedies import parse_variant, write_remedies_report
+    from yoloqat.analysis.search import select
+
+    args = _remedies_parser().parse_args(argv)
+    try:
+        variants = [parse_variant(v) for v in args.variant]
+        names = list(dict.fromkeys(n for v in variants for n in v.names))
+        records = select(read_experiments(args.repo, args.from_json), names)
+        report, table = write_remedies_report(
+            Path(args.out), variants, dict(zip(names, records, strict=True)), args.repo, args.title)
+    except (YoloqatError, OSError) as exc:
+        print(f"yoloqat remedies: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"wrote {report} and {report.parent / 'curves.png'}")
+    return 0
+
+
 def _main_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="yoloqat",
         description="EMA + Quantization Correction for W4A16 QAT of YOLOv10: stability tools.",
     )
-    sub = ap.add_subparsers(dest="command", metavar="{exps,judge,ladder,search}")
+    sub = ap.add_subparsers(dest="command", metavar="{exps,judge,ladder,search,remedies}")
     sub.add_parser("exps", help="one compact line per DVC experiment (yoloqat exps -h)",
                    add_help=False)
     sub.add_parser("judge", help="label training curves stable / collapsed / ... "
@@ -170,6 +207,8 @@ def _main_parser() -> argparse.ArgumentParser:
                    "(yoloqat ladder -h)", add_help=False)
     sub.add_parser("search", help="table + curves of single runs of a failure search "
                    "(yoloqat search -h)", add_help=False)
+    sub.add_parser("remedies", help="per variant, one curve of a group of seed runs judged and "
+                   "plotted (yoloqat remedies -h)", add_help=False)
     return ap
 
 
@@ -186,13 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             return exps_main(argv[1:])
         if argv and argv[0] == "search":
             return search_main(argv[1:])
+        if argv and argv[0] == "remedies":
+            return remedies_main(argv[1:])
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     ap = _main_parser()
     if not argv or argv[0] in ("-h", "--help"):
         ap.print_help(sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge, ladder or search",
+    print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge, ladder, search or remedies",
           file=sys.stderr)
     return 2
 

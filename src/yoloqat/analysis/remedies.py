@@ -1,0 +1,174 @@
+"""The remedies report: one row per variant (a curve of a group of seed runs), judged and plotted.
+
+``yoloqat remedies --variant "LABEL=CURVE:exp1,exp2,exp3" ...`` reads the named DVC experiments
+and, for every variant, judges the chosen curve of each run (``live``: plain QAT, ``ema``: the
+EMA model, ``bnre``: the deployed model after BN re-estimation) by the README's stability rules,
+then writes ``README.md`` (the variant table, and per run QC's before/after, onnxruntime W4A16,
+QAT seconds and frozen fraction) and ``curves.png`` (one panel per variant, one line per seed) to
+``--out``.  Several variants may read different curves of the same runs: the live and EMA curves
+of one run are one training trajectory, so they are paired.
+
+Where a run's verdict stage stored a label for the curve (``live_label``, ``ema_label``,
+``bnre_label``: judged with the run's own stability params) that label is used; otherwise (runs
+older than the field) the curve is judged here with the default stability rules.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from yoloqat.analysis.experiments import ExpRecord, read_curves
+from yoloqat.config import StabilityConfig
+from yoloqat.curves.stability import classify_run
+from yoloqat.errors import ExperimentsError
+from yoloqat.numbers import finite_number
+
+CURVES = ("live", "ema", "bnre")
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    curve: str  # one of CURVES
+    names: tuple[str, ...]  # DVC experiment names, one per seed
+
+
+def parse_variant(text: str) -> Variant:
+    """``LABEL=CURVE:exp1,exp2`` -> Variant; a malformed text is one error naming it."""
+    label, eq, rest = text.partition("=")
+    curve, colon, names = rest.partition(":")
+    exps = tuple(n.strip() for n in names.split(",") if n.strip())
+    if not (eq and colon and label.strip() and exps) or curve.strip() not in CURVES:
+        raise ExperimentsError(
+            f"--variant {text!r} is not allowed; expected LABEL=CURVE:exp1,exp2,... with CURVE one of "
+            + " | ".join(CURVES)
+        )
+    return Variant(label.strip(), curve.strip(), exps)
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    variant: Variant
+    labels: tuple[str, ...]  # one verdict per run that has the curve
+    bests: tuple[float, ...]
+    finals: tuple[float, ...]
+    missing: tuple[str, ...]  # runs without the curve (e.g. EMA off, BN re-estimation off)
+
+    @property
+    def stable(self) -> int:
+        return sum(label == "stable" for label in self.labels)
+
+
+def _judge(rec: ExpRecord, curve: str, series: list[float]) -> str:
+    stored = rec.verdict.get(f"{curve}_label")
+    if isinstance(stored, str):
+        return stored
+    status = rec.metrics.get("qat", {}).get("status")
+    return classify_run(series, None, StabilityConfig(), status).label
+
+
+def variant_row(variant: Variant, records: Sequence[ExpRecord],
+                curves: Sequence[dict[str, list[float] | None]]) -> VariantRow:
+    labels, bests, finals, missing = [], [], [], []
+    for rec, c in zip(records, curves, strict=True):
+        series = list(c.get(variant.curve) or [])  # NaN marks an epoch without a value
+        finite = [x for x in series if finite_number(x) is not None]
+        if not finite:
+            missing.append(rec.name)
+            continue
+        labels.append(_judge(rec, variant.curve, series))
+        bests.append(max(finite))
+        finals.append(finite[-1])
+    return VariantRow(variant, tuple(labels), tuple(bests), tuple(finals), tuple(missing))
+
+
+def mean_sd(xs: Sequence[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def variant_table(rows: Sequence[VariantRow]) -> str:
+    lines = ["| variant | curve | runs | stable | verdicts | best | final |", "|" + "---|" * 7]
+    for r in rows:
+        n = len(r.labels)
+        note = f" (no curve: {', '.join(r.missing)})" if r.missing else ""
+        lines.append(f"| {r.variant.label} | {r.variant.curve} | {n} | {r.stable}/{n} | "
+                     f"{', '.join(r.labels) or '-'}{note} | {mean_sd(r.bests)} | {mean_sd(r.finals)} |")
+    return "\n".join(lines)
+
+
+def _num(x: object, fmt: str) -> str:
+    v = finite_number(x)
+    return "-" if v is None else format(v, fmt)
+
+
+def run_table(records: Sequence[ExpRecord]) -> str:
+    lines = ["| run | QC before -> after (delta) | onnxruntime W4A16 | qat s | frozen |", "|" + "---|" * 5]
+    for rec in records:
+        qc, ev, qat = (rec.metrics.get(k, {}) for k in ("qc", "evaluate", "qat"))
+        qc_text = (f"{_num(qc.get('before_mAP50-95'), '.4f')} -> {_num(qc.get('after_mAP50-95'), '.4f')} "
+                   f"({_num(qc.get('delta_mAP50-95'), '+.4f')})")
+        lines.append(f"| {rec.name} | {qc_text} | {_num(ev.get('w4a16_mAP50-95'), '.4f')} | "
+                     f"{_num(qat.get('seconds'), '.0f')} | {_num(qat.get('frac_frozen_final'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def plot_variants(path: Path, rows: Sequence[VariantRow],
+                  curves: dict[str, dict[str, list[float] | None]]) -> None:
+    """One panel per variant: its curve for every run, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(rows), 1)
+    cols = min(3, n)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 2.8 * math.ceil(n / cols)),
+                             squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, row in zip(axes.flat, rows, strict=False):
+        for name in row.variant.names:
+            series = curves[name].get(row.variant.curve) or []
+            if series:
+                ax.plot(range(1, len(series) + 1), series, "-o", ms=2, label=name)
+        ax.set_title(f"{row.variant.label} ({row.variant.curve}): {row.stable}/{len(row.labels)} stable",
+                     fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("val mAP50-95", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_remedies_report(out_dir: Path, variants: Sequence[Variant], by_name: dict[str, ExpRecord],
+                          repo: str | Path = ".", title: str = "Remedies") -> tuple[Path, str]:
+    curves = {name: read_curves(rec, repo) for name, rec in by_name.items()}
+    rows = [variant_row(v, [by_name[n] for n in v.names], [curves[n] for n in v.names]) for v in variants]
+    ordered = list(dict.fromkeys(n for v in variants for n in v.names))
+    tables = variant_table(rows) + "\n\n" + run_table([by_name[n] for n in ordered])
+    command = "yoloqat remedies " + " ".join(
+        f"--variant '{v.label}={v.curve}:{','.join(v.names)}'" for v in variants)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_variants(out_dir / "curves.png", rows, curves)
+    text = [
+        f"# {title}", "",
+        (f"Written by `{command}`. Each variant is one curve (live: plain QAT; ema: the EMA model; "
+        "bnre: the deployed model after BN re-estimation) of a group of seed runs, judged by the "
+        "rules of README \"How the answer is decided\"; best and final are mean ± sd over the runs. "
+        "QC's delta is measured on the final deployed model of each run."), "",
+        tables, "", "![each variant's curve per seed](curves.png)", "",
+    ]
+    (out_dir / "README.md").write_text("\n".join(text))
+    return out_dir / "README.md", tables

@@ -1,0 +1,71 @@
+"""yoloqat remedies: per variant, one curve of a group of seed runs judged, tabulated, plotted."""
+
+from __future__ import annotations
+
+import pytest
+
+from yoloqat.analysis import remedies
+from yoloqat.analysis.experiments import ExpRecord
+from yoloqat.analysis.remedies import Variant, parse_variant, variant_row, variant_table
+from yoloqat.cli import main
+from yoloqat.errors import ExperimentsError
+
+STABLE = [0.10, 0.20, 0.25, 0.26, 0.27, 0.27]
+COLLAPSED = [0.10, 0.25, 0.26, 0.05, 0.04, 0.03]
+
+
+def _rec(name: str, verdict: dict | None = None, **metrics: dict) -> ExpRecord:
+    return ExpRecord(name=name, rev=name.ljust(40, "0"), kind="experiment", state="done",
+                     metrics={"verdict": verdict or {}, "qat": {"status": "completed"}, **metrics})
+
+
+def test_variant_text_parses_and_bad_text_is_one_error_naming_it():
+    assert parse_variant("BN re-est.=bnre:a, b,c") == Variant("BN re-est.", "bnre", ("a", "b", "c"))
+    for bad in ("x=loss:a", "x=live", "=live:a", "x=live:", "live:a"):
+        with pytest.raises(ExperimentsError, match=r"--variant .* is not allowed; expected LABEL=CURVE:exp1"):
+            parse_variant(bad)
+
+
+def test_curves_are_judged_unless_the_verdict_stored_a_label():
+    recs = [_rec("a"), _rec("b", verdict={"ema_label": "unstable"}), _rec("c")]
+    curves = [{"ema": STABLE}, {"ema": STABLE}, {"ema": None}]
+    row = variant_row(Variant("EMA", "ema", ("a", "b", "c")), recs, curves)
+    assert row.labels == ("stable", "unstable")  # b: the run's own stored verdict wins
+    assert row.missing == ("c",) and row.stable == 1
+    assert row.bests == (0.27, 0.27) and row.finals == (0.27, 0.27)
+    collapsed = variant_row(Variant("live", "live", ("a",)), recs[:1], [{"live": COLLAPSED}])
+    assert collapsed.labels == ("collapsed",) and collapsed.bests == (0.26,) and collapsed.finals == (0.03,)
+    table = variant_table([row, collapsed])
+    assert "| EMA | ema | 2 | 1/2 | stable, unstable (no curve: c) | 0.270 ± 0.000 | 0.270 ± 0.000 |" in table
+    assert "| live | live | 1 | 0/1 | collapsed | 0.260 | 0.030 |" in table
+
+
+def test_report_writes_tables_and_plot(tmp_path, monkeypatch):
+    runs = {
+        "s0": _rec("s0", qc={"before_mAP50-95": 0.2, "after_mAP50-95": 0.28, "delta_mAP50-95": 0.08},
+                   evaluate={"w4a16_mAP50-95": 0.281}),
+        "s1": _rec("s1"),
+    }
+    runs["s1"].metrics["qat"].update(seconds=321.4, frac_frozen_final=0.1234)
+    curves = {"s0": {"live": COLLAPSED, "ema": STABLE}, "s1": {"live": STABLE, "ema": STABLE}}
+    monkeypatch.setattr(remedies, "read_curves", lambda rec, repo=".": curves[rec.name])
+    variants = [parse_variant("none=live:s0,s1"), parse_variant("EMA=ema:s0,s1")]
+    report, _tables = remedies.write_remedies_report(tmp_path / "out", variants, runs)
+    text = report.read_text()
+    assert "| none | live | 2 | 1/2 | collapsed, stable |" in text
+    assert "| EMA | ema | 2 | 2/2 | stable, stable |" in text
+    assert "| s0 | 0.2000 -> 0.2800 (+0.0800) | 0.2810 | - | - |" in text
+    assert "| s1 | - -> - (-) | - | 321 | 0.123 |" in text
+    assert "yoloqat remedies --variant 'none=live:s0,s1' --variant 'EMA=ema:s0,s1'" in text
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+
+
+def test_remedies_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "show.json"
+    bad.write_text("{not json")
+    assert main(["remedies", "--variant", "x=live:a", "--from-json", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert main(["remedies", "--variant", "x=loss:a", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("yoloqat remedies: error:") for line in err)
+    assert "'x=loss:a' is not allowed" in err[1]
+    assert not (tmp_path / "o").exists()
