@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from yoloqat.errors import YoloqatError
 from yoloqat.paths import LADDER_REPORTS
@@ -125,35 +127,46 @@ def exps_main(argv: list[str]) -> int:
     return 0
 
 
-def _search_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="yoloqat search",
-                 description="Tabulate and plot single experiments of a failure search "
-                             "(README.md + curves.png in --out).")
-    ap.add_argument("names", nargs="+", metavar="NAME", help="DVC experiment names, in table order")
-    ap.add_argument("--out", default="reports/failure_search", help="output folder")
-    ap.add_argument("--title", default="Failure search", help="the report's heading")
+def _report_options(ap: argparse.ArgumentParser, out: str, title: str) -> argparse.ArgumentParser:
+    ap.add_argument("--out", default=out, help="output folder")
+    ap.add_argument("--title", default=title, help="the report's heading")
     ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
     ap.add_argument("--from-json", metavar="FILE",
                     help="read a saved `dvc exp show --json` instead of running dvc")
     return ap
 
 
-def search_main(argv: list[str]) -> int:
-    from pathlib import Path
-
-    from yoloqat.analysis.experiments import read_experiments
-    from yoloqat.analysis.search import select, write_search_report
-
-    args = _search_parser().parse_args(argv)
+def _write_report(prog: str, write: Callable[[], tuple[Any, str]]) -> int:
+    """Run a report writer: its table on stdout, or one error line and exit 2."""
     try:
-        records = select(read_experiments(args.repo, args.from_json), args.names)
-        report, table = write_search_report(Path(args.out), records, args.repo, args.title)
+        report, table = write()
     except (YoloqatError, OSError) as exc:
-        print(f"yoloqat search: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"{prog}: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     print(table)
     print(f"wrote {report} and {report.parent / 'curves.png'}")
     return 0
+
+
+def _search_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="yoloqat search",
+                 description="Tabulate and plot single experiments of a failure search "
+                             "(README.md + curves.png in --out).")
+    ap.add_argument("names", nargs="+", metavar="NAME", help="DVC experiment names, in table order")
+    return _report_options(ap, "reports/failure_search", "Failure search")
+
+
+def search_main(argv: list[str]) -> int:
+    from yoloqat.analysis.experiments import read_experiments
+    from yoloqat.analysis.search import select, write_search_report
+
+    args = _search_parser().parse_args(argv)
+
+    def write() -> tuple[Any, str]:
+        records = select(read_experiments(args.repo, args.from_json), args.names)
+        return write_search_report(Path(args.out), records, args.repo, args.title)
+
+    return _write_report("yoloqat search", write)
 
 
 def _remedies_parser() -> argparse.ArgumentParser:
@@ -163,34 +176,24 @@ def _remedies_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variant", action="append", required=True, metavar="LABEL=CURVE:EXP,EXP,...",
                     help="a table row: its label, the curve judged (live | ema | bnre) and the "
                          "DVC experiments (one per seed); repeat for every row")
-    ap.add_argument("--out", default="reports/remedies", help="output folder")
-    ap.add_argument("--title", default="Remedies", help="the report's heading")
-    ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
-    ap.add_argument("--from-json", metavar="FILE",
-                    help="read a saved `dvc exp show --json` instead of running dvc")
-    return ap
+    return _report_options(ap, "reports/remedies", "Remedies")
 
 
 def remedies_main(argv: list[str]) -> int:
-    from pathlib import Path
-
     from yoloqat.analysis.experiments import read_experiments
     from yoloqat.analysis.remedies import parse_variant, write_remedies_report
     from yoloqat.analysis.search import select
 
     args = _remedies_parser().parse_args(argv)
-    try:
+
+    def write() -> tuple[Any, str]:
         variants = [parse_variant(v) for v in args.variant]
         names = list(dict.fromkeys(n for v in variants for n in v.names))
         records = select(read_experiments(args.repo, args.from_json), names)
-        report, table = write_remedies_report(
+        return write_remedies_report(
             Path(args.out), variants, dict(zip(names, records, strict=True)), args.repo, args.title)
-    except (YoloqatError, OSError) as exc:
-        print(f"yoloqat remedies: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(table)
-    print(f"wrote {report} and {report.parent / 'curves.png'}")
-    return 0
+
+    return _write_report("yoloqat remedies", write)
 
 
 def _main_parser() -> argparse.ArgumentParser:

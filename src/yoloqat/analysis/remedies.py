@@ -15,13 +15,13 @@ older than the field) the curve is judged here with the default stability rules.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from yoloqat.analysis.experiments import ExpRecord, read_curves
+from yoloqat.analysis.search import finish_panel, panel_grid, save_figure
 from yoloqat.config import StabilityConfig
 from yoloqat.curves.stability import classify_run
 from yoloqat.errors import ExperimentsError
@@ -123,33 +123,15 @@ def run_table(records: Sequence[ExpRecord]) -> str:
 def plot_variants(path: Path, rows: Sequence[VariantRow],
                   curves: dict[str, dict[str, list[float] | None]]) -> None:
     """One panel per variant: its curve for every run, one line per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = max(len(rows), 1)
-    cols = min(3, n)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 2.8 * math.ceil(n / cols)),
-                             squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
+    plt, fig, axes = panel_grid(len(rows))
     for ax, row in zip(axes.flat, rows, strict=False):
         for name in row.variant.names:
             series = curves[name].get(row.variant.curve) or []
             if series:
                 ax.plot(range(1, len(series) + 1), series, "-o", ms=2, label=name)
-        ax.set_title(f"{row.variant.label} ({row.variant.curve}): {row.stable}/{len(row.labels)} stable",
-                     fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel("val mAP50-95", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+        finish_panel(ax, f"{row.variant.label} ({row.variant.curve}): {row.stable}/{len(row.labels)} stable",
+                     legend_size=6)
+    save_figure(plt, fig, path)
 
 
 def write_remedies_report(out_dir: Path, variants: Sequence[Variant], by_name: dict[str, ExpRecord],

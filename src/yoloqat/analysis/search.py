@@ -143,19 +143,41 @@ def markdown_table(rows: Sequence[SearchRow]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(path: Path, rows: Sequence[SearchRow], curves: Sequence[dict[str, Any]]) -> None:
-    """One small panel per run: live (solid) and EMA (dashed) val mAP50-95 per epoch."""
+def panel_grid(n: int) -> tuple[Any, Any, Any]:
+    """(pyplot, figure, axes) for ``n`` small curve panels, three per row, spare ones hidden."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = max(len(rows), 1)
+    n = max(n, 1)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
+    return plt, fig, axes
+
+
+def finish_panel(ax: Any, title: str, legend_size: int = 7) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel("val mAP50-95", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_figure(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, rows: Sequence[SearchRow], curves: Sequence[dict[str, Any]]) -> None:
+    """One small panel per run: live (solid) and EMA (dashed) val mAP50-95 per epoch."""
+    plt, fig, axes = panel_grid(len(rows))
     for ax, row, c in zip(axes.flat, rows, curves, strict=False):
         live = c.get("live") or c.get("map") or []
         ema = c.get("ema") or []
@@ -167,16 +189,8 @@ def plot_curves(path: Path, rows: Sequence[SearchRow], curves: Sequence[dict[str
         if bnre:
             ax.plot(range(1, len(bnre) + 1), bnre, ":", label="BN re-estimated")
         labels = f"live {row.live_label or row.status}" + (f", EMA {row.ema_label}" if row.ema_label else "")
-        ax.set_title(f"{row.name}: {labels}", fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel("val mAP50-95", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+        finish_panel(ax, f"{row.name}: {labels}")
+    save_figure(plt, fig, path)
 
 
 def write_search_report(
