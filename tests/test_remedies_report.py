@@ -36,7 +36,7 @@ def test_curves_are_judged_unless_the_verdict_stored_a_label():
     collapsed = variant_row(Variant("live", "live", ("a",)), recs[:1], [{"live": COLLAPSED}])
     assert collapsed.labels == ("collapsed",) and collapsed.bests == (0.26,) and collapsed.finals == (0.03,)
     table = variant_table([row, collapsed])
-    assert "| EMA | ema | 2 | 1/2 | stable, unstable (no curve: c) | 0.270 ± 0.000 | 0.270 ± 0.000 |" in table
+    assert "| EMA | ema | 2 | 1/2 | stable, unstable (left out: c) | 0.270 ± 0.000 | 0.270 ± 0.000 |" in table
     assert "| live | live | 1 | 0/1 | collapsed | 0.260 | 0.030 |" in table
 
 
@@ -69,3 +69,13 @@ def test_remedies_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("yoloqat remedies: error:") for line in err)
     assert "'x=loss:a' is not allowed" in err[1]
     assert not (tmp_path / "o").exists()
+
+
+def test_runs_not_done_are_left_out_not_read(tmp_path, monkeypatch):
+    """A running experiment's workspace holds its baseline's results: never count them."""
+    running = ExpRecord(name="r", rev="r".ljust(40, "0"), kind="experiment", state="running",
+                        metrics={"verdict": {"ema_label": "stable"}, "qc": {"delta_mAP50-95": 0.5}})
+    done = _rec("d")
+    row = variant_row(Variant("EMA", "ema", ("d", "r")), [done, running], [{"ema": COLLAPSED}, {"ema": STABLE}])
+    assert row.labels == ("collapsed",) and row.missing == ("r running",)
+    assert "| r | running | - | - | - |" in remedies.run_table([done, running])

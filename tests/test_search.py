@@ -88,3 +88,11 @@ def test_the_ladder_finds_a_preset_setting_from_a_params_file_naming_the_preset(
     run = _rec("x", {"model": "yolo10n", "ema": True, "qc": True, "seed": 2, "preset": "collapse_cpu",
                      "qat.epochs": 10})
     assert configured_setting("yolo10n", {"preset": "collapse_cpu", "qat.epochs": 10}) == setting_of(run)
+
+
+def test_a_running_experiment_row_shows_its_state_not_its_baselines_results():
+    rec = ExpRecord(name="r", rev="0" * 40, kind="experiment", state="running", params={},
+                    metrics={"verdict": {"live_label": "stable", "live_best": 0.2}, "qat": {"epochs": 10}})
+    row = search_row(rec)
+    assert (row.status, row.live_label, row.live_best, row.epochs) == ("running", None, None, None)
+    assert "| r | `default` | - | running | - |" in markdown_table([row])

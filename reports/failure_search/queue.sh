@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The failure search on the embedded data (yolo10n, 96 px, 480 train images, CPU), then the
 # remedies grid on the failure it found.  Queue everything, `dvc queue start`, and when done:
-#   yoloqat search fs-ref-fp fs-collapse-s0 fs-ref-fp-maxabs fs-ref-cpu fs-ref-fp-pc-swd05 fs-ref-fp-w3
+#   yoloqat search fs-ref-cpu fs-ref-fp fs-ref-fp-maxabs fs-ref-fp-w3 fs-ref-fp-pc-swd05 \
+#       fs-collapse-s0 fs-collapse-s1 fs-collapse-s2 fs-collapse-bnm01-s0 fs-collapse-10s-s0
+#   bash reports/remedies/report.sh                                 (the remedies grid)
 #   yoloqat ladder --params <params of the collapse_cpu runs>     (the seeds grid)
 # Rows run in this order; later rows are worth less if the session runs out of time.
 set -euo pipefail
@@ -33,3 +35,9 @@ for s in 0 1 2; do dvc exp run --queue -n rem-damp-s$s -S preset=collapse_cpu -S
 # More single factors.
 dvc exp run --queue -n fs-ref-fp-pc-swd05 "${FROM_FP[@]}" -S qat.granularity=per_channel -S qat.scaling=decoupled -S qat.scale_weight_decay=0.05
 dvc exp run --queue -n fs-ref-fp-w3 "${FROM_FP[@]}" "${DECOUPLED[@]}" -S qat.scale_weight_decay=0.0005 -S qat.bits=3
+# Session 4 (2026-11-30): more single factors on the failure, and QC without its head part.
+# BN momentum 0.1 (Ultralytics: 0.03) on the failure; the failure on yolo10s.
+dvc exp run --queue -n fs-collapse-bnm01-s0 -S preset=collapse_cpu -S seed=0 -S qat.bn_momentum=0.1
+dvc exp run --queue -n fs-collapse-10s-s0 -S preset=collapse_cpu -S seed=0 -S model=yolo10s
+# QC without the head's output convs on the failure (QAT is the same as fs-collapse-s0/s2).
+for s in 0 2; do dvc exp run --queue -n qc-nohead-s$s -S preset=collapse_cpu -S seed=$s -S correction.head=false; done

@@ -56,7 +56,7 @@ class VariantRow:
     labels: tuple[str, ...]  # one verdict per run that has the curve
     bests: tuple[float, ...]
     finals: tuple[float, ...]
-    missing: tuple[str, ...]  # runs without the curve (e.g. EMA off, BN re-estimation off)
+    missing: tuple[str, ...]  # runs not done, or without the curve (EMA off, BN re-estimation off)
 
     @property
     def stable(self) -> int:
@@ -75,6 +75,10 @@ def variant_row(variant: Variant, records: Sequence[ExpRecord],
                 curves: Sequence[dict[str, list[float] | None]]) -> VariantRow:
     labels, bests, finals, missing = [], [], [], []
     for rec, c in zip(records, curves, strict=True):
+        if rec.state != "done":
+            # a queued or running experiment shows its baseline's files, not its own results
+            missing.append(f"{rec.name} {rec.state}")
+            continue
         series = list(c.get(variant.curve) or [])  # NaN marks an epoch without a value
         finite = [x for x in series if finite_number(x) is not None]
         if not finite:
@@ -98,7 +102,7 @@ def variant_table(rows: Sequence[VariantRow]) -> str:
     lines = ["| variant | curve | runs | stable | verdicts | best | final |", "|" + "---|" * 7]
     for r in rows:
         n = len(r.labels)
-        note = f" (no curve: {', '.join(r.missing)})" if r.missing else ""
+        note = f" (left out: {', '.join(r.missing)})" if r.missing else ""
         lines.append(f"| {r.variant.label} | {r.variant.curve} | {n} | {r.stable}/{n} | "
                      f"{', '.join(r.labels) or '-'}{note} | {mean_sd(r.bests)} | {mean_sd(r.finals)} |")
     return "\n".join(lines)
@@ -112,6 +116,9 @@ def _num(x: object, fmt: str) -> str:
 def run_table(records: Sequence[ExpRecord]) -> str:
     lines = ["| run | QC before -> after (delta) | onnxruntime W4A16 | qat s | frozen |", "|" + "---|" * 5]
     for rec in records:
+        if rec.state != "done":
+            lines.append(f"| {rec.name} | {rec.state} | - | - | - |")
+            continue
         qc, ev, qat = (rec.metrics.get(k, {}) for k in ("qc", "evaluate", "qat"))
         qc_text = (f"{_num(qc.get('before_mAP50-95'), '.4f')} -> {_num(qc.get('after_mAP50-95'), '.4f')} "
                    f"({_num(qc.get('delta_mAP50-95'), '+.4f')})")

@@ -80,6 +80,9 @@ def search_row(rec: ExpRecord, bnre: list[float] | None = None) -> SearchRow:
     """One table row from the run's stored verdicts; ``bnre`` (its val_bnre curve, if logged) is
     judged here with the default stability rules, since runs older than the verdict's bnre_*
     fields have only the curve."""
+    if rec.state != "done":
+        # a queued or running experiment shows its baseline's files, not its own results
+        return SearchRow(rec.name, setting_text(rec.params), rec.state, *([None] * 11))
     v, q = rec.verdict, rec.metrics.get("qat", {})
     epoch = v.get("live_best_epoch")
     bnre_verdict = classify_run(bnre, None, StabilityConfig(), q.get("status")) if bnre else None
