@@ -13,6 +13,8 @@ import pytest
 from tests.helpers import REPO, copy_repo, env_with_venv, tiny_params
 
 README_PREFIXES = ("dvc exp show", "dvc plots", "yoloqat ")
+# the README's report commands name the experiments its tables came from; here they read "tiny"
+README_EXPERIMENTS = re.compile(r"\b(fs|rem)-[\w-]+")
 
 
 def readme_commands() -> list[str]:
@@ -56,7 +58,9 @@ def test_every_readme_command_runs_and_shows_what_it_claims(experiment_repo):
     repo = experiment_repo
     seen = set()
     for cmd in readme_commands():
-        run = cmd.replace(" --open", "")  # no browser here
+        run = README_EXPERIMENTS.sub("tiny", cmd.replace(" --open", ""))  # no browser here
+        if run.startswith(("yoloqat search", "yoloqat remedies")):
+            run += f" --out {repo / 'report_out'}"
         if "--queue-next" in run:
             run += " --dry-run"  # print the dvc command instead of queueing
         res = sh(run, repo)
@@ -90,4 +94,10 @@ def test_every_readme_command_runs_and_shows_what_it_claims(experiment_repo):
         elif cmd.startswith("yoloqat ladder"):
             assert "Ladder yolo10n -> yolo10s -> yolo10m" in out
             seen.add("ladder")
-    assert seen == {"show", "plots", "exps", "judge", "ladder"}
+        elif cmd.startswith("yoloqat search"):
+            assert "| exp | setting (vs defaults) |" in out and "| tiny |" in out
+            seen.add("search")
+        elif cmd.startswith("yoloqat remedies"):
+            assert "| variant | curve | runs | stable |" in out and "| tiny |" in out
+            seen.add("remedies")
+    assert seen == {"show", "plots", "exps", "judge", "ladder", "search", "remedies"}
