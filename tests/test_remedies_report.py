@@ -36,8 +36,8 @@ def test_curves_are_judged_unless_the_verdict_stored_a_label():
     collapsed = variant_row(Variant("live", "live", ("a",)), recs[:1], [{"live": COLLAPSED}])
     assert collapsed.labels == ("collapsed",) and collapsed.bests == (0.26,) and collapsed.finals == (0.03,)
     table = variant_table([row, collapsed])
-    assert "| EMA | ema | 2 | 1/2 | stable, unstable (left out: c) | 0.270 ± 0.000 | 0.270 ± 0.000 |" in table
-    assert "| live | live | 1 | 0/1 | collapsed | 0.260 | 0.030 |" in table
+    assert "| EMA | ema | 2 | 1/2 | stable, unstable (left out: c) | 0.270 ± 0.000 | 0.270 ± 0.000 | - |" in table
+    assert "| live | live | 1 | 0/1 | collapsed | 0.260 | 0.030 | - |" in table
 
 
 def test_report_writes_tables_and_plot(tmp_path, monkeypatch):
@@ -52,8 +52,9 @@ def test_report_writes_tables_and_plot(tmp_path, monkeypatch):
     variants = [parse_variant("none=live:s0,s1"), parse_variant("EMA=ema:s0,s1")]
     report, _tables = remedies.write_remedies_report(tmp_path / "out", variants, runs)
     text = report.read_text()
-    assert "| none | live | 2 | 1/2 | collapsed, stable |" in text
-    assert "| EMA | ema | 2 | 2/2 | stable, stable |" in text
+    assert "| none | live | 2 | 1/2 | collapsed, stable | 0.265 ± 0.007 | 0.150 ± 0.170 | - |" in text
+    # QC corrected the EMA model of s0 only (s1 has no qc metrics): no mean over part of the runs
+    assert "| EMA | ema | 2 | 2/2 | stable, stable | 0.270 ± 0.000 | 0.270 ± 0.000 | - |" in text
     assert "| s0 | 0.2000 -> 0.2800 (+0.0800) | 0.2810 | - | - |" in text
     assert "| s1 | - -> - (-) | - | 321 | 0.123 |" in text
     assert "yoloqat remedies --variant 'none=live:s0,s1' --variant 'EMA=ema:s0,s1'" in text
@@ -79,3 +80,20 @@ def test_runs_not_done_are_left_out_not_read(tmp_path, monkeypatch):
     row = variant_row(Variant("EMA", "ema", ("d", "r")), [done, running], [{"ema": COLLAPSED}, {"ema": STABLE}])
     assert row.labels == ("collapsed",) and row.missing == ("r running",)
     assert "| r | running | - | - | - |" in remedies.run_table([done, running])
+
+
+def test_qc_result_goes_on_the_row_of_the_model_qc_corrected():
+    qc = {"after_mAP50-95": 0.3}
+    ema_on = ExpRecord(name="e", rev="e" * 40, kind="experiment", state="done", params={"ema": True},
+                       metrics={"verdict": {}, "qat": {}, "qc": qc})
+    bnre_on = ExpRecord(name="b", rev="b" * 40, kind="experiment", state="done",
+                        params={"ema": True, "qat.bn_reestimate": 16}, metrics={"verdict": {}, "qat": {}, "qc": qc})
+    ema_off = ExpRecord(name="o", rev="o" * 40, kind="experiment", state="done", params={"ema": False},
+                        metrics={"verdict": {}, "qat": {}, "qc": qc})
+    assert [remedies.deployed_curve(r) for r in (ema_on, bnre_on, ema_off)] == ["ema", "bnre", "live"]
+    c = {"live": STABLE, "ema": STABLE, "bnre": STABLE}
+    assert variant_row(Variant("x", "ema", ("e",)), [ema_on], [c]).qc_after == (0.3,)
+    assert variant_row(Variant("x", "live", ("e",)), [ema_on], [c]).qc_after == ()
+    assert variant_row(Variant("x", "bnre", ("b",)), [bnre_on], [c]).qc_after == (0.3,)
+    assert variant_row(Variant("x", "ema", ("b",)), [bnre_on], [c]).qc_after == ()
+    assert variant_row(Variant("x", "live", ("o",)), [ema_off], [c]).qc_after == (0.3,)

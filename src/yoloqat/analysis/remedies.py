@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from yoloqat.analysis.experiments import ExpRecord, read_curves
+from yoloqat.analysis.experiments import ExpRecord, read_curves, resolved_params
 from yoloqat.analysis.search import finish_panel, panel_grid, save_figure
 from yoloqat.config import StabilityConfig
 from yoloqat.curves.stability import classify_run
@@ -57,6 +57,7 @@ class VariantRow:
     bests: tuple[float, ...]
     finals: tuple[float, ...]
     missing: tuple[str, ...]  # runs not done, or without the curve (EMA off, BN re-estimation off)
+    qc_after: tuple[float, ...] = ()  # QC's result, when this curve is of the model QC corrects
 
     @property
     def stable(self) -> int:
@@ -71,9 +72,18 @@ def _judge(rec: ExpRecord, curve: str, series: list[float]) -> str:
     return classify_run(series, None, StabilityConfig(), status).label
 
 
+def deployed_curve(rec: ExpRecord) -> str:
+    """The curve of the model the run saves, and QC then corrects: after BN re-estimation when
+    that is on, else the EMA model's when EMA is on, else the live weights'."""
+    params = resolved_params(rec.params)
+    if (finite_number(params.get("qat.bn_reestimate")) or 0) > 0:
+        return "bnre"
+    return "ema" if params.get("ema") is not False else "live"
+
+
 def variant_row(variant: Variant, records: Sequence[ExpRecord],
                 curves: Sequence[dict[str, list[float] | None]]) -> VariantRow:
-    labels, bests, finals, missing = [], [], [], []
+    labels, bests, finals, missing, qc_after = [], [], [], [], []
     for rec, c in zip(records, curves, strict=True):
         if rec.state != "done":
             # a queued or running experiment shows its baseline's files, not its own results
@@ -87,7 +97,10 @@ def variant_row(variant: Variant, records: Sequence[ExpRecord],
         labels.append(_judge(rec, variant.curve, series))
         bests.append(max(finite))
         finals.append(finite[-1])
-    return VariantRow(variant, tuple(labels), tuple(bests), tuple(finals), tuple(missing))
+        after = finite_number(rec.metrics.get("qc", {}).get("after_mAP50-95"))
+        if after is not None and deployed_curve(rec) == variant.curve:
+            qc_after.append(after)
+    return VariantRow(variant, tuple(labels), tuple(bests), tuple(finals), tuple(missing), tuple(qc_after))
 
 
 def mean_sd(xs: Sequence[float]) -> str:
@@ -99,12 +112,13 @@ def mean_sd(xs: Sequence[float]) -> str:
 
 
 def variant_table(rows: Sequence[VariantRow]) -> str:
-    lines = ["| variant | curve | runs | stable | verdicts | best | final |", "|" + "---|" * 7]
+    lines = ["| variant | curve | runs | stable | verdicts | best | final | final + QC |", "|" + "---|" * 8]
     for r in rows:
         n = len(r.labels)
         note = f" (left out: {', '.join(r.missing)})" if r.missing else ""
+        qc = mean_sd(r.qc_after) if len(r.qc_after) == n else "-"
         lines.append(f"| {r.variant.label} | {r.variant.curve} | {n} | {r.stable}/{n} | "
-                     f"{', '.join(r.labels) or '-'}{note} | {mean_sd(r.bests)} | {mean_sd(r.finals)} |")
+                     f"{', '.join(r.labels) or '-'}{note} | {mean_sd(r.bests)} | {mean_sd(r.finals)} | {qc} |")
     return "\n".join(lines)
 
 
@@ -156,7 +170,8 @@ def write_remedies_report(out_dir: Path, variants: Sequence[Variant], by_name: d
         (f"Written by `{command}`. Each variant is one curve (live: plain QAT; ema: the EMA model; "
         "bnre: the deployed model after BN re-estimation) of a group of seed runs, judged by the "
         "rules of README \"How the answer is decided\"; best and final are mean ± sd over the runs. "
-        "QC's delta is measured on the final deployed model of each run."), "",
+        "QC corrects the final deployed model of each run (after BN re-estimation when that is "
+        "on, else the EMA model when EMA is on): `final + QC` is on that curve's row only."), "",
         tables, "", "![each variant's curve per seed](curves.png)", "",
     ]
     (out_dir / "README.md").write_text("\n".join(text))
