@@ -7,8 +7,8 @@ yoloqat remedies --title "Remedies on the failure (collapse_cpu, 3 seeds)" \
   --variant "none: plain QAT=live:$(seeds fs-collapse)" \
   --variant "EMA=ema:$(seeds fs-collapse)" \
   --variant "BN re-estimation of the EMA model=bnre:$(seeds rem-bnre)" \
-  --variant "dampening 1e-4 (ramp), live=live:$(seeds rem-damp)" \
+  --variant "dampening 1e-4 (ramp)=live:$(seeds rem-damp)" \
   --variant "dampening 1e-4 (ramp) + EMA=ema:$(seeds rem-damp)" \
-  --variant "freezing 0.01, live=live:$(seeds rem-freeze)" \
+  --variant "freezing 0.01=live:$(seeds rem-freeze)" \
   --variant "freezing 0.01 + EMA=ema:$(seeds rem-freeze)" \
   "$@"
