@@ -237,6 +237,13 @@ def test_an_unstable_ema_curve_fails_the_rung():
     assert "do not climb" in d.summary
 
 
+def test_one_failed_ema_curve_fails_the_rung_before_all_seeds_ran():
+    """The rung needs every EMA curve stable: the seeds still missing cannot change that."""
+    d = decide(group_runs(rung_seeds("yolo10n", ["collapsed", "stable"])), CFG, PARAMS)
+    assert CFG.min_seeds > 2
+    assert d.rung("yolo10n").state == "failed" and d.next_rung is None
+
+
 def test_too_few_seeds_is_incomplete_and_lists_missing_seeds():
     d = decide(group_runs(rung_seeds("yolo10n", ["stable"] * 2)), CFG, PARAMS)
     r = d.rung("yolo10n")

@@ -422,10 +422,12 @@ def _rung(model: str, groups: Sequence[Group], cfg: LadderConfig, params: dict[s
     ema_failed = sum(r.ema.failed for r in runs if r.ema)
     live_failed = sum(r.live.failed for r in runs if r.live)
     p = group.paired() if group else None
-    if len(runs) < cfg.min_seeds:
-        state = INCOMPLETE if runs or pending else NOT_STARTED
-    elif ema_failed:
+    if ema_failed:
+        # a rung passes only if *every* EMA(+QC) curve is stable: one failure decides it, so
+        # the missing seeds would be compute spent on a known answer
         state = FAILED_RUNG
+    elif len(runs) < cfg.min_seeds:
+        state = INCOMPLETE if runs or pending else NOT_STARTED
     elif not live_failed:
         state = NO_FAILURE
     else:
