@@ -15,6 +15,7 @@ import copy
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._pytree import tree_leaves
 
 from yoloqat.offline import configure_offline
 
@@ -26,14 +27,8 @@ from yoloqat.quant.convert import FastQuantConv2d, QuantRecipe, quantize_model, 
 
 
 def _tensors(o):
-    if isinstance(o, dict):
-        for v in o.values():
-            yield from _tensors(v)
-    elif isinstance(o, (list, tuple)):
-        for v in o:
-            yield from _tensors(v)
-    elif torch.is_tensor(o):
-        yield o
+    """Every tensor in a model's nested output (dicts, lists, tuples)."""
+    return [t for t in tree_leaves(o) if torch.is_tensor(t)]
 
 
 # operators that only make a new view or allocate: no kernel runs for them on a GPU

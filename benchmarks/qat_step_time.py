@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from yoloqat.offline import configure_offline
 
@@ -51,14 +52,8 @@ NA_ON_CPU = "n/a on cpu"
 
 
 def flat(o):
-    if isinstance(o, dict):
-        for v in o.values():
-            yield from flat(v)
-    elif isinstance(o, (list, tuple)):
-        for v in o:
-            yield from flat(v)
-    elif torch.is_tensor(o):
-        yield o
+    """Every tensor in a model's nested output (dicts, lists, tuples)."""
+    return [t for t in tree_leaves(o) if torch.is_tensor(t)]
 
 
 def make_step(model, x, tracker=None, amp: bool = False) -> Callable[[], None]:

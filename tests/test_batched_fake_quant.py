@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from yoloqat.offline import configure_offline
 
@@ -25,14 +26,8 @@ from yoloqat.quant.convert import (
 
 
 def _tensors(o):
-    if isinstance(o, dict):
-        for v in o.values():
-            yield from _tensors(v)
-    elif isinstance(o, (list, tuple)):
-        for v in o:
-            yield from _tensors(v)
-    elif torch.is_tensor(o):
-        yield o
+    """Every tensor in a model's nested output (dicts, lists, tuples)."""
+    return [t for t in tree_leaves(o) if torch.is_tensor(t)]
 
 
 def _weights(device: torch.device) -> tuple[list[torch.Tensor], list[int], list[bool]]:
