@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from yoloqat.analysis.experiments import ExpRecord, read_curves, resolved_params
-from yoloqat.analysis.search import finish_panel, panel_grid, save_figure
-from yoloqat.config import StabilityConfig
-from yoloqat.curves.stability import classify_run
+from yoloqat.analysis.search import finish_panel, judge_with_defaults, panel_grid, save_figure
 from yoloqat.errors import ExperimentsError
 from yoloqat.numbers import finite_number
 
@@ -69,7 +67,7 @@ def _judge(rec: ExpRecord, curve: str, series: list[float]) -> str:
     if isinstance(stored, str):
         return stored
     status = rec.metrics.get("qat", {}).get("status")
-    return classify_run(series, None, StabilityConfig(), status).label
+    return judge_with_defaults(series, status)
 
 
 def deployed_curve(rec: ExpRecord) -> str:

@@ -76,6 +76,12 @@ def _text(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def judge_with_defaults(series: list[float], status: str | None) -> str:
+    """A curve's verdict label by the default stability rules: for curves of runs whose verdict
+    stage stored no label for them (older runs)."""
+    return classify_run(series, None, StabilityConfig(), status).label
+
+
 def search_row(rec: ExpRecord, bnre: list[float] | None = None) -> SearchRow:
     """One table row from the run's stored verdicts; ``bnre`` (its val_bnre curve, if logged) is
     judged here with the default stability rules, since runs older than the verdict's bnre_*
@@ -85,7 +91,7 @@ def search_row(rec: ExpRecord, bnre: list[float] | None = None) -> SearchRow:
         return SearchRow(rec.name, setting_text(rec.params), rec.state, *([None] * 11))
     v, q = rec.verdict, rec.metrics.get("qat", {})
     epoch = v.get("live_best_epoch")
-    bnre_verdict = classify_run(bnre, None, StabilityConfig(), q.get("status")) if bnre else None
+    bnre_label = judge_with_defaults(bnre, q.get("status")) if bnre else None
     return SearchRow(
         name=rec.name, setting=setting_text(rec.params),
         status=rec.state if rec.state != "done" else str(q.get("status") or v.get("status") or "done"),
@@ -99,7 +105,7 @@ def search_row(rec: ExpRecord, bnre: list[float] | None = None) -> SearchRow:
         scale_ratio_final=finite_number(q.get("scale_ratio_geomean_final")),
         epochs=q.get("epochs") if isinstance(q.get("epochs"), int) else None,
         seconds=finite_number(q.get("seconds")),
-        bnre_label=bnre_verdict.label if bnre_verdict else None,
+        bnre_label=bnre_label,
         bnre_final=bnre[-1] if bnre else None,
     )
 
