@@ -140,14 +140,20 @@ def test_a_failed_forward_leaves_no_batched_weights(yolo_fp):
     with pytest.raises(RuntimeError):
         model(torch.rand(1, 5, 64, 64))  # wrong channel count: the first conv raises
     assert all(m.batched_weight is None for m in model.modules() if isinstance(m, FastQuantConv2d))
+    assert model._batched_convs == ()
 
 
 def test_auto_is_per_layer_on_cpu_and_mode_is_validated(yolo_fp):
     model = quantize_model(copy.deepcopy(yolo_fp), QuantRecipe())
     assert model.fake_quant_mode == "auto"
+    traversals = []
+    modules = model.modules
+    model.modules = lambda: traversals.append(1) or modules()  # type: ignore[method-assign]
     with torch.no_grad():
         model.eval()(torch.rand(1, 3, 64, 64))
     assert getattr(model, "_fake_quant_layout", None) is None  # CPU: no batched pass was made
+    assert traversals == []  # and the hooks did not walk the model to find that out
+    del model.modules
     with pytest.raises(ValueError, match="fake-quant mode 'fused' is not allowed; expected one of auto"):
         set_fake_quant_mode(model, "fused")
     set_fake_quant_mode(model, "batched")

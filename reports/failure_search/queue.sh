@@ -41,3 +41,5 @@ dvc exp run --queue -n fs-collapse-bnm01-s0 -S preset=collapse_cpu -S seed=0 -S 
 dvc exp run --queue -n fs-collapse-10s-s0 -S preset=collapse_cpu -S seed=0 -S model=yolo10s
 # QC without the head's output convs on the failure (QAT is the same as fs-collapse-s0/s2).
 for s in 0 2; do dvc exp run --queue -n qc-nohead-s$s -S preset=collapse_cpu -S seed=$s -S correction.head=false; done
+# Session 5 (2026-11-30): BN momentum 0.1 over the other two seeds.
+for s in 1 2; do dvc exp run --queue -n fs-collapse-bnm01-s$s -S preset=collapse_cpu -S seed=$s -S qat.bn_momentum=0.1; done

@@ -37,12 +37,35 @@ def maxabs_scale(absmax: torch.Tensor, int_max: int | torch.Tensor) -> torch.Ten
     return absmax.clamp_min(1e-10) / divisor
 
 
+def segment_lengths(weights: list[torch.Tensor], per_channel: list[bool]) -> list[int]:
+    """Element count of each segment of the flat ``cat`` of ``weights``: one per output channel
+    of a per-channel layer, one whole tensor per per-tensor layer."""
+    lengths: list[int] = []
+    for w, pc in zip(weights, per_channel, strict=True):
+        rows = w.shape[0] if pc else 1
+        lengths += [w.numel() // rows] * rows
+    return lengths
+
+
+def segment_absmax(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """max(|x|) over each consecutive segment of ``flat`` (``lengths`` on its device).
+
+    The one segmented max-abs of the project: the batched fake-quant pass and the flat
+    oscillation tracker both take their scales from it.  ``unsafe=True``: the lengths are right
+    by construction; the checked path compares their sum with the data size, a host-device
+    sync on every call.  A max is exact in any order, so this equals the per-layer
+    ``abs().max(dim=1)`` bit for bit.
+    """
+    return torch.segment_reduce(flat.abs(), "max", lengths=lengths, unsafe=True)
+
+
 @dataclass(frozen=True)
 class SegmentLayout:
     """Where each layer's weight lies in the flat buffer and how it splits into segments."""
 
     shapes: tuple[torch.Size, ...]
     numels: tuple[int, ...]
+    lengths: torch.Tensor  # int64 per segment: its element count
     segment_of: torch.Tensor  # int64 per element: its segment (output channel or tensor)
     int_max_of: torch.Tensor  # float per element: the grid's largest integer
     int_max: torch.Tensor  # float per segment
@@ -63,19 +86,16 @@ def layout_key(weights: list[torch.Tensor], int_maxes: list[int], per_channel: l
 def build_layout(weights: list[torch.Tensor], int_maxes: list[int], per_channel: list[bool]) -> SegmentLayout:
     """The flat layout of ``weights``: per channel layers give one segment per output channel."""
     device, dtype = weights[0].device, weights[0].dtype
-    seg_sizes: list[int] = []
     seg_int_max: list[float] = []
-    for w, im, pc in zip(weights, int_maxes, per_channel):
-        rows = w.shape[0] if pc else 1
-        seg_sizes += [w.numel() // rows] * rows
-        seg_int_max += [float(im)] * rows
-    sizes = torch.tensor(seg_sizes, dtype=torch.int64)
-    nseg = len(seg_sizes)
-    segment_of = torch.repeat_interleave(torch.arange(nseg), sizes)
+    for w, im, pc in zip(weights, int_maxes, per_channel, strict=True):
+        seg_int_max += [float(im)] * (w.shape[0] if pc else 1)
+    sizes = torch.tensor(segment_lengths(weights, per_channel), dtype=torch.int64)
+    segment_of = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
     int_max = torch.tensor(seg_int_max, dtype=dtype)
     return SegmentLayout(
         shapes=tuple(w.shape for w in weights),
         numels=tuple(w.numel() for w in weights),
+        lengths=sizes.to(device),
         segment_of=segment_of.to(device),
         int_max_of=int_max[segment_of].to(device),
         int_max=int_max.to(device),
@@ -87,11 +107,8 @@ def build_layout(weights: list[torch.Tensor], int_maxes: list[int], per_channel:
 class _SegmentedMaxAbsFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, flat: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
-        seg = layout.segment_of
-        absmax = torch.zeros(layout.segments, dtype=flat.dtype, device=flat.device)
-        # |w| >= 0, so starting the max from 0 changes nothing (an all-zero segment stays 0)
-        absmax.scatter_reduce_(0, seg, flat.abs(), "amax", include_self=True)
-        scale = maxabs_scale(absmax, layout.int_max).index_select(0, seg)
+        absmax = segment_absmax(flat, layout.lengths)
+        scale = maxabs_scale(absmax, layout.int_max).index_select(0, layout.segment_of)
         x = flat / scale
         q = torch.clamp(torch.round(x), -layout.int_max_of, layout.int_max_of)
         ctx.save_for_backward(flat, q, x, absmax)

@@ -178,8 +178,14 @@ def _batched_pre_hook(model: nn.Module, _args: Any) -> None:
     mode = getattr(model, "fake_quant_mode", "auto")
     if mode == "per_layer":
         return
+    if mode == "auto":
+        # decided from one parameter, before any module traversal: on CPU (auto = per layer)
+        # the hooks must cost nothing per forward
+        first = next(model.parameters(), None)
+        if first is None or not first.is_cuda:
+            return
     convs = [m for m in model.modules() if isinstance(m, FastQuantConv2d)]
-    if not convs or (mode == "auto" and not convs[0].weight.is_cuda):
+    if not convs:
         return
     device = convs[0].weight.device
     convs = [m for m in convs if m.weight.device == device and m.weight.dtype == torch.float32]
@@ -192,14 +198,17 @@ def _batched_pre_hook(model: nn.Module, _args: Any) -> None:
     if layout is None or layout.key != layout_key(weights, int_maxes, per_channel):
         layout = build_layout(weights, int_maxes, per_channel)
         model._fake_quant_layout = layout  # type: ignore[assignment]
-    for m, w in zip(convs, fake_quant_segments(weights, layout)):
+    quantized = fake_quant_segments(weights, layout)
+    # a plain tuple attribute (not registered): the post-hook clears exactly these convs
+    model._batched_convs = tuple(convs)  # type: ignore[assignment]
+    for m, w in zip(convs, quantized, strict=True):
         m.batched_weight = w
 
 
 def _clear_batched_weights(model: nn.Module, _args: Any, _output: Any) -> None:
-    for m in model.modules():
-        if isinstance(m, FastQuantConv2d):
-            m.batched_weight = None
+    for m in getattr(model, "_batched_convs", ()):
+        m.batched_weight = None
+    model._batched_convs = ()  # type: ignore[assignment]
 
 
 def _make_quant_conv(conv: nn.Conv2d, bits: int, recipe: QuantRecipe) -> QuantConv2d:

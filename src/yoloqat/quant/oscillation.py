@@ -35,7 +35,7 @@ import torch
 from brevitas.nn import QuantConv2d
 from torch import nn
 
-from yoloqat.quant.batched_fake_quant import maxabs_scale
+from yoloqat.quant.batched_fake_quant import maxabs_scale, segment_absmax, segment_lengths
 from yoloqat.quant.convert import FastQuantConv2d, weight_scale
 
 SUMMARY_KEYS = (
@@ -241,7 +241,7 @@ class FusedOscillationGroup:
     """The max-abs (FastQuantConv2d) layers of one bit width, tracked in flat buffers.
 
     Per update: one ``cat`` of the weights, the per-channel (or per-tensor) max-abs of every
-    layer in one ``segment_reduce``, and :meth:`LayerOscillationState.update`'s arithmetic
+    layer in one ``segment_absmax`` (shared with the batched fake-quant pass), and :meth:`LayerOscillationState.update`'s arithmetic
     once over all weights.  Flips and oscillations are counted per weight (int32) and summed
     per layer only when statistics are read, so nothing waits for the device per step.
 
@@ -261,9 +261,8 @@ class FusedOscillationGroup:
         self.momentum = states[0].momentum
         self.numels = [m.weight.numel() for m in modules]
         self.rows = [m.weight.shape[0] if m.fast_per_channel else 1 for m in modules]
-        self.row_lengths = [
-            n // r for n, r in zip(self.numels, self.rows, strict=True) for _ in range(r)
-        ]
+        self.row_lengths = segment_lengths(
+            [m.weight for m in modules], [bool(m.fast_per_channel) for m in modules])
         self.total = sum(self.numels)
         self.pending = 0  # updates not yet folded into the layers' window counts
         self._lengths: torch.Tensor | None = None
@@ -276,9 +275,7 @@ class FusedOscillationGroup:
         flat = torch.cat([m.weight.detach().reshape(-1) for m in self.modules])
         if self._lengths is None or self._lengths.device != flat.device:
             self._lengths = torch.tensor(self.row_lengths, dtype=torch.int64, device=flat.device)
-        # unsafe=True: the lengths are right by construction; the checked path compares their
-        # sum with the data size, a host-device sync on every call.
-        absmax = torch.segment_reduce(flat.abs(), "max", lengths=self._lengths, unsafe=True)
+        absmax = segment_absmax(flat, self._lengths)
         # the same division as convert.weight_scale (see maxabs_scale), so the bits agree
         scale = maxabs_scale(absmax, self.int_max)
         per_weight = torch.repeat_interleave(scale, self._lengths, output_size=self.total)
