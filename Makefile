@@ -50,8 +50,12 @@ $(OPENVINO_STAMP): $(STAMP)
 	@$(PY) -m pip install --quiet -e '.[openvino]' && touch $@ \
 	  || echo "make: OpenVINO could not be installed; its tests will be skipped"
 
+# One pytest worker per CPU (pytest-xdist), each on one thread, a test file per worker (its
+# module fixtures are built once): 552 s -> 357 s on 2 cores (README "Timings").
+TEST_ARGS := -n auto --dist loadfile
+
 test: setup $(OPENVINO_STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src stages tests benchmarks
