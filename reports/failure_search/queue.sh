@@ -43,3 +43,5 @@ dvc exp run --queue -n fs-collapse-10s-s0 -S preset=collapse_cpu -S seed=0 -S mo
 for s in 0 2; do dvc exp run --queue -n qc-nohead-s$s -S preset=collapse_cpu -S seed=$s -S correction.head=false; done
 # Session 5 (2026-11-30): BN momentum 0.1 over the other two seeds.
 for s in 1 2; do dvc exp run --queue -n fs-collapse-bnm01-s$s -S preset=collapse_cpu -S seed=$s -S qat.bn_momentum=0.1; done
+# ... and the failure on yolo10s at a second seed.
+dvc exp run --queue -n fs-collapse-10s-s1 -S preset=collapse_cpu -S seed=1 -S model=yolo10s
