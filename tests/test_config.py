@@ -82,6 +82,7 @@ def test_repo_params_load_with_documented_defaults():
         ({"qat__bn_momentum": 0}, "qat.bn_momentum=0"),
         ({"qat__bn_momentum": 1.5}, "qat.bn_momentum=1.5"),
         ({"qat__bn_momentum": "fast"}, "qat.bn_momentum='fast'"),
+        ({"qat__fake_quant": "fused"}, "qat.fake_quant='fused'"),
         ({"qat__lsq_grad_scale": 1}, "qat.lsq_grad_scale=1"),
         ({"qat__lsq_grad_scale": True}, "qat.lsq_grad_scale=True"),  # with scaling: maxabs
         ({"correction__head": "no"}, "correction.head='no'"),

@@ -244,5 +244,8 @@ def test_bn_momentum_setting_reaches_every_batchnorm_of_the_qat_model(monkeypatc
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         assert len(bns) == 2 and all(bn.momentum == expected for bn in bns)
     trainer.qat_settings = QATSettings(recipe=QuantRecipe().to_dict(), ema=False, ema_decay=0.9,
-                                       ema_tau=1.0, track_every=1, out_dir=".", bn_momentum=0.5)
-    assert all(bn.momentum == 0.5 for bn in trainer.get_model().modules() if isinstance(bn, nn.BatchNorm2d))
+                                       ema_tau=1.0, track_every=1, out_dir=".", bn_momentum=0.5,
+                                       fake_quant="batched")
+    model = trainer.get_model()
+    assert all(bn.momentum == 0.5 for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
+    assert model.fake_quant_mode == "batched"  # qat.fake_quant reaches the QAT model

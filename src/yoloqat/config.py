@@ -36,6 +36,9 @@ EVAL_DEVICES = ("cpu", "cuda")
 EVAL_RUNTIMES = ("onnxruntime", "openvino")
 # Ultralytics' image cache: False (read every image every epoch), "ram" or "disk" (.npy files).
 CACHE_MODES = (False, "ram", "disk")
+# How a QAT model's max-abs weights are fake-quantized per forward (quant/convert.py,
+# set_fake_quant_mode): auto = batched on CUDA, per layer on CPU.
+FAKE_QUANT_MODES = ("auto", "per_layer", "batched")
 AUTO = "auto"  # fp.workers / qat.workers: resolved per machine by train.overrides.resolve_workers
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -237,6 +240,9 @@ class QATConfig:
     # keeps Ultralytics' 0.03.  Oscillating integer weights shift the pre-BN statistics every
     # step, and this sets how fast the running statistics (used at validation) follow them.
     bn_momentum: float | None = None
+    # auto | per_layer | batched (FAKE_QUANT_MODES): the same forward either way, gradients equal
+    # to float rounding; only speed differs (batched: one pass over all layers, for GPUs).
+    fake_quant: str = "auto"
 
     @property
     def edge_bits(self) -> int:
@@ -432,6 +438,7 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         bn_momentum=None if b.get("bn_momentum") is None else _float(
             "qat.bn_momentum", b["bn_momentum"], 0.0, 1.0, lo_open=True
         ),
+        fake_quant=_choice("qat.fake_quant", b.get("fake_quant", d.fake_quant), FAKE_QUANT_MODES),
     )
 
 

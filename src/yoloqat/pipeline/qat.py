@@ -85,7 +85,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         dampening=cfg.qat.dampening, dampening_ramp=cfg.qat.dampening_ramp,
         freeze_threshold=cfg.qat.freeze_threshold, bn_reestimate=cfg.qat.bn_reestimate,
         lsq_grad_scale=cfg.qat.lsq_grad_scale, scale_weight_decay=cfg.qat.scale_weight_decay,
-        bn_momentum=cfg.qat.bn_momentum,
+        bn_momentum=cfg.qat.bn_momentum, fake_quant=cfg.qat.fake_quant,
     )
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:

@@ -28,6 +28,7 @@ from brevitas.quant.scaled_int import (
 )
 from torch import nn
 
+from yoloqat.config import FAKE_QUANT_MODES
 from yoloqat.quant.batched_fake_quant import (
     build_layout,
     fake_quant_segments,
@@ -155,11 +156,11 @@ class FastQuantConv2d(QuantConv2d):
 
 
 # How a quantized model's FastQuantConv2d weights are fake-quantized in a forward of the whole
-# model: ``per_layer`` one autograd node per conv; ``batched`` all float32 layers in one pass
-# (yoloqat.quant.batched_fake_quant), done once by a forward pre-hook on the model; ``auto``
-# batched on CUDA, where per-layer kernels are launch-bound, per layer on CPU.  Forward is
-# bit-identical either way; gradients agree to float rounding.
-FAKE_QUANT_MODES = ("auto", "per_layer", "batched")
+# model (FAKE_QUANT_MODES, the param qat.fake_quant): ``per_layer`` one autograd node per conv;
+# ``batched`` all float32 layers in one pass (yoloqat.quant.batched_fake_quant), done once by a
+# forward pre-hook on the model; ``auto`` batched on CUDA, where per-layer kernels are
+# launch-bound, per layer on CPU.  Forward is bit-identical either way; gradients agree to
+# float rounding.
 
 
 def set_fake_quant_mode(model: nn.Module, mode: str) -> None:

@@ -27,7 +27,7 @@ from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yoloqat.numbers import finite_or_none
-from yoloqat.quant.convert import QuantRecipe, quantize_model
+from yoloqat.quant.convert import QuantRecipe, quantize_model, set_fake_quant_mode
 from yoloqat.quant.ema import make_ema
 
 SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
@@ -55,6 +55,7 @@ class QATSettings:
     lsq_grad_scale: bool = False
     scale_weight_decay: float = 0.0  # weight decay of learned scales (0: a no-decay group)
     bn_momentum: float | None = None  # BatchNorm momentum of the QAT model; None: Ultralytics'
+    fake_quant: str = "auto"  # convert.set_fake_quant_mode's mode for the QAT model
 
     def to_env(self) -> None:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
@@ -282,6 +283,7 @@ class QATTrainer(FPTrainer):
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         model = quantize_model(super().get_model(cfg=cfg, weights=weights, verbose=verbose), self.recipe)
+        set_fake_quant_mode(model, self.qat_settings.fake_quant)
         if self.recipe.scaling != "maxabs" and self.qat_settings.lsq_grad_scale:
             from yoloqat.quant.scales import register_lsq_grad_scale
 
