@@ -11,4 +11,6 @@ yoloqat remedies --title "Remedies on the failure (collapse_cpu, 3 seeds)" \
   --variant "dampening 1e-4 (ramp) + EMA=ema:$(seeds rem-damp)" \
   --variant "freezing 0.01=live:$(seeds rem-freeze)" \
   --variant "freezing 0.01 + EMA=ema:$(seeds rem-freeze)" \
+  --variant "BN momentum 0.1=live:$(seeds fs-collapse-bnm01)" \
+  --variant "BN momentum 0.1 + EMA=ema:$(seeds fs-collapse-bnm01)" \
   "$@"
