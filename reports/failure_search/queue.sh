@@ -45,3 +45,5 @@ for s in 0 2; do dvc exp run --queue -n qc-nohead-s$s -S preset=collapse_cpu -S 
 for s in 1 2; do dvc exp run --queue -n fs-collapse-bnm01-s$s -S preset=collapse_cpu -S seed=$s -S qat.bn_momentum=0.1; done
 # ... and the failure on yolo10s at a second seed.
 dvc exp run --queue -n fs-collapse-10s-s1 -S preset=collapse_cpu -S seed=1 -S model=yolo10s
+# ... and BN re-estimation (the remedy that held on yolo10n) on the yolo10s failure.
+dvc exp run --queue -n rem-bnre-10s-s0 -S preset=collapse_cpu -S seed=0 -S model=yolo10s -S qat.bn_reestimate=16
