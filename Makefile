@@ -51,7 +51,8 @@ $(OPENVINO_STAMP): $(STAMP)
 	  || echo "make: OpenVINO could not be installed; its tests will be skipped"
 
 # One pytest worker per CPU (pytest-xdist), each on one thread, a test file per worker (its
-# module fixtures are built once): 552 s -> 357 s on 2 cores (README "Timings").
+# module fixtures are built once): 552 s -> 357 s of pytest on 2 cores (README "Results
+# measured on this project's 2-core CPU").
 TEST_ARGS := -n auto --dist loadfile
 
 test: setup $(OPENVINO_STAMP)

@@ -241,8 +241,8 @@ class FusedOscillationGroup:
     """The max-abs (FastQuantConv2d) layers of one bit width, tracked in flat buffers.
 
     Per update: one ``cat`` of the weights, the per-channel (or per-tensor) max-abs of every
-    layer in one ``segment_absmax`` (shared with the batched fake-quant pass), and :meth:`LayerOscillationState.update`'s arithmetic
-    once over all weights.  Flips and oscillations are counted per weight (int32) and summed
+    layer in one ``segment_absmax`` (shared with the batched fake-quant pass), and
+    :meth:`LayerOscillationState.update`'s arithmetic once over all weights.  Flips and oscillations are counted per weight (int32) and summed
     per layer only when statistics are read, so nothing waits for the device per step.
 
     Why it is exact: every step is element-wise or a max (both order-free), with the same
