@@ -19,6 +19,7 @@ from yoloqat.quant.batched_fake_quant import build_layout, fake_quant_segments
 from yoloqat.quant.convert import (
     FastQuantConv2d,
     QuantRecipe,
+    fake_quant_layout,
     fake_quant_maxabs,
     quantize_model,
     set_fake_quant_mode,
@@ -113,7 +114,7 @@ def test_batched_model_step_matches_per_layer(yolo_fp, granularity):
     assert all(m.batched_weight is None for m in batched.modules() if isinstance(m, FastQuantConv2d))
     convs = [m for m in batched.modules() if isinstance(m, FastQuantConv2d)]
     channels = sum(m.out_channels for m in convs)
-    assert batched._fake_quant_layout.segments == (channels if granularity == "per_channel" else len(convs))
+    assert fake_quant_layout(batched).segments == (channels if granularity == "per_channel" else len(convs))
 
 
 def test_a_deep_copy_quantizes_its_own_weights(yolo_fp):
@@ -125,6 +126,7 @@ def test_a_deep_copy_quantizes_its_own_weights(yolo_fp):
     with torch.no_grad():
         model(x)  # builds and caches the layout on the original
         twin = copy.deepcopy(model)
+        assert fake_quant_layout(model) is not None and fake_quant_layout(twin) is None
         for p in twin.parameters():
             p.mul_(0.5)
         reference = copy.deepcopy(twin)
@@ -140,7 +142,6 @@ def test_a_failed_forward_leaves_no_batched_weights(yolo_fp):
     with pytest.raises(RuntimeError):
         model(torch.rand(1, 5, 64, 64))  # wrong channel count: the first conv raises
     assert all(m.batched_weight is None for m in model.modules() if isinstance(m, FastQuantConv2d))
-    assert model._batched_convs == ()
 
 
 def test_auto_is_per_layer_on_cpu_and_mode_is_validated(yolo_fp):
@@ -151,7 +152,7 @@ def test_auto_is_per_layer_on_cpu_and_mode_is_validated(yolo_fp):
     model.modules = lambda: traversals.append(1) or modules()  # type: ignore[method-assign]
     with torch.no_grad():
         model.eval()(torch.rand(1, 3, 64, 64))
-    assert getattr(model, "_fake_quant_layout", None) is None  # CPU: no batched pass was made
+    assert fake_quant_layout(model) is None  # CPU: no batched pass was made
     assert traversals == []  # and the hooks did not walk the model to find that out
     del model.modules
     with pytest.raises(ValueError, match="fake-quant mode 'fused' is not allowed; expected one of auto"):
@@ -168,7 +169,30 @@ def test_auto_batches_on_cuda_and_matches_per_layer(yolo_fp):
     x = torch.rand(2, 3, 64, 64, device="cuda")
     loss_a, grads_a = _step_grads(per_layer, x)
     loss_b, grads_b = _step_grads(model, x)
-    assert model._fake_quant_layout is not None  # auto took the batched pass on CUDA
+    assert fake_quant_layout(model) is not None  # auto took the batched pass on CUDA
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)  # cuDNN may pick other kernels
     for name, g in grads_a.items():
         assert ((grads_b[name] - g).abs().max() / g.abs().max().clamp_min(1e-12)) <= 1e-3, name
+
+
+def test_a_baked_copy_holds_no_hook_or_layout_of_this_package(yolo_fp):
+    """The baked checkpoint is for plain Ultralytics: pickled, it must not name yoloqat (the
+    hooks would) nor carry the cached layout (two int64s per weight)."""
+    import io
+
+    from yoloqat.quant.checkpoint import bake
+
+    model = quantize_model(copy.deepcopy(yolo_fp), QuantRecipe())
+    set_fake_quant_mode(model, "batched")
+    with torch.no_grad():
+        model.eval()(torch.rand(1, 3, 64, 64))
+    assert fake_quant_layout(model) is not None
+    baked = bake(model)
+    assert not baked._forward_pre_hooks and not baked._forward_hooks
+    assert not hasattr(baked, "fake_quant_mode") and fake_quant_layout(baked) is None
+    buffer = io.BytesIO()
+    torch.save(baked, buffer)
+    assert b"yoloqat" not in buffer.getvalue()
+    weights = sum(p.numel() for p in baked.parameters()) * 4
+    assert buffer.getbuffer().nbytes < 2 * weights  # float32 weights and buffers, no layout
+    assert len(model._forward_pre_hooks) == 1  # the QAT model itself keeps its hooks

@@ -31,6 +31,7 @@ from yoloqat.quant.convert import (
     quant_convs,
     quant_weight_value,
     quantize_model,
+    remove_fake_quant_mode,
 )
 from yoloqat.quant.correction import corrected_convs, wrap_convs
 
@@ -59,6 +60,7 @@ def bake(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = baked.get_submodule(parent_name) if parent_name else baked
         setattr(parent, child, conv)
+    remove_fake_quant_mode(baked)
     if hasattr(baked, "quant_recipe"):
         del baked.quant_recipe
     for attr in ("is_fused",):

@@ -11,6 +11,7 @@ plain model, because Brevitas modules cannot be pickled: checkpoints hold the re
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from torch import nn
 
 from yoloqat.config import FAKE_QUANT_MODES
 from yoloqat.quant.batched_fake_quant import (
+    SegmentLayout,
     build_layout,
     fake_quant_segments,
     layout_key,
@@ -163,6 +165,14 @@ class FastQuantConv2d(QuantConv2d):
 # float rounding.
 
 
+# Per model, kept outside the module so that neither a deep copy (Ultralytics' EMA builds its
+# own) nor a saved checkpoint carries them: the flat layout of its batched pass (two int64s per
+# weight, 56 MB for yolov10n) and the convs whose batched weight is set during a forward.
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, SegmentLayout] = weakref.WeakKeyDictionary()
+_BATCHED_CONVS: weakref.WeakKeyDictionary[nn.Module, tuple[FastQuantConv2d, ...]] = (
+    weakref.WeakKeyDictionary())
+
+
 def set_fake_quant_mode(model: nn.Module, mode: str) -> None:
     if mode not in FAKE_QUANT_MODES:
         raise ValueError(f"fake-quant mode {mode!r} is not allowed; expected one of {' | '.join(FAKE_QUANT_MODES)}")
@@ -171,6 +181,23 @@ def set_fake_quant_mode(model: nn.Module, mode: str) -> None:
         model.register_forward_pre_hook(_batched_pre_hook)
         # always_call: a forward that raises must not leave stale weights on the convs
         model.register_forward_hook(_clear_batched_weights, always_call=True)
+
+
+def remove_fake_quant_mode(model: nn.Module) -> None:
+    """Drop the batched pass's hooks and mode from ``model`` (a baked copy for Ultralytics must
+    not reference this package's functions, or plain Ultralytics could not unpickle it)."""
+    for hooks, fn in ((model._forward_pre_hooks, _batched_pre_hook),
+                      (model._forward_hooks, _clear_batched_weights)):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+    model.__dict__.pop("fake_quant_mode", None)
+    _LAYOUTS.pop(model, None)
+
+
+def fake_quant_layout(model: nn.Module) -> SegmentLayout | None:
+    """The flat layout of ``model``'s last batched pass (None: it has made none)."""
+    return _LAYOUTS.get(model)
 
 
 def _batched_pre_hook(model: nn.Module, _args: Any) -> None:
@@ -195,21 +222,18 @@ def _batched_pre_hook(model: nn.Module, _args: Any) -> None:
     weights = [m.weight for m in convs]
     int_maxes = [2 ** (int(m.fast_bits) - 1) - 1 for m in convs]
     per_channel = [bool(m.fast_per_channel) for m in convs]
-    layout = getattr(model, "_fake_quant_layout", None)
+    layout = _LAYOUTS.get(model)
     if layout is None or layout.key != layout_key(weights, int_maxes, per_channel):
-        layout = build_layout(weights, int_maxes, per_channel)
-        model._fake_quant_layout = layout  # type: ignore[assignment]
+        layout = _LAYOUTS[model] = build_layout(weights, int_maxes, per_channel)
     quantized = fake_quant_segments(weights, layout)
-    # a plain tuple attribute (not registered): the post-hook clears exactly these convs
-    model._batched_convs = tuple(convs)  # type: ignore[assignment]
+    _BATCHED_CONVS[model] = tuple(convs)  # the post-hook clears exactly these
     for m, w in zip(convs, quantized, strict=True):
         m.batched_weight = w
 
 
 def _clear_batched_weights(model: nn.Module, _args: Any, _output: Any) -> None:
-    for m in getattr(model, "_batched_convs", ()):
+    for m in _BATCHED_CONVS.pop(model, ()):
         m.batched_weight = None
-    model._batched_convs = ()  # type: ignore[assignment]
 
 
 def _make_quant_conv(conv: nn.Conv2d, bits: int, recipe: QuantRecipe) -> QuantConv2d:
