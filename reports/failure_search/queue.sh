@@ -2,7 +2,8 @@
 # The failure search on the embedded data (yolo10n, 96 px, 480 train images, CPU), then the
 # remedies grid on the failure it found.  Queue everything, `dvc queue start`, and when done:
 #   yoloqat search fs-ref-cpu fs-ref-fp fs-ref-fp-maxabs fs-ref-fp-w3 fs-ref-fp-pc-swd05 \
-#       fs-collapse-s0 fs-collapse-s1 fs-collapse-s2 fs-collapse-bnm01-s0 fs-collapse-10s-s0
+#       fs-collapse-s0 fs-collapse-s1 fs-collapse-s2 fs-collapse-bnm01-s0 fs-collapse-bnm01-s1 \
+#       fs-collapse-bnm01-s2 fs-collapse-10s-s0 fs-collapse-10s-s1
 #   bash reports/remedies/report.sh                                 (the remedies grid)
 #   yoloqat ladder --params <params of the collapse_cpu runs>     (the seeds grid)
 # Rows run in this order; later rows are worth less if the session runs out of time.
