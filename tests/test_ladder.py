@@ -188,6 +188,15 @@ def test_runs_with_different_settings_are_never_pooled():
                                                ["yolo10n-s2-True-True"]]
 
 
+def test_how_a_run_executes_does_not_split_a_setting():
+    """Seeds on another device or fake-quant pass, or from before qat.fake_quant existed, pool."""
+    recs = rung_seeds("yolo10n", ["stable"] * 2)
+    recs.append(fake("yolo10n", seed=2, extra_params={"qat.fake_quant": "batched", "device": 0},
+                     name="gpu2"))
+    groups = group_runs(recs)
+    assert len(groups) == 1 and len(groups[0].runs) == 3
+
+
 def test_a_failed_experiment_is_listed_never_judged_even_with_baseline_metrics():
     bad = fake(seed=1, state="done", name="crashed")
     bad = ExpRecord(**{**bad.as_dict(), "state": "failed", "error": "Experiment run failed"})

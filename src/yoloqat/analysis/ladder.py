@@ -57,7 +57,10 @@ from yoloqat.curves.stability import mean_std
 from yoloqat.numbers import finite_number
 
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
-NOT_SETTING = frozenset({"seed", "ema", "qc", "model", "device"})
+# Not part of a setting: what the seeds and rungs vary, and how a run executes rather than what
+# it computes (the device, and qat.fake_quant: per layer or batched give the same forward, and
+# runs from before the param existed must pool with runs that record its default).
+NOT_SETTING = frozenset({"seed", "ema", "qc", "model", "device", "qat.fake_quant"})
 NOT_SETTING_PREFIXES = ("evaluate.", "ladder.")
 
 PASSED, FAILED_RUNG, NO_FAILURE = "passed", "failed", "no_failure"
