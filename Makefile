@@ -69,9 +69,10 @@ bench: setup
 # it prints one line and exits 0.  No `setup` prerequisite: a GPU box may have no registry,
 # so it runs with .venv's python when there is one, else python3 (packages on PYTHONPATH).
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_ARGS ?=
 
 gpu-check:
-	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) benchmarks/gpu_check.py
+	PYTHONUNBUFFERED=1 PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The failure found on the embedded data (preset collapse_cpu, README "Looking for the collapse"),
 # run into the workspace, then its paired verdicts: the deployed (EMA), EMA and live curves.

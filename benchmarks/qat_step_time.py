@@ -24,6 +24,11 @@ loss = mean of squares of every output tensor.  Prints medians, images/s and rat
 
     python benchmarks/qat_step_time.py [--device cpu|cuda|cuda:N] [--model yolov10n.yaml]
         [--batch 16] [--imgsz 160] [--rounds 7] [--warmup 2] [--no-track] [--json out.json]
+        [--profile]
+
+``--profile`` then runs two more steps of ``fp32`` and ``w4a16_fast`` under ``torch.profiler``
+and prints each one's operators by device time (self), so a ratio can be explained from the
+same run: which kernels the quantized step adds or makes slower.
 """
 
 from __future__ import annotations
@@ -122,6 +127,20 @@ def build_steps(args, device: torch.device) -> tuple[dict[str, Callable[[], None
     return steps, info
 
 
+def print_profile(name: str, step: Callable[[], None], device: torch.device, rows: int = 25) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {name}, 2 steps, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -133,6 +152,8 @@ def main() -> None:
     ap.add_argument("--no-track", dest="track", action="store_false",
                     help="leave out the oscillation-tracking rows")
     ap.add_argument("--json", type=Path, help="also write the medians and ratios here")
+    ap.add_argument("--profile", action="store_true",
+                    help="then profile two steps of fp32 and w4a16_fast and print their top operators")
     args = ap.parse_args()
     device = parse_device(args.device)
 
@@ -170,6 +191,9 @@ def main() -> None:
             "device_name": where, "rounds": args.rounds, "warmup": args.warmup,
             "torch": torch.__version__, **info, "rows": rows,
         }, indent=2) + "\n")
+    if args.profile:
+        for name in ("fp32", "w4a16_fast"):
+            print_profile(name, live[name], device)
 
 
 if __name__ == "__main__":
