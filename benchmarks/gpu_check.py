@@ -210,6 +210,11 @@ def summary_lines(gpu: str, tests: str, steps: list[dict[str, Any]], changes: di
             lines.append(f"    train_fp {ips:.0f} img/s over the stage's training (data loading, validation, saves included)"
                          f" vs {f'{ref:.0f}' if ref else 'n/a'} img/s fp32 in the step benchmark"
                          f" (yolov10n 320 px b64, model only){ratio}")
+            loop = metrics.get("train_fp", {}).get("train_loop_images_per_s")
+            if loop:
+                lines.append(f"    train_fp batch loop alone (median epoch after the first): {loop:.0f} img/s"
+                             + (f" = {loop / ref:.0%} of the step benchmark" if ref else "")
+                             + f"; first epoch's loop {metrics['train_fp'].get('first_epoch_loop_s')} s")
     return lines
 
 
@@ -232,6 +237,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="change the pipeline budget (dvc exp run -S form); repeatable")
     ap.add_argument("--skip-pipeline", action="store_true", help="only the step benchmark and tests")
+    ap.add_argument("--skip-steps", action="store_true", help="leave out the step benchmark")
     ap.add_argument("--keep", action="store_true", help="keep the temporary checkout")
     ap.add_argument("--out", type=Path, help="write the logs, JSONs and summary here (default: a temporary folder)")
     ap.add_argument("--section-timeout", type=float, default=600.0, metavar="S",
@@ -257,7 +263,7 @@ def main() -> int:
         record.update(section)
         (out / "gpu_check.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
-    steps = run_step_benchmarks(out, args.section_timeout)
+    steps = [] if args.skip_steps else run_step_benchmarks(out, args.section_timeout)
     save(steps=steps)
     tests = run_cuda_tests(out, args.section_timeout)
     save(cuda_tests=tests)

@@ -24,6 +24,7 @@ from yoloqat.quant.convert import (
     quantize_model,
     set_fake_quant_mode,
 )
+from yoloqat.quant.precision import exact_float32
 
 
 def _tensors(o):
@@ -167,8 +168,11 @@ def test_auto_batches_on_cuda_and_matches_per_layer(yolo_fp):
     per_layer = copy.deepcopy(model)
     set_fake_quant_mode(per_layer, "per_layer")
     x = torch.rand(2, 3, 64, 64, device="cuda")
-    loss_a, grads_a = _step_grads(per_layer, x)
-    loss_b, grads_b = _step_grads(model, x)
+    # TF32 convolutions (PyTorch's default on Ampere+) alone differ by ~1e-3: measured 1.2e-3 on
+    # the first conv's gradient on an H200; the comparison is of the quantizers, in float32
+    with exact_float32():
+        loss_a, grads_a = _step_grads(per_layer, x)
+        loss_b, grads_b = _step_grads(model, x)
     assert fake_quant_layout(model) is not None  # auto took the batched pass on CUDA
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)  # cuDNN may pick other kernels
     for name, g in grads_a.items():

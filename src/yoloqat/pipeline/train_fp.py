@@ -34,6 +34,7 @@ from yoloqat.train.overrides import (
     require_dataset,
     ultralytics_overrides,
 )
+from yoloqat.train.throughput import EpochTimer
 
 
 def train_fp(cfg: Config) -> dict[str, Any]:
@@ -104,6 +105,8 @@ def _train(
         overrides = ultralytics_overrides(cfg, project=runs, name="fp", **hyper)
         trainer = FPTrainer(overrides=overrides)
         trainer.add_callback("on_fit_epoch_end", logger.on_fit_epoch_end)
+        timer = EpochTimer()
+        timer.attach(trainer)
         trainer.train()
         keep_run_files(trainer.save_dir, results_dir)
         best = trainer.best if trainer.best.exists() else trainer.last
@@ -116,6 +119,7 @@ def _train(
     curve = logger.curve()
     summary = {"status": status, "epochs": len(curve), **curve_summary(curve)}
     summary["best_mAP50"] = max((r.get("val/mAP50") or 0.0 for r in logger.history), default=None)
+    summary.update(timer.summary())
     return summary
 
 
