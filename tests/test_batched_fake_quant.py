@@ -175,8 +175,13 @@ def test_auto_batches_on_cuda_and_matches_per_layer(yolo_fp):
         loss_b, grads_b = _step_grads(model, x)
     assert fake_quant_layout(model) is not None  # auto took the batched pass on CUDA
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)  # cuDNN may pick other kernels
+    # relative to each tensor, with a floor at 1e-6 of the largest gradient: some BN biases feed
+    # a conv whose BN removes the shift, so their true gradient is ~0 and what is there is
+    # summation noise (measured on an H200: 6.7e-8 vs 4.9e-8 on model.5.cv2.bn.bias, largest 3.6)
+    largest = max(float(g.abs().max()) for g in grads_a.values())
     for name, g in grads_a.items():
-        assert ((grads_b[name] - g).abs().max() / g.abs().max().clamp_min(1e-12)) <= 1e-3, name
+        diff = float((grads_b[name] - g).abs().max())
+        assert diff <= 1e-3 * float(g.abs().max()) + 1e-6 * largest, (name, diff)
 
 
 def test_a_baked_copy_holds_no_hook_or_layout_of_this_package(yolo_fp):

@@ -161,3 +161,28 @@ def test_head_correction_survives_checkpoints_and_folds_exactly(quant_yolo, tmp_
     baked = torch.load(tmp_path / "qc.pt", weights_only=False)["ema"]
     with torch.no_grad():
         torch.testing.assert_close(baked(x)[0], out_fq, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_check_compares_in_full_float32_and_restores_tf32(quant_yolo, monkeypatch):
+    """On an H200 the fold check failed at 1.4e-3 > 1e-4: TF32 convolutions (PyTorch's default
+    on Ampere+), not the fold.  Its two forwards must run with TF32 off; the flags come back."""
+    import yoloqat.pipeline.qc as qc
+
+    model = copy.deepcopy(quant_yolo)
+    insert_correction(model)
+    seen = []
+    real = qc.raw_head_outputs
+
+    def spy(m, images):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real(m, images)
+
+    monkeypatch.setattr(qc, "raw_head_outputs", spy)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # a GPU's default
+    try:
+        check_fold(model, torch.rand(1, 3, 64, 64))
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen == [(False, False), (False, False)]
