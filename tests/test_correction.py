@@ -166,7 +166,7 @@ def test_head_correction_survives_checkpoints_and_folds_exactly(quant_yolo, tmp_
 def test_fold_check_compares_in_full_float32_and_restores_tf32(quant_yolo, monkeypatch):
     """On an H200 the fold check failed at 1.4e-3 > 1e-4: TF32 convolutions (PyTorch's default
     on Ampere+), not the fold.  Its two forwards must run with TF32 off; the flags come back."""
-    import yoloqat.pipeline.qc as qc
+    from yoloqat.pipeline import qc
 
     model = copy.deepcopy(quant_yolo)
     insert_correction(model)

@@ -28,9 +28,8 @@ def keep_tf32_flags():
 @pytest.mark.parametrize("before", [(True, True), (False, True), (True, False)])
 def test_exact_float32_turns_tf32_off_and_restores_the_callers_flags(before, keep_tf32_flags):
     set_tf32_flags(*before)
-    with pytest.raises(RuntimeError, match="inside"):
-        with exact_float32():
-            assert not torch.backends.cudnn.allow_tf32
-            assert not torch.backends.cuda.matmul.allow_tf32
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), exact_float32():
+        assert not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        raise RuntimeError("inside")
     assert tf32_flags() == before

@@ -8,6 +8,7 @@ into DDP workers before its ``Live`` exists (only rank 0 ever opens one).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ class EpochLogger:
             self._live = Live(self.live_dir, dvcyaml=False, save_dvc_exp=False)
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
+        # Ultralytics fires this event on every DDP rank and carries the callbacks into its
+        # workers: only the rank that logs (0, or -1 without DDP) writes
+        if int(os.environ.get("RANK", "-1")) not in (-1, 0):
+            return
         epoch = int(trainer.epoch) + 1
         if getattr(trainer, "in_final_eval", False) or epoch in self._logged_epochs:
             return  # final_eval re-fires this event for best.pt; it is not an epoch
