@@ -249,3 +249,33 @@ def test_bn_momentum_setting_reaches_every_batchnorm_of_the_qat_model(monkeypatc
     model = trainer.get_model()
     assert all(bn.momentum == 0.5 for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
     assert model.fake_quant_mode == "batched"  # qat.fake_quant reaches the QAT model
+
+
+def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_models(qat_repo):
+    """qat.repair_curves scores BN re-estimation, QC and both on copies of the live and EMA
+    models every epoch: training (losses, oscillation statistics, the plain curves, the saved
+    weights) is bit-identical to a run without them, and the six curves and their summary and
+    verdict keys appear."""
+    from yoloqat.quant.checkpoint import load_qat_checkpoint
+
+    base = {"epochs": 2, "batch": 8, "init": "scratch"}
+    names = ("train/box_loss.tsv", "val/mAP50-95.tsv", "val_live/mAP50-95.tsv",
+             "val_ema/mAP50-95.tsv", "osc/flip_rate.tsv")
+    plain = _run_qat_stage(qat_repo, {"qat": base})
+    plain_tsv = {n: _tsv(qat_repo, n).splitlines()[1:] for n in names}
+    plain_sd = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")[0].state_dict()
+    repaired = _run_qat_stage(qat_repo, {"qat": {**base, "repair_curves": ["bnre", "qc", "bnre_qc"],
+                                                 "repair_bn_batches": 2},
+                                         "correction": {"min_steps": 2}})
+    for n in names:
+        assert _tsv(qat_repo, n).splitlines()[1:] == plain_tsv[n], n
+    sd = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")[0].state_dict()
+    assert all(sd[k].equal(v) for k, v in plain_sd.items())
+    for key in ("osc/flip_rate", "live_best", "ema_best", "best"):
+        assert repaired[key] == plain[key], key
+    for model in ("live", "ema"):
+        for repair in ("bnre", "qc", "bnre_qc"):
+            rows = _tsv(qat_repo, f"val_{model}_{repair}/mAP50-95.tsv").splitlines()[1:]
+            assert len(rows) == 2, (model, repair)  # one per epoch
+            assert f"{model}_{repair}_best" in repaired and f"{model}_{repair}_best" not in plain
+    assert not (qat_repo / "results/qat/plots/metrics/val_live_qc_bnre").exists()

@@ -39,6 +39,9 @@ CACHE_MODES = (False, "ram", "disk")
 # How a QAT model's max-abs weights are fake-quantized per forward (quant/convert.py,
 # set_fake_quant_mode): auto = batched on CUDA, per layer on CPU.
 FAKE_QUANT_MODES = ("auto", "per_layer", "batched")
+# Repairs scored every epoch on copies of the live and the EMA model (qat.repair_curves;
+# train/repairs.py): BN re-estimation, the qc stage's Quantization Correction, and both.
+REPAIR_CURVES = ("bnre", "qc", "bnre_qc")
 AUTO = "auto"  # fp.workers / qat.workers: resolved per machine by train.overrides.resolve_workers
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -243,6 +246,10 @@ class QATConfig:
     # auto | per_layer | batched (FAKE_QUANT_MODES): the same forward either way, gradients equal
     # to float rounding; only speed differs (batched: one pass over all layers, for GPUs).
     fake_quant: str = "auto"
+    # Per-epoch repair curves (REPAIR_CURVES) of the live and EMA models, on copies: training
+    # never changes.  QC uses the `correction` section's settings, as the qc stage does.
+    repair_curves: tuple[str, ...] = ()
+    repair_bn_batches: int = 50  # training batches each repair's BN re-estimation uses (Nagel: ~50)
 
     @property
     def edge_bits(self) -> int:
@@ -439,7 +446,21 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
             "qat.bn_momentum", b["bn_momentum"], 0.0, 1.0, lo_open=True
         ),
         fake_quant=_choice("qat.fake_quant", b.get("fake_quant", d.fake_quant), FAKE_QUANT_MODES),
+        repair_curves=_repairs("qat.repair_curves", b.get("repair_curves", d.repair_curves)),
+        repair_bn_batches=_int(
+            "qat.repair_bn_batches", b.get("repair_bn_batches", d.repair_bn_batches), 1),
     )
+
+
+def _repairs(key: str, value: Any) -> tuple[str, ...]:
+    allowed = "a list of " + " | ".join(REPAIR_CURVES) + " without repeats (or [])"
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or len(set(value)) != len(value) or any(
+        not isinstance(v, str) or v not in REPAIR_CURVES for v in value
+    ):
+        raise _fail(key, value, allowed)
+    return tuple(value)
 
 
 def _runtimes(key: str, value: Any) -> tuple[str, ...]:
@@ -547,9 +568,16 @@ def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     for dotted, value in PRESETS[name].items():
         current = _get_dotted(out, dotted)
-        if current is _MISSING or current == _default_at(dotted):
+        if current is _MISSING or _same_value(current, _default_at(dotted)):
             set_dotted(out, dotted, value)
     return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equality where a YAML list equals the tuple a dataclass keeps as its default."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b
 
 
 def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:

@@ -72,4 +72,6 @@ PRESETS["collapse_cpu"] = {
     "qat.lrf": 0.9,
     "qat.close_mosaic": 0,
     "qat.scale_weight_decay": 0.05,
+    # every repair, on both models, every epoch: the answer is judged on the EMA + QC curve
+    "qat.repair_curves": ["bnre", "qc", "bnre_qc"],
 }

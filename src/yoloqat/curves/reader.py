@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from yoloqat.config import REPAIR_CURVES
 from yoloqat.errors import CurveError
 from yoloqat.paths import DVCLIVE_PLOTS
 
@@ -33,6 +34,20 @@ MAP_NAME = "mAP50-95.tsv"
 PRIMARY = "val/mAP50-95"  # the curve of the model a run deploys
 LIVE, EMA = "val_live/mAP50-95", "val_ema/mAP50-95"
 BNRE = "val_bnre/mAP50-95"  # the deployed model after BN re-estimation (qat.bn_reestimate > 0)
+
+
+def repair_group(model: str, repair: str) -> str:
+    """The DVCLive group of a repair curve (qat.repair_curves): ``val_<model>_<repair>``, e.g.
+    ``val_ema_qc`` for the EMA model after Quantization Correction."""
+    if model not in ("live", "ema") or repair not in REPAIR_CURVES:
+        raise ValueError(f"no repair curve {model!r}/{repair!r}; expected live | ema and "
+                         + " | ".join(REPAIR_CURVES))
+    return f"val_{model}_{repair}"
+
+
+def repair_key(model: str, repair: str) -> str:
+    """The mAP50-95 series of a repair curve, as :attr:`RunCurve.series` names it."""
+    return f"{repair_group(model, repair)}/mAP50-95"
 DVCLIVE_MAP = DVCLIVE_PLOTS / "val" / MAP_NAME
 DVCLIVE_LOSS_DIR = DVCLIVE_PLOTS / "train"
 MAP_COLUMNS = ("metrics/mAP50-95(B)", "metrics/mAP_0.5:0.95", "metrics/mAP50-95", "val/mAP50-95")

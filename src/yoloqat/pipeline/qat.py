@@ -71,6 +71,18 @@ def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, 
     return out
 
 
+def repair_summary(cfg: Config, logger: EpochLogger) -> dict[str, Any]:
+    """Best/final of every repair curve the run logged, e.g. ``ema_qc_best``."""
+    from yoloqat.curves.reader import repair_key
+
+    out: dict[str, Any] = {}
+    for model in ("live", "ema") if cfg.ema else ("live",):
+        for repair in cfg.qat.repair_curves:
+            curve = logger.curve(repair_key(model, repair))
+            out.update(curve_summary(curve, prefix=f"{model}_{repair}_"))
+    return out
+
+
 def train_qat(cfg: Config) -> dict[str, Any]:
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
@@ -86,6 +98,9 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         freeze_threshold=cfg.qat.freeze_threshold, bn_reestimate=cfg.qat.bn_reestimate,
         lsq_grad_scale=cfg.qat.lsq_grad_scale, scale_weight_decay=cfg.qat.scale_weight_decay,
         bn_momentum=cfg.qat.bn_momentum, fake_quant=cfg.qat.fake_quant,
+        repair_curves=cfg.qat.repair_curves, repair_bn_batches=cfg.qat.repair_bn_batches,
+        qc_lr=cfg.correction.lr, qc_epochs=cfg.correction.epochs, qc_batch=cfg.correction.batch,
+        qc_min_steps=cfg.correction.min_steps, qc_head=cfg.correction.head,
     )
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
@@ -117,6 +132,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         **curve_summary(curve50, prefix="mAP50_"),
         **curve_summary(logger.curve("val_live/mAP50-95"), prefix="live_"),
         **(curve_summary(logger.curve("val_ema/mAP50-95"), prefix="ema_") if cfg.ema else {}),
+        **repair_summary(cfg, logger),
         "steps": steps,
         "ema": cfg.ema,
         "ema_decay_final": ema_decay_at(steps, cfg.qat.ema_decay, cfg.qat.ema_tau) if cfg.ema else 0.0,

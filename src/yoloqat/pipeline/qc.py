@@ -18,6 +18,7 @@ from yoloqat.quant.convert import QuantRecipe, int_weight, quant_convs
 from yoloqat.quant.correction import (
     corrected_convs,
     correction_stats,
+    correction_steps,
     fold_qc_into_bn,
     insert_correction,
     train_correction,
@@ -120,7 +121,7 @@ def run_qc(cfg: Config) -> dict[str, Any]:
         model.args = get_cfg(DEFAULT_CFG)  # the detection loss reads its gains from model.args
         layers = insert_correction(model, head=cfg.correction.head)
         loader = calibration_batches(data_yaml, cfg.data.imgsz, cfg.correction.batch)
-        steps = max(cfg.correction.epochs * len(loader), cfg.correction.min_steps)
+        steps = correction_steps(cfg.correction.epochs, cfg.correction.min_steps, len(loader))
         done, last_loss = train_correction(model, loader, cfg.correction.lr, steps, device)
         stats = correction_stats(model, done, last_loss)
         images = next(iter(loader))["img"][: cfg.export.parity_images].to(device).float() / 255

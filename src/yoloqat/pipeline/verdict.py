@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.config import Config
-from yoloqat.curves.reader import BNRE, DVCLIVE_MAP, EMA, LIVE, PRIMARY, read_curve
+from yoloqat.curves.reader import BNRE, DVCLIVE_MAP, EMA, LIVE, PRIMARY, read_curve, repair_key
 from yoloqat.curves.stability import Verdict, classify_run
 from yoloqat.errors import CurveError, VerdictError
 from yoloqat.numbers import finite_number
@@ -196,6 +196,12 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     bnre = (classify_run(series[BNRE], losses, cfg.stability, status)
             if cfg.qat.bn_reestimate > 0 and BNRE in series else None)
     out.update(_curve_fields("bnre_", bnre))
+    # repair curves (qat.repair_curves): e.g. ema_qc_label, the EMA + QC curve's verdict
+    for model in ("live", "ema") if cfg.ema else ("live",):
+        for repair in cfg.qat.repair_curves:
+            key = repair_key(model, repair)
+            judged = classify_run(series[key], losses, cfg.stability, status) if key in series else None
+            out.update(_curve_fields(f"{model}_{repair}_", judged))
     out["qc_delta_mAP50-95"] = _qc_delta(cfg)
     fp_curve = _fp_curve(cfg)  # read once: the FP best's fallback and the curves table
     fp_best = _fp_best(cfg, fp_curve)

@@ -185,6 +185,12 @@ def correction_stats(model: nn.Module, steps: int, final_loss: float | None) -> 
     )
 
 
+def correction_steps(epochs: int, min_steps: int, batches_per_epoch: int) -> int:
+    """Adam steps of one correction: ``epochs`` passes over the calibration batches, at least
+    ``min_steps`` (a few passes over a small calibration set would barely move gamma/beta)."""
+    return max(epochs * batches_per_epoch, min_steps)
+
+
 def train_correction(
     model: nn.Module, batches: Any, lr: float, steps: int, device: torch.device
 ) -> tuple[int, float | None]:

@@ -56,6 +56,14 @@ class QATSettings:
     scale_weight_decay: float = 0.0  # weight decay of learned scales (0: a no-decay group)
     bn_momentum: float | None = None  # BatchNorm momentum of the QAT model; None: Ultralytics'
     fake_quant: str = "auto"  # convert.set_fake_quant_mode's mode for the QAT model
+    # per-epoch repair curves (train/repairs.py): which, BN batches, and the qc stage's settings
+    repair_curves: tuple[str, ...] = ()
+    repair_bn_batches: int = 50
+    qc_lr: float = 1e-3
+    qc_epochs: int = 1
+    qc_batch: int = 8
+    qc_min_steps: int = 48
+    qc_head: bool = True
 
     def to_env(self) -> None:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
@@ -65,7 +73,9 @@ class QATSettings:
         raw = os.environ.get(SETTINGS_ENV)
         if not raw:
             raise RuntimeError(f"{SETTINGS_ENV} is not set; construct QATTrainer with settings=")
-        return cls(**json.loads(raw))
+        values = json.loads(raw)
+        values["repair_curves"] = tuple(values.get("repair_curves", ()))  # JSON has no tuples
+        return cls(**values)
 
 
 # GPUs Ultralytics' own check_amp refuses AMP on (ultralytics/utils/checks.py, 8.4): fp16 on
@@ -274,6 +284,7 @@ class QATTrainer(FPTrainer):
         self.freezer: Any = None
         self.bnre_state: dict[str, torch.Tensor] | None = None  # BN stats of the last val_bnre
         self._bnre_loader: Any = None
+        self._repair_loaders: dict[str, Any] = {}  # "bn" (training split) and "calib"
         self.initial_scales: dict[str, torch.Tensor] = {}  # learned scales at the start
         super().__init__(*args, **kwargs)
         self.add_callback("on_pretrain_routine_end", _install_ema)
@@ -335,7 +346,53 @@ class QATTrainer(FPTrainer):
             self.paired_metrics["val_live"] = _map_pair(metrics)
         if self.qat_settings.bn_reestimate > 0:
             self.paired_metrics["val_bnre"] = self._validate_bnre()
+        if self.qat_settings.repair_curves:
+            self.paired_metrics.update(self._validate_repairs())
         return metrics, fitness
+
+    def _validate_repairs(self) -> dict[str, dict[str, float | None]]:
+        """The repair curves of this epoch (train/repairs.py), on copies of the live and EMA
+        models, with the random state restored: training is unchanged."""
+        from yoloqat.train.repairs import RepairPlan, score_repairs
+
+        s = self.qat_settings
+        plan = RepairPlan(repairs=tuple(s.repair_curves), bn_batches=s.repair_bn_batches,
+                          qc_lr=s.qc_lr, qc_steps_min=s.qc_min_steps, qc_epochs=s.qc_epochs,
+                          qc_head=s.qc_head)
+        models = {"live": unwrap_model(self.model)}
+        if s.ema:
+            models["ema"] = self.ema.ema
+        with preserved_rng():
+            return score_repairs(models, plan, self._repair_bn_images,
+                                 lambda: self._repair_loader("calib", s.qc_batch),
+                                 self._score_copy, self.device)
+
+    def _repair_loader(self, split: str, batch: int) -> Any:
+        """An augmentation-free, fixed-order loader over ``split``, rewound on every call so that
+        every epoch's repairs see the same batches (Ultralytics' loaders otherwise continue)."""
+        loader = self._repair_loaders.get(split)
+        if loader is None:
+            from yoloqat.train.validation import calibration_batches
+
+            loader = self._repair_loaders[split] = calibration_batches(
+                str(self.args.data), int(self.args.imgsz), batch, split=split)
+        if hasattr(loader, "reset"):
+            loader.reset()
+        return loader
+
+    def _repair_bn_images(self) -> Iterator[torch.Tensor]:
+        for batch in self._repair_loader("train", int(self.batch_size)):
+            yield batch["img"].to(self.device).float() / 255
+
+    def _score_copy(self, model: nn.Module) -> dict[str, float | None]:
+        """Validate ``model`` with the trainer's validator (it scores ``ema.ema``)."""
+        deployed = self.ema.ema
+        self.ema.ema = model
+        try:
+            scored = self.validator(self)
+        finally:
+            self.ema.ema = deployed
+        return _map_pair(scored or {})
 
     def _validate_bnre(self) -> dict[str, float | None]:
         """Score the deployed model after BN re-estimation; keep those stats for the checkpoint.
