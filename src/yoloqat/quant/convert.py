@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -373,3 +374,30 @@ def weight_int_max(q: QuantConv2d) -> int:
 def quant_weight_value(q: QuantConv2d) -> torch.Tensor:
     """The dequantized weight the fake-quant conv really uses in its forward pass."""
     return q.quant_weight().value.detach().float()
+
+
+@contextmanager
+def constant_quant_weights(model: nn.Module) -> Iterator[None]:
+    """Inside the block every quantized conv convolves with its quantized weight computed once.
+
+    Only for weights and scales that do not change inside the block (QC trains gamma/beta alone):
+    the forward is then the same conv with the same weight values, without re-quantizing every
+    call (Brevitas' own path, the decoupled quantizer's, costs a multiple of the conv on CPU).
+    The instance ``forward`` set here shadows the class's and is removed on exit.
+    """
+    patched = []
+    for _, q in quant_convs(model):
+        if "forward" in q.__dict__:
+            continue
+        w = quant_weight_value(q).to(q.weight.dtype)
+
+        def forward(x: torch.Tensor, q: QuantConv2d = q, w: torch.Tensor = w) -> torch.Tensor:
+            return q.inner_forward_impl(x, w, q.bias)
+
+        q.forward = forward  # type: ignore[method-assign]
+        patched.append(q)
+    try:
+        yield
+    finally:
+        for q in patched:
+            del q.__dict__["forward"]

@@ -26,6 +26,8 @@ import torch
 from brevitas.nn import QuantConv2d
 from torch import nn
 
+from yoloqat.quant.convert import constant_quant_weights
+
 
 class ChannelAffine(nn.Module):
     """gamma * x + beta, one pair per channel."""
@@ -202,20 +204,22 @@ def train_correction(
     params = freeze_for_correction(model)
     opt = torch.optim.Adam(params, lr=lr)
     done, last = 0, None
-    while done < steps:
-        for batch in batches:
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            batch["img"] = batch["img"].float() / 255
-            loss, _ = model.loss(batch)
-            loss = loss.sum()
-            if not torch.isfinite(loss):
-                raise FloatingPointError("non-finite loss while training the correction")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done += 1
-            last = float(loss.detach())
-            if done >= steps:
-                break
+    # weights and scales are frozen: quantize them once, not on every forward
+    with constant_quant_weights(model):
+        while done < steps:
+            for batch in batches:
+                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+                batch["img"] = batch["img"].float() / 255
+                loss, _ = model.loss(batch)
+                loss = loss.sum()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("non-finite loss while training the correction")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done += 1
+                last = float(loss.detach())
+                if done >= steps:
+                    break
     model.eval()
     return done, last
