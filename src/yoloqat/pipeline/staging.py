@@ -97,6 +97,7 @@ def publish(root: Path, mirror: Path, replaced: Path, outputs: Sequence[Path]) -
             os.rename(root / rel, mirror / rel)
         for rel in reversed(aside):
             os.rename(replaced / rel, root / rel)
+        _remove_quietly(replaced)
         raise
     _remove_quietly(replaced)
 
