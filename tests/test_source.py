@@ -96,7 +96,7 @@ def test_dvc_exp_run_with_a_device_this_machine_lacks_fails_at_source_in_one_lin
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("source: ")]
     assert lines == [
         ("source: error: params: device='banana' is not allowed; expected cpu, a CUDA index N, "
-        "a list N,M, cuda, cuda:N or mps; this machine has: cpu")
+         "a list N,M, cuda, cuda:N or mps; this machine has: cpu")
     ]
     assert "Traceback" not in res.stdout + res.stderr
     assert "Running stage 'prepare'" not in res.stdout

@@ -308,7 +308,9 @@ def test_python_stages_train_fp_failing_keeps_models_fp_byte_for_byte(repo, chan
     env = {**env_with_venv(), "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run([sys.executable, str(REPO / "stages/train_fp.py"), "--params", "p.yaml"],
                          cwd=repo, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert (res.returncode, res.stderr) == (2, line + "\n")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    # torch may log a C++ warning on import (no CUDA runtime); the stage's own output is one line
+    assert [ln for ln in res.stderr.splitlines() if ln.startswith("train_fp")] == [line]
     assert snapshot(repo) == before
     assert not (repo / ".yoloqat/staging/train_fp").exists()
 
