@@ -341,3 +341,19 @@ def test_a_killed_stage_leaves_the_previous_outputs_untouched(repo):
     assert tree(repo / "results/fake") == {"epoch.tsv": "step\tx\n0\t9\n"}
     assert tree(repo / "models/fake") == {"last.qat.pt": "new model"}
     assert os.listdir(repo / ".yoloqat/staging") == []
+
+
+def test_environment_error_names_what_and_where_and_leaves_bugs_alone(tmp_path):
+    from yoloqat.pipeline.stage import environment_error
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert environment_error(full, tmp_path) == f"no space left on device ({tmp_path})"
+    quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "models/qat/last.qat.pt")
+    assert environment_error(quota, tmp_path) == f"disk quota exceeded ({tmp_path}/models/qat/last.qat.pt)"
+    on_fd = OSError(errno.EIO, os.strerror(errno.EIO))
+    on_fd.filename = 3  # an error on a file descriptor names no path
+    assert environment_error(on_fd, tmp_path) == f"input/output error ({tmp_path})"
+    # not a failure of the machine: the traceback stays
+    assert environment_error(OSError(errno.EBUSY, os.strerror(errno.EBUSY), "x"), tmp_path) is None
+    assert environment_error(RuntimeError("CUDA error: an illegal memory access"), tmp_path) is None
+    assert environment_error(ValueError("unexpected pos"), tmp_path) is None

@@ -86,9 +86,8 @@ def check_devices(named: Iterable[tuple[str, str]]) -> None:
             if reason is None:
                 continue
             problem = f"is not available ({reason})"
-        raise ConfigError(
-            f"params: {key}={value!r} {problem}; this machine has: {', '.join(machine_devices(torch))}"
-        )
+        has = ", ".join(machine_devices(torch))
+        raise ConfigError(f"params: {key}={value!r} {problem}; this machine has: {has}")
 
 
 def stage_devices(cfg: Any, keys: Iterable[str]) -> list[tuple[str, str]]:

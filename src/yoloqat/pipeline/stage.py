@@ -52,6 +52,7 @@ ENVIRONMENT_ERRNOS = {
 TORCH_SHORT_WRITE = re.compile(
     r"inline_container\.cc.*(unexpected pos|file write failed)|PytorchStreamWriter failed writing"
 )
+TORCH_SAVE_FILE = ("torch", "serialization.py")
 INTERRUPTED_EXIT = 130  # the shell's status for a process ended by SIGINT
 
 
@@ -71,7 +72,7 @@ def _path_being_written(tb: TracebackType | None) -> str | None:
     while tb is not None:
         code, local = tb.tb_frame.f_code, tb.tb_frame.f_locals
         target = None
-        if code.co_name == "save" and "torch" in code.co_filename:
+        if code.co_name == "save" and Path(code.co_filename).parts[-2:] == TORCH_SAVE_FILE:
             target = local.get("f")
         elif "pathlib" in code.co_filename and code.co_name in (
             "write_bytes", "write_text", "open", "mkdir", "touch"
@@ -91,7 +92,10 @@ def environment_error(exc: BaseException, where: Path) -> str | None:
     folder the job ran in, which relative paths are relative to)."""
     if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
         what = ENVIRONMENT_ERRNOS[exc.errno]
-        path = exc.filename if exc.filename is not None else _path_being_written(exc.__traceback__)
+        named = exc.filename
+        path = named if isinstance(named, (str, bytes, os.PathLike)) else _path_being_written(
+            exc.__traceback__
+        )
     elif isinstance(exc, FileNotFoundError):  # a message only (Ultralytics' dataset checks)
         text = str(exc).strip()
         return text.splitlines()[0] if text else None
