@@ -13,4 +13,6 @@ def job(cfg):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("evaluate", job, lambda cfg: [EVALUATE_RESULTS]))
+    raise SystemExit(run_stage(
+        "evaluate", job, lambda cfg: [EVALUATE_RESULTS], devices=["evaluate.device"]
+    ))

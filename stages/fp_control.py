@@ -12,4 +12,6 @@ def job(cfg):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("fp_control", job, lambda cfg: [FP_CONTROL_DIR, FP_CONTROL_RESULTS]))
+    raise SystemExit(run_stage(
+        "fp_control", job, lambda cfg: [FP_CONTROL_DIR, FP_CONTROL_RESULTS], devices=["device"]
+    ))

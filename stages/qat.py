@@ -12,4 +12,4 @@ def job(cfg):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("qat", job, lambda cfg: [QAT_DIR, QAT_RESULTS]))
+    raise SystemExit(run_stage("qat", job, lambda cfg: [QAT_DIR, QAT_RESULTS], devices=["device"]))

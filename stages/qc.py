@@ -12,4 +12,4 @@ def job(cfg):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("qc", job, lambda cfg: [QC_DIR, QC_RESULTS]))
+    raise SystemExit(run_stage("qc", job, lambda cfg: [QC_DIR, QC_RESULTS], devices=["device"]))

@@ -12,4 +12,6 @@ def job(cfg):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("train_fp", job, lambda cfg: [FP_DIR, FP_RESULTS]))
+    raise SystemExit(run_stage(
+        "train_fp", job, lambda cfg: [FP_DIR, FP_RESULTS], devices=["device"]
+    ))

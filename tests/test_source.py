@@ -1,5 +1,6 @@
 """The source stage: prepare re-runs when the files data.path names change, and every
-``dvc exp run`` validates the whole params.yaml (an unknown top-level key is one line)."""
+``dvc exp run`` validates the whole params.yaml (an unknown top-level key, a device this
+machine lacks: one line)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,20 @@ def test_dvc_exp_run_with_an_unknown_top_level_key_fails_with_one_line(tmp_path)
     ]
     assert "Running stage 'prepare'" not in res.stdout
     assert not (repo / "data/prepared").exists()
+
+
+def test_dvc_exp_run_with_a_device_this_machine_lacks_fails_at_source_in_one_line(tmp_path, monkeypatch):
+    """Before: ``-S device=banana`` passed source and prepare, then train_fp died in a traceback
+    from Ultralytics.  Now source names what this machine has and nothing else runs."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the same answer on a GPU machine
+    repo = copy_repo(tmp_path / "repo", tiny_params())
+    res = run([*DVC, "exp", "run", "-S", "device=banana"], repo)
+    assert res.returncode != 0
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("source: ")]
+    assert lines == [
+        ("source: error: params: device='banana' is not allowed; expected cpu, a CUDA index N, "
+         "a list N,M, cuda, cuda:N or mps; this machine has: cpu")
+    ]
+    assert "Traceback" not in res.stdout + res.stderr
+    assert "Running stage 'prepare'" not in res.stdout
+    assert not (repo / "data/source.json").exists() and not (repo / "data/prepared").exists()

@@ -8,8 +8,6 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -89,20 +87,6 @@ def fresh_outputs(*dirs: Path) -> None:
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
     dirs[0].mkdir(parents=True)
-
-
-@contextmanager
-def clean_on_failure(*paths: Path) -> Iterator[None]:
-    """Remove a stage's outputs if it fails, so DVC never caches a half-written result."""
-    try:
-        yield
-    except BaseException:
-        for p in paths:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ repository) and the state folder ``.yoloqat`` (it holds the mirror itself).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -73,16 +74,38 @@ def _remove(path: Path) -> None:
 
 
 def publish(root: Path, mirror: Path, replaced: Path, outputs: Sequence[Path]) -> None:
-    """Swap each output in ``mirror`` into ``root``; an output the job did not write is removed."""
-    for rel in outputs:
-        if os.path.lexists(root / rel):
-            (replaced / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.rename(root / rel, replaced / rel)
-    for rel in outputs:
-        if os.path.lexists(mirror / rel):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.rename(mirror / rel, root / rel)
-    _remove(replaced)
+    """Swap each output in ``mirror`` into ``root``; an output the job did not write is removed.
+
+    If a rename fails (a read-only or forbidden folder), the renames done so far are undone, so
+    the previous outputs are back in place as they were, and the error is raised.
+    """
+    aside: list[Path] = []
+    placed: list[Path] = []
+    try:
+        for rel in outputs:
+            if os.path.lexists(root / rel):
+                (replaced / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(root / rel, replaced / rel)
+                aside.append(rel)
+        for rel in outputs:
+            if os.path.lexists(mirror / rel):
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(mirror / rel, root / rel)
+                placed.append(rel)
+    except BaseException:
+        for rel in reversed(placed):
+            os.rename(root / rel, mirror / rel)
+        for rel in reversed(aside):
+            os.rename(replaced / rel, root / rel)
+        _remove_quietly(replaced)
+        raise
+    _remove_quietly(replaced)
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a staging leftover; one that cannot be removed now goes at the stage's next start."""
+    with contextlib.suppress(OSError):
+        _remove(path)
 
 
 @contextmanager
@@ -90,8 +113,9 @@ def staged_outputs(cfg: Config, stage: str, outputs: Sequence[Path]) -> Iterator
     """Run the block in a fresh mirror of ``cfg.root``; publish ``outputs`` if it ends well.
 
     Yields the Config the job must use (its ``root`` is the mirror).  The cwd is the mirror
-    inside the block and ``cfg.root`` after it.  On an exception nothing is published and the
-    mirror is removed; the caller decides what happens to the outputs in place.
+    inside the block and ``cfg.root`` after it.  On an exception (in the block or while
+    publishing) nothing is published, the mirror is removed and the outputs in place are the
+    previous ones, untouched.
     """
     root = cfg.root
     rels = [_relative(root, Path(p)) for p in outputs]
@@ -108,4 +132,4 @@ def staged_outputs(cfg: Config, stage: str, outputs: Sequence[Path]) -> Iterator
             os.chdir(root)
         publish(root, mirror, replaced, rels)
     finally:
-        _remove(mirror)
+        _remove_quietly(mirror)  # an error here must not hide the job's own
