@@ -56,6 +56,7 @@ from yoloqat.analysis.experiments import (
 from yoloqat.analysis.paired import PairedOutcome, paired_outcome
 from yoloqat.config import MODELS, LadderConfig, load_config_for
 from yoloqat.curves.stability import STABLE, TOO_SHORT, mean_std
+from yoloqat.errors import ExperimentsError
 from yoloqat.numbers import finite_number
 
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
@@ -275,6 +276,32 @@ def group_runs(records: Iterable[ExpRecord]) -> list[Group]:
             groups.append(Group(setting, runs, sorted(pending), sorted(failed), sorted(unjudged),
                                 judged_recs))
     return sorted(groups, key=lambda g: (_rung_rank(g.model), g.model, g.setting.values))
+
+
+def committed_report_models(
+    records: Sequence[ExpRecord], groups: Sequence[Group], out: str | Path
+) -> tuple[list[str], list[str]]:
+    """(models whose report may be written to the committed ``out``, models left out).
+
+    The committed reports are evidence from DVC experiments.  A fresh clone has none (git does
+    not clone them), only commits and the workspace, whose results would silently replace the
+    committed reports with "incomplete (1/5 seeds)".  So a model's report goes to ``out`` only
+    when ``dvc exp show`` listed an experiment of it; with none at all this raises an
+    :class:`ExperimentsError` saying what was missing (an explicit ``--out`` skips this check).
+    """
+    with_exps = {st.model for r in records
+                 if r.kind == "experiment" and (st := setting_of(r)) is not None}
+    models = list(dict.fromkeys(g.model for g in groups))
+    if not with_exps:
+        exps = sum(r.kind == "experiment" for r in records)
+        commits = sum(r.kind == "baseline" for r in records)
+        what = (f"only {commits} git commit(s) and the workspace; DVC experiments are not cloned "
+                "with git: dvc exp pull <remote>" if not exps else
+                f"none of the {exps} names a model, ema, qc and seed")
+        raise ExperimentsError(
+            f"no DVC experiments found ({what}); {out} left as is: pass --out DIR to write a "
+            "report there anyway, or --no-report")
+    return [m for m in models if m in with_exps], [m for m in models if m not in with_exps]
 
 
 def _rung_rank(model: str) -> int:
