@@ -116,6 +116,65 @@ def test_invalid_values_name_key_value_and_allowed(tmp_path, change, needle):
     assert "expected" in msg
 
 
+IMGSZ_RULE = "expected a multiple of 32 (YOLOv10's largest stride) in [32, 2048]"
+SECTION_RULE = "expected a mapping of keys (leave the section out for its defaults)"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    # 100000 is a multiple of 32: it passed, then prepare failed with MemoryError
+    ({"data__imgsz": 100000}, f"params: data.imgsz=100000 is not allowed; {IMGSZ_RULE}"),
+    ({"data__imgsz": 2080}, f"params: data.imgsz=2080 is not allowed; {IMGSZ_RULE}"),
+    ({"data__imgsz": 100}, f"params: data.imgsz=100 is not allowed; {IMGSZ_RULE}"),
+    ({"data__imgsz": 0}, f"params: data.imgsz=0 is not allowed; {IMGSZ_RULE}"),
+    ({"data__imgsz": 96.0}, f"params: data.imgsz=96.0 is not allowed; {IMGSZ_RULE}"),
+    # `-S data=null` ran the defaults while `-S qat=5` was rejected: both are rejected
+    ({"data": None}, f"params: data=None is not allowed; {SECTION_RULE}"),
+    ({"qat": 5}, f"params: qat=5 is not allowed; {SECTION_RULE}"),
+    ({"stability": None}, f"params: stability=None is not allowed; {SECTION_RULE}"),
+    ({"ladder": [1]}, f"params: ladder=[1] is not allowed; {SECTION_RULE}"),
+    # a preset writes into the sections: a null one must still be this message, not a TypeError
+    ({"preset": "reference", "data": None}, f"params: data=None is not allowed; {SECTION_RULE}"),
+    # one run counted twice towards min_seeds
+    ({"ladder__seeds": [0, 0]},
+     "params: ladder.seeds=[0, 0] is not allowed; expected a non-empty list of distinct integers"),
+    ({"ladder__seeds": []},
+     "params: ladder.seeds=[] is not allowed; expected a non-empty list of distinct integers"),
+])
+def test_exact_one_line_messages(tmp_path, change, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_params(tmp_path, **change))
+    assert str(err.value) == message
+
+
+def test_imgsz_bounds_and_every_shipped_value_is_valid(tmp_path):
+    from yoloqat.presets import PRESETS
+
+    assert load_config(write_params(tmp_path, data__imgsz=32)).data.imgsz == 32
+    assert load_config(write_params(tmp_path, data__imgsz=2048)).data.imgsz == 2048
+    for name, values in PRESETS.items():  # reference: 640
+        imgsz = load_config(write_params(tmp_path, preset=name)).data.imgsz
+        assert imgsz == values.get("data.imgsz", 96), name
+
+
+def test_an_override_into_a_section_that_is_not_a_mapping_is_one_line(tmp_path):
+    path = write_params(tmp_path, data=None)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides={"data.imgsz": 64})
+    assert str(err.value) == f"params: data=None is not allowed; {SECTION_RULE}"
+
+
+def test_stage_rejects_a_null_section_in_one_line_and_writes_nothing(tmp_path):
+    path = write_params(tmp_path, data=None)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "prepare.py"), "--params", str(path)],
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert res.returncode == 2
+    assert [ln for ln in res.stderr.splitlines() if ln.strip()] == [
+        f"prepare: error: params: data=None is not allowed; {SECTION_RULE}"]
+    assert not (tmp_path / "data").exists()
+
+
 def test_input_pipeline_values_that_are_allowed(tmp_path):
     cfg = load_config(write_params(tmp_path, deterministic=False, cache="disk", fp__workers="auto",
                                    qat__workers=3, fp__amp=True))
@@ -148,8 +207,8 @@ def test_stage_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert lines == [
         (
-            "prepare: error: params: data.imgsz=100 is not allowed; expected a positive "
-            "multiple of 32 (YOLOv10's largest stride)"
+            "prepare: error: params: data.imgsz=100 is not allowed; expected a multiple of 32 "
+            "(YOLOv10's largest stride) in [32, 2048]"
         )
     ]
     assert not (tmp_path / "data").exists()

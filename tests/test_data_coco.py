@@ -97,6 +97,8 @@ def test_convert_exact_labels_and_counts(coco: tuple[Path, Path], tmp_path: Path
         "crowd_boxes": 2,
         "degenerate_boxes": 1,
         "malformed_annotations": 0,
+        "malformed_categories": 0,
+        "malformed_images": 0,
         "unknown_categories": 0,
         "images_without_usable_boxes": 1,
         "negatives_skipped": 0,
@@ -158,3 +160,86 @@ def test_missing_or_broken_json_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unreadable"):
         load_coco_json(tmp_path / "broken.json")
 
+
+
+def _one_image_coco(tmp_path: Path, annotations: list, categories: list | None = None,
+                    images: list | None = None) -> tuple[Path, Path]:
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    _image(folder / "a.jpg", (40, 40))
+    _image(folder / "b.jpg", (40, 40))
+    data = {
+        "images": images if images is not None else [
+            {"id": 1, "file_name": "a.jpg", "width": 40, "height": 40},
+            {"id": 2, "file_name": "b.jpg", "width": 40, "height": 40},
+        ],
+        "annotations": annotations,
+    }
+    if categories is not None:
+        data["categories"] = categories
+    json_path = tmp_path / "instances_x.json"
+    json_path.write_text(json.dumps(data))
+    return json_path, folder
+
+
+GOOD = {"image_id": 2, "category_id": 1, "bbox": [2, 2, 20, 20]}
+
+
+@pytest.mark.parametrize(("bad_id", "shown"), [(None, "None"), ("seven", "'seven'"), (True, "True"),
+                                               (7.5, "7.5"), ([7], "[7]")])
+def test_a_bad_category_id_is_skipped_and_counted_naming_field_and_file(tmp_path, bad_id, shown):
+    """`category_id: null` aborted the whole import (TypeError: int() argument ...), 'seven' with
+    a ValueError, naming neither the field nor the file."""
+    anns = [{"image_id": 1, "category_id": bad_id, "bbox": [2, 2, 20, 20]}, GOOD]
+    json_path, folder = _one_image_coco(tmp_path, anns)  # no categories block: ids from annotations
+    with pytest.warns(DataWarning) as caught:
+        stats = convert_coco(json_path, folder, tmp_path / "out", "train", 10, True, 0)
+    said = sorted(str(w.message) for w in caught)
+    assert said == [
+        "coco train: skipped 1 images without usable boxes",
+        (f"coco train: skipped 1 malformed annotations (annotations[0].category_id={shown}) "
+        "in instances_x.json"),
+    ]
+    assert stats["skipped"]["malformed_annotations"] == 1 and stats["images"] == 1
+    assert stats["names"] == ["1"] and _read(tmp_path / "out", "train", "b")[0].startswith("0 ")
+
+
+@pytest.mark.parametrize(("bad_id", "shown"), [(None, "None"), ("seven", "'seven'"), (False, "False")])
+def test_a_category_with_a_bad_id_is_skipped_and_counted(tmp_path, bad_id, shown):
+    cats = [{"id": bad_id, "name": "ghost"}, {"id": 1, "name": "cat"}, {"id": 1, "name": "again"}]
+    json_path, folder = _one_image_coco(tmp_path, [GOOD], categories=cats)
+    with pytest.warns(DataWarning) as caught:
+        stats = convert_coco(json_path, folder, tmp_path / "out", "train", 10, True, 0)
+    assert [str(w.message) for w in caught] == [
+        (f"coco train: skipped 2 malformed categories (categories[0].id={shown}, "
+        "categories[2].id=1 (repeated)) in instances_x.json")]
+    assert stats["names"] == ["cat"] and stats["skipped"]["malformed_categories"] == 2
+    assert stats["images"] == 2 and stats["instances"] == 1  # image 1 has no boxes: a negative
+
+
+def test_bad_bbox_image_id_and_image_entries_are_skipped_and_counted(tmp_path):
+    anns = [
+        {"image_id": 1, "category_id": 1, "bbox": "1234"},  # four characters are not four numbers
+        {"image_id": [1], "category_id": 1, "bbox": [2, 2, 20, 20]},  # unhashable: TypeError before
+        "not an annotation",
+        GOOD,
+    ]
+    images = [
+        {"id": 1, "file_name": "a.jpg"},
+        {"id": 2, "file_name": "b.jpg"},
+        {"id": {"x": 1}, "file_name": "b.jpg"},  # unorderable id: TypeError in the sort before
+        {"id": 3, "file_name": None},
+    ]
+    json_path, folder = _one_image_coco(tmp_path, anns, [{"id": 1, "name": "cat"}], images)
+    with pytest.warns(DataWarning) as caught:
+        stats = convert_coco(json_path, folder, tmp_path / "out", "train", 10, True, 0)
+    said = sorted(str(w.message) for w in caught)
+    assert said == [
+        "coco train: skipped 1 images without usable boxes",
+        ("coco train: skipped 2 malformed images (images[2].id={'x': 1}, images[3].file_name=None) "
+        "in instances_x.json"),
+        ("coco train: skipped 3 malformed annotations (annotations[1].image_id=[1], "
+        "annotations[2]='not an annotation', annotations[0].bbox='1234') in instances_x.json"),
+    ]
+    assert stats["skipped"]["malformed_annotations"] == 3 and stats["skipped"]["malformed_images"] == 2
+    assert stats["images"] == 1 and stats["sources"] == [str(folder / "b.jpg")]

@@ -130,7 +130,8 @@ def test_coco_prepare_shares_mapping_and_samples_calib(tmp_path: Path) -> None:
     for i in range(6):
         Image.new("RGB", (20, 20), (i * 30, 0, 0)).save(base / "train2017" / f"{i}.jpg")
         train_images.append({"id": i, "file_name": f"{i}.jpg", "width": 20, "height": 20})
-    Image.new("RGB", (20, 20)).save(base / "val2017" / "v.jpg")
+    # not black: 0.jpg is black, and the same bytes in train and val are an overlap (warned)
+    Image.new("RGB", (20, 20), (0, 0, 200)).save(base / "val2017" / "v.jpg")
     val_images.append({"id": 1, "file_name": "v.jpg", "width": 20, "height": 20})
     cats = [{"id": 9, "name": "dog"}, {"id": 2, "name": "cat"}]
     train = {
@@ -163,6 +164,7 @@ def test_coco_prepare_shares_mapping_and_samples_calib(tmp_path: Path) -> None:
     assert manifest["names"] == {"0": "cat", "1": "dog"}
     assert (out / "labels" / "val" / "v.txt").read_text().split()[0] == "1"
     assert [manifest["splits"][s]["images"] for s in ("train", "val", "calib")] == [5, 1, 2]
+    assert manifest["train_val_overlap"] == {"val_images": 1, "same_file": 0, "same_content": 0}
     calib = {p.name for p in (out / "images" / "calib").iterdir()}
     assert calib <= {p.name for p in (out / "images" / "train").iterdir()}
     for name in calib:
@@ -223,7 +225,11 @@ def test_every_skipped_kind_is_warned_and_counted_per_split(tmp_path: Path) -> N
         "calib: data.calib_images=5 but the train split has 3 images; calib holds 3",
         "coco val: skipped 1 images without usable boxes",
         "coco val: skipped 1 unknown categories",
+        # both JSONs list the same folder: 2 of the val images are train images
+        ("data: 2 of 2 val images are also train images (2 the same file, 2 the same content); "
+        "val scores will overstate the model"),
     ]
+    assert manifest["train_val_overlap"] == {"val_images": 2, "same_file": 2, "same_content": 2}
     per_split = manifest["skipped_per_split"]
     assert per_split["val"]["unknown_categories"] == 1
     assert per_split["val"]["images_without_usable_boxes"] == 1
@@ -231,3 +237,88 @@ def test_every_skipped_kind_is_warned_and_counted_per_split(tmp_path: Path) -> N
     assert per_split["calib"] == {"capped": 2}
     assert [manifest["splits"][s]["images"] for s in ("train", "val", "calib")] == [3, 2, 3]
     assert manifest["skipped"]["unknown_categories"] == 1
+
+
+def _yolo_source(root: Path, val: str) -> Path:
+    ds = root / "ds"
+    for i in range(4):
+        (ds / "images" / "train").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 24), (i * 50, 10, 10)).save(ds / "images" / "train" / f"t{i}.png")
+        (ds / "labels" / "train").mkdir(parents=True, exist_ok=True)
+        (ds / "labels" / "train" / f"t{i}.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (ds / "images" / "val").mkdir(parents=True)
+    # a copy of t0 under another name, and one image of its own
+    (ds / "images" / "val" / "copy_of_t0.png").write_bytes((ds / "images" / "train" / "t0.png").read_bytes())
+    Image.new("RGB", (24, 24), (0, 0, 250)).save(ds / "images" / "val" / "own.png")
+    (ds / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": val, "names": ["a"]}))
+    return ds / "data.yaml"
+
+
+@pytest.mark.parametrize(("val", "overlap", "said"), [
+    # `val: images/train`: every val image is a train file
+    ("images/train", {"val_images": 2, "same_file": 2, "same_content": 2},
+     ("data: 2 of 2 val images are also train images (2 the same file, 2 the same content); "
+     "val scores will overstate the model")),
+    # a byte-identical copy under another name
+    ("images/val", {"val_images": 2, "same_file": 0, "same_content": 1},
+     ("data: 1 of 2 val images are also train images (0 the same file, 1 the same content); "
+     "val scores will overstate the model")),
+])
+def test_a_train_val_overlap_is_a_warning_with_counts_in_the_manifest(tmp_path, val, overlap, said):
+    _yolo_source(tmp_path, val)
+    cfg = DataConfig(source="yolo", path="ds/data.yaml", train_images=4, val_images=2, calib_images=2)
+    with pytest.warns(DataWarning) as caught:
+        manifest = prepare_dataset(cfg, 0, tmp_path / "dataset", tmp_path)
+    assert [str(w.message) for w in caught] == [said]
+    assert manifest["train_val_overlap"] == overlap
+    assert json.loads((tmp_path / "dataset" / "manifest.json").read_text())["train_val_overlap"] == overlap
+
+
+def test_no_overlap_is_no_warning_and_zero_counts(tmp_path, recwarn):
+    ds = _yolo_source(tmp_path, "images/val").parent
+    (ds / "images" / "val" / "copy_of_t0.png").unlink()
+    cfg = DataConfig(source="yolo", path="ds/data.yaml", train_images=4, val_images=2, calib_images=2)
+    manifest = prepare_dataset(cfg, 0, tmp_path / "dataset", tmp_path)
+    assert [w for w in recwarn if issubclass(w.category, DataWarning)] == []
+    assert manifest["train_val_overlap"] == {"val_images": 1, "same_file": 0, "same_content": 0}
+
+
+def test_synthetic_manifest_has_no_overlap_block(tmp_path):
+    """Its manifest stays byte-identical to earlier versions (a changed data/prepared would re-run
+    every later stage); generated images never repeat."""
+    assert "train_val_overlap" not in prepare_dataset(SMALL, 0, tmp_path / "d", tmp_path)
+
+
+@pytest.mark.parametrize("bad_id", [None, "seven"])
+def test_a_bad_category_id_no_longer_aborts_prepare(tmp_path, bad_id):
+    """Was: `data: preparing the coco dataset failed (TypeError: int() argument ...)` (or a
+    ValueError), naming neither the field nor the file."""
+    base = tmp_path / "coco"
+    (base / "img").mkdir(parents=True)
+    (base / "annotations").mkdir()
+    images = []
+    for i in range(3):
+        Image.new("RGB", (20, 20), (i * 60, 0, 0)).save(base / "img" / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 20, "height": 20})
+    anns = [{"image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in range(3)]
+    cats = [{"id": 1, "name": "cat"}, {"id": bad_id, "name": "ghost"}]
+    (base / "annotations" / "t.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    val = {"images": images[:1], "annotations": [{**anns[0], "category_id": bad_id}, anns[0]],
+           "categories": cats}
+    (base / "annotations" / "v.json").write_text(json.dumps(val))
+    (base / "vimg").mkdir()
+    Image.new("RGB", (20, 20), (0, 0, 200)).save(base / "vimg" / "0.jpg")
+    cfg = DataConfig(source="coco", path="coco", coco_train_json="annotations/t.json",
+                     coco_val_json="annotations/v.json", coco_train_images="img",
+                     coco_val_images="vimg", train_images=3, val_images=1, calib_images=2)
+    with pytest.warns(DataWarning) as caught:
+        manifest = prepare_dataset(cfg, 0, tmp_path / "dataset", tmp_path)
+    said = sorted(str(w.message) for w in caught)
+    shown = repr(bad_id)
+    assert f"coco train: skipped 1 malformed categories (categories[1].id={shown}) in t.json" in said
+    assert f"coco val: skipped 1 malformed categories (categories[1].id={shown}) in v.json" in said
+    assert f"coco val: skipped 1 malformed annotations (annotations[0].category_id={shown}) in v.json" in said
+    assert manifest["names"] == {"0": "cat"}
+    assert manifest["skipped"]["malformed_categories"] == 2
+    assert manifest["skipped_per_split"]["val"]["malformed_annotations"] == 1

@@ -282,3 +282,19 @@ def test_a_dir_without_a_val_curve_is_one_line_exit_2(tmp_path, capsys):
     assert judge_main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("yoloqat judge: error:") and err.count("\n") == 1
+
+
+def test_a_curve_no_longer_than_the_grace_period_is_too_short_not_stable(tmp_path, capsys, monkeypatch):
+    """A 1-epoch results.csv said `stable`; judging needs grace_epochs + 1 (default 3) epochs."""
+    monkeypatch.chdir(tmp_path)  # no params.yaml: grace_epochs=2
+    one = write_new_results_csv(tmp_path / "one/results.csv", [0.25])
+    two = write_new_results_csv(tmp_path / "two/results.csv", [0.2, 0.25])
+    three = write_new_results_csv(tmp_path / "three/results.csv", [0.2, 0.25, 0.26])
+    assert judge_main([str(one), str(two), str(three), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in rows] == ["too_short", "too_short", "stable"]
+    assert rows[0]["reason"] == "1 epoch(s); judging needs at least 3 (stability.grace_epochs=2 + 1)"
+    params = tmp_path / "p.yaml"
+    params.write_text("stability:\n  grace_epochs: 0\n")
+    assert judge_main([str(one), "--json", "--params", str(params)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["label"] == "stable"

@@ -259,6 +259,28 @@ def test_too_few_seeds_is_incomplete_and_lists_missing_seeds():
     assert r.state == "incomplete" and r.missing_seeds == [2] and d.next_rung == "yolo10n"
 
 
+def test_too_short_curves_are_neither_stable_nor_failures_and_are_not_queued_again():
+    """A run of no more epochs than stability.grace_epochs is judged too_short: it must not make
+    a rung fail (as `not stable`) nor pass (as stable), and queuing its seed again at the same
+    setting would give the same short curve."""
+    runs = rung_seeds("yolo10n", ["stable", "too_short", "too_short"])
+    runs[1] = fake("yolo10n", seed=1, ema="too_short", live="too_short")
+    group = group_runs(runs)
+    d = decide(group, CFG, PARAMS)
+    r = d.rung("yolo10n")
+    assert (r.state, r.seeds, r.ema_failed, r.live_failed, r.too_short) == ("incomplete", 1, 0, 1, 2)
+    assert r.missing_seeds == [] and d.next_rung == "yolo10n"
+    assert r.text() == ("incomplete (1/3 seeds, 0 queued, 2 too short to judge: raise qat.epochs "
+                        "above stability.grace_epochs)")
+    stats = group[0].stats()
+    assert (stats["ema_n"], stats["ema_failed"], stats["ema_too_short"]) == (1, 0, 2)
+    assert (stats["live_n"], stats["live_failed"]) == (2, 2)  # seed 1's live curve: too short
+    assert group[0].paired().pairs == 1
+    assert "| 1 | too_short | too_short |" in ladder_mod.seed_rows_markdown(group[0])
+    assert queue_next(d, dry_run=True, echo=lambda _m: None) is None  # nothing to queue
+    json.dumps(ladder_json(group, d))
+
+
 def test_only_the_configured_setting_decides_a_rung():
     recs = [fake("yolo10n", seed=s, ema="stable", live="collapsed",
                  extra_params={"qat.lr0": 0.01}) for s in range(3)]

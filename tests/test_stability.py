@@ -286,11 +286,30 @@ def test_flat_zero_is_no_learning():
     assert v.as_dict()["final_over_best"] is None
 
 
-def test_empty_curve_is_no_learning():
+def test_empty_curve_is_too_short():
     v = classify_run([])
-    assert v.label == "no_learning"
+    assert v.label == "too_short"
     assert v.epochs == 0 and v.best_epoch == 0
     json.dumps(v.as_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("curve", [[0.3], [0.1, 0.3], [0.3, 0.05], [0.0, 0.0]])
+def test_no_more_epochs_than_the_grace_period_is_too_short(curve):
+    """grace_epochs=2: falls in epochs 1-2 never count, so 1 or 2 epochs show nothing."""
+    v = classify_run(curve)
+    assert v.label == "too_short" and v.epochs == len(curve)
+    assert v.reason == (f"{len(curve)} epoch(s); judging needs at least 3 "
+                        "(stability.grace_epochs=2 + 1)")
+    assert classify_run([*curve, *[0.3] * (3 - len(curve))]).label != "too_short"  # 3 epochs: judged
+
+
+def test_too_short_follows_grace_epochs_and_diverged_still_wins():
+    assert classify_run([0.3], cfg=StabilityConfig(grace_epochs=0)).label == "stable"
+    assert classify_run([0.3, 0.3], cfg=StabilityConfig(grace_epochs=2)).label == "too_short"
+    assert classify_run([0.3, float("nan")]).label == "diverged"
+    assert classify_run([0.3], status="diverged").label == "diverged"
+    assert summarize_group([classify_run([0.3])])["counts"]["too_short"] == 1
+    assert summarize_group([classify_run([0.3])])["all_stable"] is False
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def _ladder_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-report", action="store_true", help="do not write reports/ladder/")
     ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
     ap.add_argument("--out", default=None,
-                    help="report folder (default: <repo>/reports/ladder)")
+                    help="report folder (default: <repo>/reports/ladder, written only for models "
+                    "with DVC experiments; a folder given here is written from whatever is found)")
     ap.add_argument("--head-only", action="store_true",
                     help="only experiments of HEAD (default: of every commit, dvc exp show -A)")
     return ap
@@ -58,6 +59,7 @@ def _ladder_parser() -> argparse.ArgumentParser:
 def ladder_main(argv: list[str]) -> int:
     from yoloqat.analysis.experiments import read_experiments
     from yoloqat.analysis.ladder import (
+        committed_report_models,
         decide,
         format_table,
         group_runs,
@@ -78,6 +80,9 @@ def ladder_main(argv: list[str]) -> int:
         records = read_experiments(repo, args.from_json, all_commits=not args.head_only)
         rows = group_runs(records)
         decision = decide(rows, ladder_cfg, configured)
+        models, left_out = None, []
+        if not args.no_report and not args.out:  # never replace committed evidence from commits
+            models, left_out = committed_report_models(records, rows, repo / LADDER_REPORTS)
         if args.json:
             print(json.dumps(ladder_json(rows, decision), indent=2))
         else:
@@ -88,8 +93,11 @@ def ladder_main(argv: list[str]) -> int:
             from yoloqat.analysis.report import write_reports
 
             out = Path(args.out) if args.out else repo / LADDER_REPORTS
-            written = write_reports(rows, decision, out, repo=repo)
+            written = write_reports(rows, decision, out, repo=repo, models=models)
             messages.append(f"reports: {len(written)} files in {out}")
+            if left_out:
+                messages.append(f"reports: {', '.join(left_out)} not written: no DVC experiments "
+                                "of it, only git commits (pass --out DIR to write it there)")
         if args.queue_next:
             queue_next(decision, repo, dry_run=args.dry_run,
                        echo=(messages.append if quiet else print))
@@ -127,8 +135,14 @@ def exps_main(argv: list[str]) -> int:
     return 0
 
 
+# committed reports: written only when every experiment asked for is found (search.find_named)
+SEARCH_OUT, REMEDIES_OUT = "reports/failure_search", "reports/remedies"
+
+
 def _report_options(ap: argparse.ArgumentParser, out: str, title: str) -> argparse.ArgumentParser:
-    ap.add_argument("--out", default=out, help="output folder")
+    ap.add_argument("--out", default=None,
+                    help=f"output folder (default: {out}, written only when every named experiment "
+                    "is found; a folder given here is written with the ones found)")
     ap.add_argument("--title", default=title, help="the report's heading")
     ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
     ap.add_argument("--from-json", metavar="FILE",
@@ -153,18 +167,20 @@ def _search_parser() -> argparse.ArgumentParser:
                  description="Tabulate and plot single experiments of a failure search "
                              "(README.md + curves.png in --out).")
     ap.add_argument("names", nargs="+", metavar="NAME", help="DVC experiment names, in table order")
-    return _report_options(ap, "reports/failure_search", "Failure search")
+    return _report_options(ap, SEARCH_OUT, "Failure search")
 
 
 def search_main(argv: list[str]) -> int:
     from yoloqat.analysis.experiments import read_experiments
-    from yoloqat.analysis.search import select, write_search_report
+    from yoloqat.analysis.search import find_named, write_search_report
 
     args = _search_parser().parse_args(argv)
 
     def write() -> tuple[Any, str]:
-        records = select(read_experiments(args.repo, args.from_json), args.names)
-        return write_search_report(Path(args.out), records, args.repo, args.title)
+        found, missing = find_named(read_experiments(args.repo, args.from_json), args.names,
+                                    args.out, SEARCH_OUT)
+        return write_search_report(Path(args.out or SEARCH_OUT), found, args.repo, args.title,
+                                   missing=missing)
 
     return _write_report("yoloqat search", write)
 
@@ -176,22 +192,23 @@ def _remedies_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variant", action="append", required=True, metavar="LABEL=CURVE:EXP,EXP,...",
                     help="a table row: its label, the curve judged (live | ema | bnre) and the "
                          "DVC experiments (one per seed); repeat for every row")
-    return _report_options(ap, "reports/remedies", "Remedies")
+    return _report_options(ap, REMEDIES_OUT, "Remedies")
 
 
 def remedies_main(argv: list[str]) -> int:
     from yoloqat.analysis.experiments import read_experiments
     from yoloqat.analysis.remedies import parse_variant, write_remedies_report
-    from yoloqat.analysis.search import select
+    from yoloqat.analysis.search import find_named
 
     args = _remedies_parser().parse_args(argv)
 
     def write() -> tuple[Any, str]:
         variants = [parse_variant(v) for v in args.variant]
         names = list(dict.fromkeys(n for v in variants for n in v.names))
-        records = select(read_experiments(args.repo, args.from_json), names)
-        return write_remedies_report(
-            Path(args.out), variants, dict(zip(names, records, strict=True)), args.repo, args.title)
+        found, _ = find_named(read_experiments(args.repo, args.from_json), names,
+                              args.out, REMEDIES_OUT)
+        return write_remedies_report(Path(args.out or REMEDIES_OUT), variants,
+                                     {r.name: r for r in found}, args.repo, args.title)
 
     return _write_report("yoloqat remedies", write)
 

@@ -133,11 +133,14 @@ def _cache(key: str, value: Any) -> bool | str:
     raise _fail(key, value, "false | ram | disk")
 
 
+MAX_IMGSZ = 2048  # 4096 px and up fail in prepare or training with MemoryError, not a message
+
+
 def _imgsz(key: str, value: Any) -> int:
-    v = _int(key, value, 32)
-    if v % 32:
-        raise _fail(key, value, "a positive multiple of 32 (YOLOv10's largest stride)")
-    return v
+    allowed = f"a multiple of 32 (YOLOv10's largest stride) in [32, {MAX_IMGSZ}]"
+    if isinstance(value, bool) or not isinstance(value, int) or not 32 <= value <= MAX_IMGSZ or value % 32:
+        raise _fail(key, value, allowed)
+    return value
 
 
 def _optional_path(key: str, value: Any, must_exist: bool, root: Path) -> str | None:
@@ -151,11 +154,10 @@ def _optional_path(key: str, value: Any, must_exist: bool, root: Path) -> str | 
 
 
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    # `-S data=null` must not silently run the defaults: null is rejected like `-S qat=5`
     block = raw.get(name, {})
-    if block is None:
-        return {}
     if not isinstance(block, dict):
-        raise _fail(name, block, "a mapping of keys")
+        raise _fail(name, block, "a mapping of keys (leave the section out for its defaults)")
     return block
 
 
@@ -530,12 +532,17 @@ def load_config_for(path: str | Path, *sections: str) -> Config:
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
-    for p in parents:
+    for i, p in enumerate(parents):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[: i + 1])
+            raise _fail(where, node, "a mapping of keys (leave the section out for its defaults)")
     node[leaf] = value
 
 
 TOP_LEVEL = {f.name for f in dataclasses.fields(Config)} - {"root"}
+# the top-level keys that hold a mapping (data, fp, qat, ...), in the order they are checked
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
 
 
 _MISSING = object()
@@ -586,6 +593,8 @@ def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
             raise ConfigError(
                 f"params: unknown key {key}; allowed keys are " + ", ".join(sorted(TOP_LEVEL))
             )
+    for name in SECTIONS:  # before the preset, which writes into them
+        _section(raw, name)
     raw = apply_preset(raw)
     device = raw.get("device", "cpu")
     if isinstance(device, int) and not isinstance(device, bool):
@@ -621,8 +630,9 @@ def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
     seeds = ladder_raw.get("seeds", list(LadderConfig().seeds))
     if not isinstance(seeds, list) or not seeds or not all(
         isinstance(s, int) and not isinstance(s, bool) for s in seeds
-    ):
-        raise _fail("ladder.seeds", seeds, "a non-empty list of integers")
+    ) or len(set(seeds)) != len(seeds):
+        # a repeated seed would be one run counted twice towards ladder.min_seeds
+        raise _fail("ladder.seeds", seeds, "a non-empty list of distinct integers")
     return Config(
         preset=raw.get("preset", Config.preset),
         model=_choice("model", raw.get("model", "yolo10n"), MODELS),

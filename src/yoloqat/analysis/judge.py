@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="yoloqat judge",
         description="Label training runs stable / collapsed / unstable / diverged / "
-        "no_learning from their whole validation mAP50-95 curve.",
+        "no_learning / too_short from their whole validation mAP50-95 curve.",
     )
     ap.add_argument(
         "paths", nargs="+", metavar="PATH",

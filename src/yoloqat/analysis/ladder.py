@@ -13,7 +13,9 @@ as "no live curve".
 Per setting, over seeds: the *control* is the live curve (the training trajectory itself; for
 ``ema=false`` runs it is the deployed curve), the *method* the EMA curve (EMA+QC: the same
 curve, QC being post-hoc, plus QC's own measured effect).  A curve *fails* when its verdict is
-not ``stable``.  Reported: failures of each, the paired one-sided exact McNemar p-value that
+not ``stable``; a ``too_short`` curve (no more epochs than ``stability.grace_epochs``) is neither
+stable nor failed and is left out of every count (its seed is not queued again: the same setting
+would give the same short curve).  Reported: failures of each, the paired one-sided exact McNemar p-value that
 EMA fails less often than live, mean max drawdown, and QC delta mean +- std with the number of
 seeds it improved.
 
@@ -53,7 +55,8 @@ from yoloqat.analysis.experiments import (
 )
 from yoloqat.analysis.paired import PairedOutcome, paired_outcome
 from yoloqat.config import MODELS, LadderConfig, load_config_for
-from yoloqat.curves.stability import mean_std
+from yoloqat.curves.stability import STABLE, TOO_SHORT, mean_std
+from yoloqat.errors import ExperimentsError
 from yoloqat.numbers import finite_number
 
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
@@ -112,8 +115,13 @@ class CurveResult:
     reason: str
 
     @property
+    def judged(self) -> bool:
+        """False for a curve too short to judge: it is evidence of nothing."""
+        return self.label != TOO_SHORT
+
+    @property
     def failed(self) -> bool:
-        return self.label != "stable"
+        return self.judged and self.label != STABLE
 
 
 def _curve(v: dict[str, Any], prefix: str) -> CurveResult | None:
@@ -201,15 +209,20 @@ class Group:
         return self.setting.model
 
     def ema_runs(self) -> list[SeedRun]:
-        return [r for r in self.runs if r.ema is not None]
+        """Seeds whose EMA curve was judged (a too_short one was not)."""
+        return [r for r in self.runs if r.ema is not None and r.ema.judged]
+
+    def too_short(self) -> list[SeedRun]:
+        return [r for r in self.runs if r.ema is not None and not r.ema.judged]
 
     def paired(self) -> PairedOutcome:
         return paired_outcome([(r.live.failed, r.ema.failed) for r in self.runs
-                               if r.live is not None and r.ema is not None])
+                               if r.live is not None and r.ema is not None
+                               and r.live.judged and r.ema.judged])
 
     def stats(self) -> dict[str, Any]:
-        live = [r.live for r in self.runs if r.live is not None]
-        ema = [r.ema for r in self.runs if r.ema is not None]
+        live = [r.live for r in self.runs if r.live is not None and r.live.judged]
+        ema = [r.ema for r in self.runs if r.ema is not None and r.ema.judged]
         qc = [r.qc_delta for r in self.runs if r.qc_delta is not None]
         w4 = [r.w4a16 for r in self.runs if r.w4a16 is not None]
         gaps = [r.gap for r in self.runs if r.gap is not None]
@@ -226,6 +239,7 @@ class Group:
             "live_collapsed": sum(c.label == "collapsed" for c in live),
             "ema_n": len(ema), "ema_failed": sum(c.failed for c in ema),
             "ema_collapsed": sum(c.label == "collapsed" for c in ema),
+            "ema_too_short": len(self.too_short()),
             "live_max_drawdown_mean": dd(live), "ema_max_drawdown_mean": dd(ema),
             "paired": self.paired().as_dict(),
             "qc_n": len(qc), "qc_delta_mean": qc_mean, "qc_delta_std": qc_std,
@@ -262,6 +276,32 @@ def group_runs(records: Iterable[ExpRecord]) -> list[Group]:
             groups.append(Group(setting, runs, sorted(pending), sorted(failed), sorted(unjudged),
                                 judged_recs))
     return sorted(groups, key=lambda g: (_rung_rank(g.model), g.model, g.setting.values))
+
+
+def committed_report_models(
+    records: Sequence[ExpRecord], groups: Sequence[Group], out: str | Path
+) -> tuple[list[str], list[str]]:
+    """(models whose report may be written to the committed ``out``, models left out).
+
+    The committed reports are evidence from DVC experiments.  A fresh clone has none (git does
+    not clone them), only commits and the workspace, whose results would silently replace the
+    committed reports with "incomplete (1/5 seeds)".  So a model's report goes to ``out`` only
+    when ``dvc exp show`` listed an experiment of it; with none at all this raises an
+    :class:`ExperimentsError` saying what was missing (an explicit ``--out`` skips this check).
+    """
+    with_exps = {st.model for r in records
+                 if r.kind == "experiment" and (st := setting_of(r)) is not None}
+    models = list(dict.fromkeys(g.model for g in groups))
+    if not with_exps:
+        exps = sum(r.kind == "experiment" for r in records)
+        commits = sum(r.kind == "baseline" for r in records)
+        what = (f"only {commits} git commit(s) and the workspace; DVC experiments are not cloned "
+                "with git: dvc exp pull <remote>" if not exps else
+                f"none of the {exps} names a model, ema, qc and seed")
+        raise ExperimentsError(
+            f"no DVC experiments found ({what}); {out} left as is: pass --out DIR to write a "
+            "report there anyway, or --no-report")
+    return [m for m in models if m in with_exps], [m for m in models if m not in with_exps]
 
 
 def _rung_rank(model: str) -> int:
@@ -364,6 +404,7 @@ class Rung:
     missing_seeds: list[int]
     other_settings: int = 0  # groups of this model at other settings (never pooled)
     blocked_by: str | None = None
+    too_short: int = 0  # seeds whose EMA curve was too short to judge (never counted)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -378,7 +419,9 @@ class Rung:
             PASSED: f"passed ({counts}{p})",
             FAILED_RUNG: f"FAILED: EMA(+QC) is not stable ({counts}{p})",
             NO_FAILURE: f"no failure reproduced: the rung cannot show anything ({counts})",
-            INCOMPLETE: f"incomplete ({self.seeds}/{self.need} seeds, {self.pending} queued)",
+            INCOMPLETE: f"incomplete ({self.seeds}/{self.need} seeds, {self.pending} queued"
+                        + (f", {self.too_short} too short to judge: raise qat.epochs above "
+                           "stability.grace_epochs)" if self.too_short else ")"),
             NOT_STARTED: "not started",
         }[self.state]
 
@@ -419,8 +462,11 @@ def _rung(model: str, groups: Sequence[Group], cfg: LadderConfig, params: dict[s
     group = next((g for g in groups if g.setting == want), None)
     others = sum(1 for g in groups if g.model == model and g.setting != want)
     runs = group.ema_runs() if group else []
+    short = group.too_short() if group else []
     pending = len(group.pending) if group else 0
-    have = {r.seed for r in runs} | ({seed for _, seed in group.pending} if group else set())
+    # a too_short seed is not missing: queuing it again at this setting gives the same curve
+    have = ({r.seed for r in runs} | {r.seed for r in short}
+            | ({seed for _, seed in group.pending} if group else set()))
     missing = [s for s in cfg.seeds if s not in have]
     ema_failed = sum(r.ema.failed for r in runs if r.ema)
     live_failed = sum(r.live.failed for r in runs if r.live)
@@ -430,13 +476,14 @@ def _rung(model: str, groups: Sequence[Group], cfg: LadderConfig, params: dict[s
         # the missing seeds would be compute spent on a known answer
         state = FAILED_RUNG
     elif len(runs) < cfg.min_seeds:
-        state = INCOMPLETE if runs or pending else NOT_STARTED
+        state = INCOMPLETE if runs or pending or short else NOT_STARTED
     elif not live_failed:
         state = NO_FAILURE
     else:
         state = PASSED
     return Rung(model, state, len(runs), cfg.min_seeds, ema_failed, live_failed,
-                p.p_value if p and p.pairs else None, pending, missing, others)
+                p.p_value if p and p.pairs else None, pending, missing, others,
+                too_short=len(short))
 
 
 def decide(groups: Sequence[Group], cfg: LadderConfig, params: dict[str, Any]) -> Decision:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from yoloqat.analysis.experiments import ExpRecord, read_curves, resolved_params
@@ -145,7 +145,7 @@ def plot_variants(path: Path, rows: Sequence[VariantRow],
     plt, fig, axes = panel_grid(len(rows))
     for ax, row in zip(axes.flat, rows, strict=False):
         for name in row.variant.names:
-            series = curves[name].get(row.variant.curve) or []
+            series = curves.get(name, {}).get(row.variant.curve) or []
             if series:
                 ax.plot(range(1, len(series) + 1), series, "-o", ms=2, label=name)
         finish_panel(ax, f"{row.variant.label} ({row.variant.curve}): {row.stable}/{len(row.labels)} stable",
@@ -155,9 +155,17 @@ def plot_variants(path: Path, rows: Sequence[VariantRow],
 
 def write_remedies_report(out_dir: Path, variants: Sequence[Variant], by_name: dict[str, ExpRecord],
                           repo: str | Path = ".", title: str = "Remedies") -> tuple[Path, str]:
+    """README.md + curves.png in ``out_dir``.  A variant's experiment missing from ``by_name``
+    (not found in ``dvc exp show``; the CLI allows that only with an explicit ``--out``) is
+    left out of its row as ``NAME (not found)``."""
     curves = {name: read_curves(rec, repo) for name, rec in by_name.items()}
-    rows = [variant_row(v, [by_name[n] for n in v.names], [curves[n] for n in v.names]) for v in variants]
-    ordered = list(dict.fromkeys(n for v in variants for n in v.names))
+    rows = []
+    for v in variants:
+        names = [n for n in v.names if n in by_name]
+        row = variant_row(v, [by_name[n] for n in names], [curves[n] for n in names])
+        absent = tuple(f"{n} (not found)" for n in v.names if n not in by_name)
+        rows.append(replace(row, missing=row.missing + absent) if absent else row)
+    ordered = [n for n in dict.fromkeys(n for v in variants for n in v.names) if n in by_name]
     tables = variant_table(rows) + "\n\n" + run_table([by_name[n] for n in ordered])
     command = "yoloqat remedies " + " ".join(
         f"--variant '{v.label}={v.curve}:{','.join(v.names)}'" for v in variants)

@@ -126,7 +126,8 @@ def model_markdown(model: str, groups: Sequence[Group], decision: Decision,
     lines += [markdown_table(groups) if groups else "No runs for this model yet.", ""]
     lines += [
         ("live: the training trajectory's own weights (the control); EMA: the averaged weights "
-         "the run deploys; not stable = collapsed, unstable, diverged or no_learning. p: one-"
+         "the run deploys; not stable = collapsed, unstable, diverged or no_learning; a too_short "
+         "curve (no more epochs than stability.grace_epochs) is left out of the counts. p: one-"
          "sided exact McNemar test, paired by seed, that EMA fails less often than live. max dd: "
          "mean deepest fall below the running best. QC delta: mAP50-95 after minus before QC "
          "on the same checkpoint (PyTorch; the fold is exact and ONNX parity is checked). "

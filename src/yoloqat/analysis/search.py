@@ -110,8 +110,8 @@ def search_row(rec: ExpRecord, bnre: list[float] | None = None) -> SearchRow:
     )
 
 
-def select(records: Sequence[ExpRecord], names: Sequence[str]) -> list[ExpRecord]:
-    """The experiments called ``names``, in that order; an unknown name is an error."""
+def find(records: Sequence[ExpRecord], names: Sequence[str]) -> tuple[list[ExpRecord], list[str]]:
+    """The experiments called ``names`` that exist, in that order, and the names not found."""
     # A name can repeat (a failed run queued again): take a finished run, then the newest.
     by_name: dict[str, ExpRecord] = {}
     for r in records:
@@ -120,11 +120,37 @@ def select(records: Sequence[ExpRecord], names: Sequence[str]) -> list[ExpRecord
         kept = by_name.get(r.name)
         if kept is None or _preference(r) > _preference(kept):
             by_name[r.name] = r
-    missing = [n for n in names if n not in by_name]
+    return [by_name[n] for n in names if n in by_name], [n for n in names if n not in by_name]
+
+
+def _unknown(records: Sequence[ExpRecord], missing: Sequence[str]) -> str:
+    known = sorted({r.name for r in records if r.kind == "experiment"})
+    shown = ", ".join(known[:8]) + (f", ... ({len(known)} in all)" if len(known) > 8 else "")
+    return f"unknown experiment(s) {', '.join(missing)}; known: {shown or 'none'}"
+
+
+def select(records: Sequence[ExpRecord], names: Sequence[str]) -> list[ExpRecord]:
+    """The experiments called ``names``, in that order; an unknown name is an error."""
+    found, missing = find(records, names)
     if missing:
-        known = ", ".join(sorted(by_name)) or "none"
-        raise ExperimentsError(f"unknown experiment(s) {', '.join(missing)}; known: {known}")
-    return [by_name[n] for n in names]
+        raise ExperimentsError(_unknown(records, missing))
+    return found
+
+
+def find_named(
+    records: Sequence[ExpRecord], names: Sequence[str], out: str | None, default_out: str
+) -> tuple[list[ExpRecord], list[str]]:
+    """(found, missing) for a report command.  Its default folder ``default_out`` holds committed
+    evidence: with ``out`` None any missing name is an :class:`ExperimentsError` (one line: what
+    was missing, and that nothing was written), so a fresh clone, which has no experiments (git
+    does not clone them), never replaces that report with an empty one.  An explicit ``out`` is
+    written with the experiments found, the missing ones listed."""
+    found, missing = find(records, names)
+    if missing and out is None:
+        raise ExperimentsError(
+            f"{_unknown(records, missing)}; {default_out} left as is (DVC experiments are not "
+            "cloned with git: dvc exp pull <remote>); pass --out DIR to write the others there")
+    return found, missing
 
 
 def _preference(r: ExpRecord) -> tuple[bool, str]:
@@ -174,7 +200,8 @@ def finish_panel(ax: Any, title: str, legend_size: int = 7) -> None:
     ax.set_ylabel("val mAP50-95", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    if ax.get_legend_handles_labels()[0]:  # a run without curves (not readable here) has none
+        ax.legend(fontsize=legend_size)
 
 
 def save_figure(plt: Any, fig: Any, path: Path) -> None:
@@ -203,8 +230,11 @@ def plot_curves(path: Path, rows: Sequence[SearchRow], curves: Sequence[dict[str
 
 
 def write_search_report(
-    out_dir: Path, records: Sequence[ExpRecord], repo: str | Path = ".", title: str = "Failure search"
+    out_dir: Path, records: Sequence[ExpRecord], repo: str | Path = ".", title: str = "Failure search",
+    missing: Sequence[str] = (),
 ) -> tuple[Path, str]:
+    """README.md + curves.png of ``records`` in ``out_dir``; ``missing`` names experiments asked
+    for but not found (listed under the table)."""
     curves = [read_curves(r, repo) for r in records]
     rows = [search_row(r, c.get("bnre")) for r, c in zip(records, curves, strict=True)]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +249,10 @@ def write_search_report(
         "",
         markdown_table(rows),
         "",
+        *([f"Not found in `dvc exp show` (left out): {', '.join(missing)}.", ""] if missing else []),
         "![live and EMA val mAP50-95 per epoch](curves.png)",
         "",
     ]
     (out_dir / "README.md").write_text("\n".join(text))
-    return out_dir / "README.md", markdown_table(rows)
+    table = markdown_table(rows)
+    return out_dir / "README.md", table + (f"\nnot found (left out): {', '.join(missing)}" if missing else "")

@@ -30,12 +30,16 @@ Labels, first rule that applies:
 
 1. ``diverged``: ``status == "diverged"``, or any curve value or loss is NaN or inf (a
    missing epoch is NaN: see :mod:`yoloqat.curves.reader`).
-2. ``no_learning``: ``best < min_peak`` (also: an empty curve).
-3. ``collapsed``: at least one collapse, and the run ends collapsed, ends low, or collapsed
+2. ``too_short``: at most ``grace_epochs`` epochs (an empty curve included).  Falls in the
+   grace epochs never count, so such a curve cannot show anything: at least
+   ``grace_epochs + 1`` epochs are needed for any of the labels below.  Not a failure and not
+   stable: the ladder and the reports leave such a curve out of the counts.
+3. ``no_learning``: ``best < min_peak``.
+4. ``collapsed``: at least one collapse, and the run ends collapsed, ends low, or collapsed
    twice or more (so a run that collapses twice is collapsed even when it ends recovered).
-4. ``unstable``: any dip (a fall to ``dip_ratio`` of the running best, recovered or not,
+5. ``unstable``: any dip (a fall to ``dip_ratio`` of the running best, recovered or not,
    including one recovered collapse); or more than ``max_swings`` swings; or the run ends low.
-5. ``stable``: everything else.  A plateau with a few percent of epoch-to-epoch noise and a slow
+6. ``stable``: everything else.  A plateau with a few percent of epoch-to-epoch noise and a slow
    late decline of a few percent are stable.
 """
 
@@ -49,7 +53,15 @@ from typing import Any
 
 from yoloqat.config import StabilityConfig
 
-LABELS = ("stable", "collapsed", "unstable", "diverged", "no_learning")
+STABLE, TOO_SHORT = "stable", "too_short"
+LABELS = ("stable", "collapsed", "unstable", "diverged", "no_learning", "too_short")
+# the labels of a judged curve that failed (too_short is not judged: neither stable nor failed)
+NOT_STABLE = ("collapsed", "unstable", "diverged", "no_learning")
+
+
+def min_epochs(cfg: StabilityConfig) -> int:
+    """The fewest epochs a curve needs for a verdict other than diverged or too_short."""
+    return cfg.grace_epochs + 1
 DEFAULT_STABILITY = StabilityConfig()
 
 
@@ -186,8 +198,10 @@ def classify_run(
         else:
             reason = "training reported status 'diverged'"
         label = "diverged"
-    elif epochs == 0:
-        label, reason = "no_learning", "the curve has no epochs"
+    elif epochs < min_epochs(cfg):
+        label = TOO_SHORT
+        reason = (f"{epochs} epoch(s); judging needs at least {min_epochs(cfg)} "
+                  f"(stability.grace_epochs={cfg.grace_epochs} + 1)")
     elif best < cfg.min_peak:
         label = "no_learning"
         reason = f"best {best:.4f} never reached min_peak {cfg.min_peak:g}"

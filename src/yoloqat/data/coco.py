@@ -2,7 +2,9 @@
 
 Real annotations are messy, so this converter never crashes halfway through a split: every
 item it cannot use is skipped, counted in the returned stats (which end up in the manifest)
-and summarised in one :class:`DataWarning` per kind.  Only an unusable *source* (missing or
+and summarised in one :class:`DataWarning` per kind.  That includes a bad field (a category id
+that is not an integer, a bbox that is not four finite numbers, an unhashable image id): the
+warning names the field, its value and the JSON file.  Only an unusable *source* (missing or
 invalid JSON) raises :class:`DataError`.
 
 Class indices must mean the same thing in train and val, so the category map is built once
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +43,8 @@ _COCO_SKIPS = (
     "crowd_boxes",
     "degenerate_boxes",
     "malformed_annotations",
+    "malformed_categories",
+    "malformed_images",
     "unknown_categories",
     "images_without_usable_boxes",
     "negatives_skipped",
@@ -60,26 +65,80 @@ def load_coco_json(json_path: Path) -> dict[str, Any]:
     return data
 
 
+_INT_TEXT = re.compile(r"^\s*[-+]?\d+\s*$")
+
+
+def category_id(value: Any) -> int | None:
+    """A COCO category id as an int, or None when it is not one (null, bool, "seven", 7.5, a list).
+
+    COCO ids are integers; an integral float (7.0) or integer text ("7") names the same id."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _INT_TEXT.match(value):
+        return int(value)
+    return None
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _categories(data: dict[str, Any]) -> tuple[list[tuple[int, str]], list[str]]:
+    """(id, name) of the usable categories, in file order, and a description of each bad one
+    (``categories[3].id=None``): no id, an id that is not an integer, or a repeated id."""
+    good: list[tuple[int, str]] = []
+    bad: list[str] = []
+    seen: set[int] = set()
+    raw = data.get("categories")
+    for i, c in enumerate(raw if isinstance(raw, list) else []):
+        if not isinstance(c, dict):
+            bad.append(f"categories[{i}]={_shown(c)}")
+            continue
+        cid = category_id(c.get("id"))
+        if cid is None:
+            bad.append(f"categories[{i}].id={_shown(c.get('id'))}")
+        elif cid in seen:
+            bad.append(f"categories[{i}].id={cid} (repeated)")
+        else:
+            seen.add(cid)
+            good.append((cid, str(c.get("name", cid))))
+    return good, bad
+
+
 def build_category_map(data: dict[str, Any]) -> tuple[dict[int, int], list[str]]:
     """COCO category id -> contiguous class index, in ascending id order, plus the names.
 
     COCO ids have gaps (1..90 for 80 classes); YOLO needs 0..nc-1.  Sorting by id makes the
-    mapping independent of the order categories happen to be listed in the file.
+    mapping independent of the order categories happen to be listed in the file.  Categories
+    whose id is missing, not an integer or repeated are left out (:func:`convert_coco` counts
+    them as ``malformed_categories``).
     """
-    cats = [c for c in data.get("categories") or [] if isinstance(c, dict) and "id" in c]
+    cats, _ = _categories(data)
     if cats:
-        ordered = sorted(cats, key=lambda c: int(c["id"]))
-        ids = [int(c["id"]) for c in ordered]
-        names = [str(c.get("name", c["id"])) for c in ordered]
+        ordered = sorted(cats)
+        ids = [cid for cid, _ in ordered]
+        names = [name for _, name in ordered]
     else:
-        # No categories block: fall back to the ids the annotations use, named by id.
-        ids = sorted({int(a["category_id"]) for a in _annotations(data) if "category_id" in a})
+        # No categories block: fall back to the ids the annotations use, named by id (a bad
+        # category_id is counted as a malformed annotation when its image is converted).
+        found = (category_id(a.get("category_id")) for a in _annotations(data))
+        ids = sorted({cid for cid in found if cid is not None})
         names = [str(i) for i in ids]
     return {cid: i for i, cid in enumerate(ids)}, names
 
 
 def _annotations(data: dict[str, Any]) -> list[dict[str, Any]]:
-    return [a for a in data.get("annotations") or [] if isinstance(a, dict)]
+    return [a for a in _annotation_rows(data) if isinstance(a, dict)]
+
+
+def _annotation_rows(data: dict[str, Any]) -> list[Any]:
+    raw = data.get("annotations")
+    return raw if isinstance(raw, list) else []
 
 
 def _positive(value: Any) -> float | None:
@@ -90,25 +149,36 @@ def _positive(value: Any) -> float | None:
     return None
 
 
+def _bbox(value: Any) -> tuple[float, float, float, float] | None:
+    """``[x, y, w, h]`` as four finite floats, or None (not a list of four real numbers)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
+    x, y, w, h = (float(v) for v in value)
+    return (x, y, w, h) if all(math.isfinite(v) for v in (x, y, w, h)) else None
+
+
 def _label_line(
-    ann: dict[str, Any], width: float, height: float, category_map: dict[int, int], skips: dict
+    ann: dict[str, Any], width: float, height: float, category_map: dict[int, int], skips: dict,
+    bad_fields: list[str], where: str,
 ) -> tuple[int, str] | None:
     if ann.get("iscrowd"):
         # Crowd regions box many instances at once; as a box they would teach wrong extents.
         skips["crowd_boxes"] += 1
         return None
-    try:
-        cls = category_map.get(int(ann["category_id"]))
-        x, y, w, h = (float(v) for v in ann["bbox"])
-    except (KeyError, TypeError, ValueError):
+    cid = category_id(ann.get("category_id"))
+    box = _bbox(ann.get("bbox"))
+    if cid is None or box is None:
         skips["malformed_annotations"] += 1
+        field = "category_id" if cid is None else "bbox"
+        bad_fields.append(f"{where}.{field}={_shown(ann.get(field))}")
         return None
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        skips["malformed_annotations"] += 1
-        return None
+    cls = category_map.get(cid)
     if cls is None:
         skips["unknown_categories"] += 1
         return None
+    x, y, w, h = box
     x1, y1 = max(x, 0.0), max(y, 0.0)
     x2, y2 = min(x + w, width), min(y + h, height)
     if x2 - x1 <= 1.0 or y2 - y1 <= 1.0:
@@ -118,6 +188,22 @@ def _label_line(
         cls, (x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height
     )
     return cls, line
+
+
+def _image_records(data: dict[str, Any], bad: list[str]) -> list[dict[str, Any]]:
+    """The usable image entries sorted by id (an int or a string, and a file name); each other
+    entry is described in ``bad`` (``images[2].id=None``)."""
+    records = []
+    for i, r in enumerate(data["images"]):
+        if not isinstance(r, dict):
+            bad.append(f"images[{i}]={_shown(r)}")
+        elif isinstance(r.get("id"), bool) or not isinstance(r.get("id"), (int, str)):
+            bad.append(f"images[{i}].id={_shown(r.get('id'))}")
+        elif not isinstance(r.get("file_name"), str) or not r["file_name"]:
+            bad.append(f"images[{i}].file_name={_shown(r.get('file_name'))}")
+        else:
+            records.append(r)
+    return sorted(records, key=lambda r: (str(type(r["id"])), r["id"]))
 
 
 def convert_coco(
@@ -142,8 +228,15 @@ def convert_coco(
 
     Pass the train conversion's ``category_map`` and ``names`` when converting val.
 
+    An entry with a bad field is skipped and counted, never fatal: a category without an integer
+    id (``malformed_categories``), an image without an int/str id or a file name
+    (``malformed_images``), an annotation without an integer ``category_id`` or a four-number
+    ``bbox``, or whose ``image_id`` is a list or mapping (``malformed_annotations``).  The
+    warning names the field, its value and the JSON file.
+
     Returns stats: ``split``, ``names``, ``images``, ``instances``, ``negatives``, ``per_class``,
-    ``skipped`` (counts by reason) and ``category_map`` (to pass on to the val conversion).
+    ``skipped`` (counts by reason), ``category_map`` (to pass on to the val conversion) and
+    ``sources`` (the source file of every image written, in output order).
     """
     if split not in SPLITS:
         raise DataError(f"data: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -162,17 +255,29 @@ def convert_coco(
     if len(class_names) != len(set(category_map.values())):
         raise DataError(f"data: {len(class_names)} class names for {len(category_map)} categories")
 
-    by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for ann in _annotations(data):
-        by_image[ann.get("image_id")].append(ann)
-    records = sorted(
-        (r for r in data["images"] if isinstance(r, dict) and "id" in r and r.get("file_name")),
-        key=lambda r: (str(type(r["id"])), r["id"]),
-    )
+    skips = dict.fromkeys(_COCO_SKIPS, 0)
+    examples: dict[str, list[str]] = {
+        "missing_images": [], "unreadable_images": [], "malformed_annotations": [],
+        "malformed_categories": _categories(data)[1], "malformed_images": [],
+    }
+    skips["malformed_categories"] = len(examples["malformed_categories"])
+    # each annotation with its index in the file, so a warning can point at it
+    by_image: dict[Any, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for i, ann in enumerate(_annotation_rows(data)):
+        if not isinstance(ann, dict):
+            skips["malformed_annotations"] += 1
+            examples["malformed_annotations"].append(f"annotations[{i}]={_shown(ann)}")
+            continue
+        image_id = ann.get("image_id")
+        if isinstance(image_id, (list, dict)):  # unhashable: cannot name an image
+            skips["malformed_annotations"] += 1
+            examples["malformed_annotations"].append(f"annotations[{i}].image_id={_shown(image_id)}")
+            continue
+        by_image[image_id].append((i, ann))
+    records = _image_records(data, examples["malformed_images"])
+    skips["malformed_images"] = len(examples["malformed_images"])
     order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(records))
 
-    skips = dict.fromkeys(_COCO_SKIPS, 0)
-    examples: dict[str, list[str]] = {"missing_images": [], "unreadable_images": []}
     accepted: list[tuple[Path, list[tuple[int, str]]]] = []
     for i in order.tolist():
         if len(accepted) >= max_images:
@@ -197,8 +302,10 @@ def convert_coco(
         height = _positive(record.get("height")) or float(real[1])
         labels = [
             lab
-            for ann in anns
-            if (lab := _label_line(ann, width, height, category_map, skips)) is not None
+            for i, ann in anns
+            if (lab := _label_line(ann, width, height, category_map, skips,
+                                   examples["malformed_annotations"], f"annotations[{i}]"))
+            is not None
         ]
         if anns and not labels:
             skips["images_without_usable_boxes"] += 1
@@ -212,7 +319,8 @@ def convert_coco(
     per_class = dict.fromkeys(class_names, 0)
     taken: set[str] = set()
     instances = negatives = 0
-    for src, labels in sorted(accepted, key=lambda item: item[0].as_posix()):
+    accepted.sort(key=lambda item: item[0].as_posix())
+    for src, labels in accepted:
         stem = unique_stem(src.stem, taken)
         link_or_copy(src, img_out / f"{stem}{src.suffix.lower()}")
         write_labels(lbl_out / f"{stem}.txt", [line for _, line in labels])
@@ -220,7 +328,9 @@ def convert_coco(
         negatives += not labels
         for cls, _ in labels:
             per_class[class_names[cls]] += 1
-    warn_skipped(f"coco {split}", skips, examples)
+    field_kinds = ("malformed_annotations", "malformed_categories", "malformed_images")
+    warn_skipped(f"coco {split}", skips, examples,
+                 where=dict.fromkeys(field_kinds, Path(json_path).name))
     return {
         "split": split,
         "names": class_names,
@@ -230,6 +340,7 @@ def convert_coco(
         "per_class": per_class,
         "skipped": skips,
         "category_map": dict(category_map),
+        "sources": [str(src) for src, _ in accepted],
     }
 
 

@@ -118,17 +118,69 @@ def probe_image(path: Path) -> tuple[int, int] | None:
     return (int(size[0]), int(size[1]))
 
 
-def warn_skipped(tag: str, skips: dict[str, int], examples: dict[str, list[str]]) -> None:
+def warn_skipped(
+    tag: str, skips: dict[str, int], examples: dict[str, list[str]],
+    where: dict[str, str] | None = None,
+) -> None:
     """One warning per kind of skipped item that occurred (with a few names where known),
-    instead of one per item: every kind the manifest counts is also said on the terminal."""
+    instead of one per item: every kind the manifest counts is also said on the terminal.
+    ``where`` names the file a kind's examples are in (``... in instances_val2017.json``)."""
     for kind, count in skips.items():
         if not count:
             continue
         files = examples.get(kind) or []
         shown = " (" + ", ".join(files[:3]) + (", ..." if len(files) > 3 else "") + ")" if files else ""
+        source = f" in {where[kind]}" if where and kind in where else ""
         warnings.warn(
-            f"{tag}: skipped {count} {kind.replace('_', ' ')}{shown}", DataWarning, stacklevel=3
+            f"{tag}: skipped {count} {kind.replace('_', ' ')}{shown}{source}", DataWarning,
+            stacklevel=3,
         )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def train_val_overlap(
+    dataset_dir: Path, train_sources: Sequence[str | Path], val_sources: Sequence[str | Path]
+) -> dict[str, int]:
+    """How many written val images are also train images, and warn when any are.
+
+    ``same_file``: val images imported from a file that a train image was imported from too
+    (e.g. a dataset yaml with ``val: images/train``, or COCO train and val JSONs listing one
+    folder); ``same_content``: val images whose bytes equal a written train image's (the same
+    file, or a copy under another name).  Val scores of such a dataset overstate the model, but
+    it may be deliberate (a smoke test), so it is a warning and the counts go in the manifest.
+    Only files of equal size are hashed.
+    """
+    dataset_dir = Path(dataset_dir)
+    train_real = {os.path.realpath(p) for p in train_sources}
+    same_file = sum(os.path.realpath(p) in train_real for p in val_sources)
+    by_size: dict[int, list[Path]] = {}
+    for img in image_files(images_dir(dataset_dir, "train")):
+        by_size.setdefault(img.stat().st_size, []).append(img)
+    hashed: dict[int, set[str]] = {}
+    val = image_files(images_dir(dataset_dir, "val"))
+    same_content = 0
+    for img in val:
+        size = img.stat().st_size
+        if size not in by_size:
+            continue
+        if size not in hashed:
+            hashed[size] = {_sha256(p) for p in by_size[size]}
+        same_content += _sha256(img) in hashed[size]
+    counts = {"val_images": len(val), "same_file": same_file, "same_content": same_content}
+    if same_file or same_content:
+        warnings.warn(
+            f"data: {max(same_file, same_content)} of {len(val)} val images are also train images "
+            f"({same_file} the same file, {same_content} the same content); val scores will "
+            "overstate the model", DataWarning, stacklevel=3,
+        )
+    return counts
 
 
 def unique_stem(stem: str, taken: set[str]) -> str:
@@ -224,7 +276,8 @@ def write_manifest(dataset_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     """Write manifest.json describing the dataset in ``dataset_dir`` and return it.
 
     ``info`` supplies what the files cannot tell: ``source``, ``seed``, ``params`` and
-    ``skipped`` (counts of items dropped on the way in); any other keys are kept as given.
+    ``skipped`` (counts of items dropped on the way in); any other keys are kept as given
+    (coco and yolo: ``train_val_overlap``, from :func:`train_val_overlap`).
     Everything else is measured from disk.  Nothing time- or host-dependent is recorded, so the
     same seed and params give a byte-identical manifest.
     """

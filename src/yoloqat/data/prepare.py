@@ -16,7 +16,7 @@ from typing import Any
 from ..config import DataConfig
 from .coco import convert_coco, merge_skips
 from .errors import DataError
-from .manifest import copy_calib, write_dataset_yaml, write_manifest
+from .manifest import copy_calib, train_val_overlap, write_dataset_yaml, write_manifest
 from .synthetic import generate_synthetic
 from .yolo import import_yolo
 
@@ -87,6 +87,7 @@ def _coco(cfg: DataConfig, seed: int, tmp: Path, root: Path) -> dict[str, Any]:
         runs.append(stats)
     write_dataset_yaml(tmp, runs[0]["names"])
     calib = copy_calib(tmp, cfg.calib_images, seed)
+    overlap = train_val_overlap(tmp, runs[0]["sources"], runs[1]["sources"])
     return {
         "source": "coco",
         "seed": seed,
@@ -106,6 +107,7 @@ def _coco(cfg: DataConfig, seed: int, tmp: Path, root: Path) -> dict[str, Any]:
             "train": runs[0]["skipped"], "val": runs[1]["skipped"],
             "calib": {"capped": cfg.calib_images - calib},
         },
+        "train_val_overlap": overlap,
         "_origin": f"COCO {str(base / cfg.coco_train_json)!r} (images {cfg.coco_train_images!r})",
     }
 
@@ -117,6 +119,7 @@ def _yolo(cfg: DataConfig, seed: int, tmp: Path, root: Path) -> dict[str, Any]:
     stats = import_yolo(
         dataset_yaml, tmp, cfg.train_images, cfg.val_images, cfg.calib_images, seed
     )
+    overlap = train_val_overlap(tmp, stats["sources"]["train"], stats["sources"]["val"])
     return {
         "source": "yolo",
         "seed": seed,
@@ -128,6 +131,7 @@ def _yolo(cfg: DataConfig, seed: int, tmp: Path, root: Path) -> dict[str, Any]:
         },
         "skipped": stats["skipped"],
         "skipped_per_split": stats["skipped_per_split"],
+        "train_val_overlap": overlap,
         "_origin": f"YOLO dataset {str(dataset_yaml)!r}",
     }
 

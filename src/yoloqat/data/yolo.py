@@ -157,17 +157,18 @@ def _import_split(
     seed: int,
     skips: dict[str, int],
     examples: dict[str, list[str]],
-) -> None:
+) -> list[Path]:
+    """Import up to ``limit`` images of one split; returns their source files, in order."""
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     img_out, lbl_out = images_dir(out_dir, split), labels_dir(out_dir, split)
     img_out.mkdir(parents=True, exist_ok=True)
     lbl_out.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
-    accepted = 0
+    accepted: list[Path] = []
     # Walk a seeded permutation until `limit` images are accepted, so skipped files do not
     # shrink the subset and the same seed picks the same images.
     for i in rng.permutation(len(images)).tolist():
-        if accepted >= limit:
+        if len(accepted) >= limit:
             break
         image = images[i]
         if not image.is_file() or probe_image(image) is None:
@@ -200,7 +201,8 @@ def _import_split(
         stem = unique_stem(image.stem, taken)
         link_or_copy(image, img_out / f"{stem}{image.suffix.lower()}")
         write_labels(lbl_out / f"{stem}.txt", lines)
-        accepted += 1
+        accepted.append(image)
+    return accepted
 
 
 def import_yolo(
@@ -212,17 +214,20 @@ def import_yolo(
     images sampled from the imported train split.
 
     Returns stats: ``names``, per split ``images``/``instances``/``negatives``/``per_class``,
-    ``skipped`` (counts by reason) and ``skipped_per_split``.
+    ``skipped`` (counts by reason), ``skipped_per_split`` and ``sources`` (per split, the
+    source file of every image imported).
     """
     dataset_yaml = Path(dataset_yaml)
     doc, root, names = read_dataset_yaml(dataset_yaml)
     sources = {s: list_split_images(doc, root, s, dataset_yaml) for s in ("train", "val")}
     out_dir = Path(out_dir)
     per_split: dict[str, dict[str, int]] = {}
+    imported: dict[str, list[str]] = {}
     for split, limit in (("train", max_train), ("val", max_val)):
         skips = dict.fromkeys(_YOLO_SKIPS, 0)
         examples: dict[str, list[str]] = {k: [] for k in _YOLO_SKIPS}
-        _import_split(sources[split], out_dir, split, limit, len(names), seed, skips, examples)
+        files = _import_split(sources[split], out_dir, split, limit, len(names), seed, skips, examples)
+        imported[split] = [str(f) for f in files]
         warn_skipped(f"yolo {dataset_yaml.name} {split}", skips, examples)
         per_split[split] = skips
     write_dataset_yaml(out_dir, names)
@@ -232,4 +237,5 @@ def import_yolo(
         "splits": {s: split_counts(out_dir, s, names) for s in ("train", "val", "calib")},
         "skipped": {k: per_split["train"][k] + per_split["val"][k] for k in _YOLO_SKIPS},
         "skipped_per_split": per_split,
+        "sources": imported,
     }

@@ -1,4 +1,5 @@
-"""The verdict stage: label the QAT run stable / collapsed / unstable / diverged / no_learning.
+"""The verdict stage: label the QAT run stable / collapsed / unstable / diverged / no_learning
+(or too_short: no more epochs than stability.grace_epochs).
 
 Reads what the qat stage wrote (DVCLive, ``dvcyaml=False``):
 
