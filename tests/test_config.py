@@ -290,7 +290,7 @@ def test_a_preset_fills_keys_left_at_their_default(tmp_path):
             node = resolved
             for part in dotted.split("."):
                 node = node[part]
-            assert node == value, (name, dotted)
+            assert (list(node) if isinstance(node, tuple) else node) == value, (name, dotted)
 
 
 def test_a_key_set_away_from_its_default_beats_the_preset(tmp_path):
@@ -313,3 +313,18 @@ def test_scientific_notation_written_by_dvc_is_a_number(tmp_path):
     path.write_text((REPO / "params.yaml").read_text().replace("dampening: 0.0 ", "dampening: 1e-x "))
     with pytest.raises(ConfigError, match=r"qat.dampening='1e-x'"):
         load_config(path)
+
+
+@pytest.mark.parametrize("bad", [["qc", "qc"], ["ema_qc"], "qc", [1], {"qc": 1}])
+def test_repair_curves_reject_unknown_repeated_or_non_list_values_in_one_line(tmp_path, bad):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_params(tmp_path, qat__repair_curves=bad))
+    assert str(err.value) == (f"params: qat.repair_curves={bad!r} is not allowed; expected a list of "
+                              "bnre | qc | bnre_qc without repeats (or [])")
+
+
+def test_repair_curves_keep_their_order_and_bn_batches_must_be_positive(tmp_path):
+    cfg = load_config(write_params(tmp_path, qat__repair_curves=["qc", "bnre"]))
+    assert cfg.qat.repair_curves == ("qc", "bnre") and cfg.qat.repair_bn_batches == 50
+    with pytest.raises(ConfigError, match=r"qat.repair_bn_batches=0 is not allowed"):
+        load_config(write_params(tmp_path, qat__repair_bn_batches=0))
