@@ -230,7 +230,22 @@ def test_fixture_decision_passes_yolo10n_and_asks_for_yolo10s(records):
     assert d.rung("yolo10n").p_value == pytest.approx(1 / 8)
     assert d.next_rung == "yolo10s" and d.rung("yolo10s").state == "incomplete"
     assert d.rung("yolo10m").blocked_by == "yolo10s"
-    assert "passed (EMA not stable in 0/3 seeds, live (control) in 3/3" in "\n".join(d.lines())
+    assert ("passed (EMA (no per-epoch QC curve: qat.repair_curves lacks qc) not stable in 0/3 seeds, "
+            "live (control) in 3/3") in "\n".join(d.lines())
+
+
+def test_the_rung_is_decided_on_the_ema_qc_curve_where_it_was_logged():
+    """With per-epoch repair curves the method is EMA + QC: an EMA curve that collapsed but was
+    repaired by QC at every epoch passes, and the output names the EMA+QC curve."""
+    recs = rung_seeds("yolo10n", ["collapsed"] * 3, live="collapsed")
+    for rec in recs:
+        rec.verdict.update({f"ema_qc_{k}": v for k, v in curve("stable").items()})
+    d = decide(group_runs(recs), CFG, PARAMS)
+    r = d.rung("yolo10n")
+    assert (r.state, r.method, r.ema_failed) == ("passed", "EMA+QC", 0)
+    assert "passed (EMA+QC not stable in 0/3 seeds" in "\n".join(d.lines())
+    run = group_runs(recs)[0].runs[0]
+    assert run.others["ema"].label == "collapsed"  # the plain EMA curve is kept as a row
 
 
 def test_no_failure_reproduced_stops_the_ladder():

@@ -11,8 +11,10 @@ metrics; a run whose verdict lacks the paired curves (made before they were logg
 as "no live curve".
 
 Per setting, over seeds: the *control* is the live curve (the training trajectory itself; for
-``ema=false`` runs it is the deployed curve), the *method* the EMA curve (EMA+QC: the same
-curve, QC being post-hoc, plus QC's own measured effect).  A curve *fails* when its verdict is
+``ema=false`` runs it is the deployed curve), the *method* the EMA + QC curve: the EMA model
+after QC at every epoch (``qat.repair_curves`` with ``qc``), what would be deployed at each
+epoch.  Runs that did not log it fall back to the EMA curve, and the output names the curve
+it decided on; every other curve of the run (EMA, each repair of each model) is kept per seed.  A curve *fails* when its verdict is
 not ``stable``; a ``too_short`` curve (no more epochs than ``stability.grace_epochs``) is neither
 stable nor failed and is left out of every count (its seed is not queued again: the same setting
 would give the same short curve).  Reported: failures of each, the paired one-sided exact McNemar p-value that
@@ -22,7 +24,7 @@ seeds it improved.
 Rung decision, on the setting that params.yaml configures (with the rung's model):
 
 * ``incomplete`` / ``not_started``: fewer than ``ladder.min_seeds`` seeds with an EMA curve;
-* ``failed``: some EMA(+QC) curve is not stable: the method does not hold at this size;
+* ``failed``: some EMA+QC curve is not stable: the method does not hold at this size;
 * ``no_failure``: every EMA curve is stable but the control never failed in any seed: the
   rung cannot show anything (no failure was reproduced);
 * ``passed``: the control failed in at least one seed and every EMA curve is stable.
@@ -142,7 +144,10 @@ class SeedRun:
     seed: int
     names: list[str] = field(default_factory=list)  # the experiments it was merged from
     live: CurveResult | None = None  # the control curve
-    ema: CurveResult | None = None  # the method curve
+    ema: CurveResult | None = None  # the method curve: EMA + QC per epoch where it was logged
+    method: str = ""  # which curve ``ema`` is: METHOD_EMA_QC, or METHOD_EMA (no QC curve)
+    # every other judged curve of the run by verdict prefix (ema, live_bnre, ema_bnre_qc, ...)
+    others: dict[str, CurveResult] = field(default_factory=dict)
     qc_delta: float | None = None
     w4a16: float | None = None
     gap: float | None = None  # FP reference (control when trained) minus W4A16, onnxruntime
@@ -165,6 +170,22 @@ def _newest_first(recs: Iterable[ExpRecord]) -> list[ExpRecord]:
     return sorted(recs, key=lambda r: (_KIND_RANK.get(r.kind, 0), r.timestamp or ""), reverse=True)
 
 
+# The method's curve: EMA + QC at every epoch (qat.repair_curves with qc), the model that would
+# be deployed; runs without it fall back to the EMA curve, and the output says which it was.
+METHOD_EMA_QC, METHOD_EMA = "EMA+QC", "EMA"
+OTHER_CURVES = ("ema", "live_bnre", "ema_bnre", "live_qc", "live_bnre_qc", "ema_bnre_qc")
+
+
+def method_name(runs: Sequence[SeedRun]) -> str:
+    """How the output names the method's curve over ``runs``."""
+    kinds = {r.method for r in runs if r.ema is not None}
+    if kinds <= {METHOD_EMA_QC}:
+        return METHOD_EMA_QC
+    if kinds == {METHOD_EMA}:
+        return "EMA (no per-epoch QC curve: qat.repair_curves lacks qc)"
+    return "EMA+QC or EMA (some seeds lack the per-epoch QC curve)"
+
+
 def merge_seed(seed: int, recs: Sequence[ExpRecord]) -> SeedRun:
     """One seed's evidence from its judged records; each field from the first record that has
     it, in the order EMA+QC, EMA only, EMA off (newest first within each)."""
@@ -176,8 +197,14 @@ def merge_seed(seed: int, recs: Sequence[ExpRecord]) -> SeedRun:
         v = rec.verdict
         run.names.append(rec.name)
         if rec.params["ema"]:
+            method = _curve(v, "ema_qc_")
             ema = _curve(v, "ema_") or (_curve(v, "") if "live_label" not in v else None)
-            run.ema = run.ema or ema
+            if run.ema is None and (method or ema):
+                run.ema, run.method = (method, METHOD_EMA_QC) if method else (ema, METHOD_EMA)
+            for name in OTHER_CURVES:
+                curve = _curve(v, f"{name}_")
+                if curve is not None:
+                    run.others.setdefault(name, curve)
             lacks_live = lacks_live or "live_label" not in v
             run.live = run.live or _curve(v, "live_")
         else:
@@ -405,6 +432,8 @@ class Rung:
     other_settings: int = 0  # groups of this model at other settings (never pooled)
     blocked_by: str | None = None
     too_short: int = 0  # seeds whose EMA curve was too short to judge (never counted)
+    # the curve the rung was decided on: "EMA+QC" (every seed logged it), else says what it was
+    method: str = METHOD_EMA_QC
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -412,12 +441,12 @@ class Rung:
     def text(self) -> str:
         if self.blocked_by:
             return f"waiting for {self.blocked_by}"
-        counts = (f"EMA not stable in {self.ema_failed}/{self.seeds} seeds, live (control) in "
+        counts = (f"{self.method} not stable in {self.ema_failed}/{self.seeds} seeds, live (control) in "
                   f"{self.live_failed}/{self.seeds}")
         p = f", paired p = {self.p_value:.3f}" if self.p_value is not None else ""
         return {
             PASSED: f"passed ({counts}{p})",
-            FAILED_RUNG: f"FAILED: EMA(+QC) is not stable ({counts}{p})",
+            FAILED_RUNG: f"FAILED: {self.method} is not stable ({counts}{p})",
             NO_FAILURE: f"no failure reproduced: the rung cannot show anything ({counts})",
             INCOMPLETE: f"incomplete ({self.seeds}/{self.need} seeds, {self.pending} queued"
                         + (f", {self.too_short} too short to judge: raise qat.epochs above "
@@ -439,7 +468,8 @@ class Decision:
 
     def lines(self) -> list[str]:
         out = [(f"Ladder {' -> '.join(RUNGS)} at the configured setting: a rung passes when "
-                f"the live curve (control) fails in >= 1 seed and every EMA(+QC) curve is "
+                f"the live curve (control) fails in >= 1 seed and every EMA+QC curve (EMA where "
+                f"no per-epoch QC curve was logged) is "
                 f"stable, over >= {self.min_seeds} seeds.")]
         out += [f"  {r.model}: {r.text()}" + (f"; {r.other_settings} other setting(s) not pooled"
                                               if r.other_settings and not r.blocked_by else "")
@@ -483,7 +513,7 @@ def _rung(model: str, groups: Sequence[Group], cfg: LadderConfig, params: dict[s
         state = PASSED
     return Rung(model, state, len(runs), cfg.min_seeds, ema_failed, live_failed,
                 p.p_value if p and p.pairs else None, pending, missing, others,
-                too_short=len(short))
+                too_short=len(short), method=method_name(runs))
 
 
 def decide(groups: Sequence[Group], cfg: LadderConfig, params: dict[str, Any]) -> Decision:
@@ -498,10 +528,10 @@ def decide(groups: Sequence[Group], cfg: LadderConfig, params: dict[str, Any]) -
             continue
         blocker = r.model
         if r.state == FAILED_RUNG:
-            summary = (f"EMA(+QC) is not stable on {r.model}: the ladder stops here; do not "
+            summary = (f"{r.method} is not stable on {r.model}: the ladder stops here; do not "
                        "climb to a larger model.")
         elif r.state == NO_FAILURE:
-            summary = (f"On {r.model} the control never failed, so stability of EMA(+QC) shows "
+            summary = (f"On {r.model} the control never failed, so stability of {r.method} shows "
                        "nothing; reproduce the failure first (a setting where the live curve "
                        "collapses) before climbing.")
         else:
