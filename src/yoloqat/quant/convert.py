@@ -383,7 +383,8 @@ def constant_quant_weights(model: nn.Module) -> Iterator[None]:
     Only for weights and scales that do not change inside the block (QC trains gamma/beta alone):
     the forward is then the same conv with the same weight values, without re-quantizing every
     call (Brevitas' own path, the decoupled quantizer's, costs a multiple of the conv on CPU).
-    The instance ``forward`` set here shadows the class's and is removed on exit.
+    The instance ``forward`` set here shadows the class's and is removed on exit; never deep-copy
+    a model inside the block (the copy's convs would call this model's).
     """
     patched = []
     for _, q in quant_convs(model):
@@ -392,7 +393,8 @@ def constant_quant_weights(model: nn.Module) -> Iterator[None]:
         w = quant_weight_value(q).to(q.weight.dtype)
 
         def forward(x: torch.Tensor, q: QuantConv2d = q, w: torch.Tensor = w) -> torch.Tensor:
-            return q.inner_forward_impl(x, w, q.bias)
+            # a validator may have turned the model to half precision (AMP on a GPU)
+            return q.inner_forward_impl(x, w if w.dtype == x.dtype else w.to(x.dtype), q.bias)
 
         q.forward = forward  # type: ignore[method-assign]
         patched.append(q)

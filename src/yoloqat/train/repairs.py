@@ -45,14 +45,6 @@ class RepairPlan:
         return "qc" in self.repairs or "bnre_qc" in self.repairs
 
 
-def bn_reestimated_copy(model: nn.Module, images: Iterator[torch.Tensor], batches: int) -> nn.Module:
-    from yoloqat.quant.bn_reestimate import reestimate_bn
-
-    out = copy.deepcopy(model)
-    reestimate_bn(out, images, batches)
-    return out.eval()
-
-
 def qc_corrected(model: nn.Module, calib: Any, plan: RepairPlan, device: torch.device) -> nn.Module:
     """QC applied in place to ``model`` (a copy the caller owns), as the qc stage applies it."""
     from ultralytics.cfg import get_cfg
@@ -82,16 +74,23 @@ def score_repairs(
     ``bn_images`` returns a fresh iterator over the BN re-estimation images (the same images on
     every call), ``calib`` the calibration loader, ``score`` the validation of a model.  The
     models themselves are never changed."""
+    from yoloqat.quant.bn_reestimate import reestimate_bn
+    from yoloqat.quant.convert import constant_quant_weights
+
     out: dict[str, dict[str, float | None]] = {}
     for name, model in models.items():
-        bnre = None
+        # a copy's weights and scales never change: each is quantized once per copy, for the BN
+        # passes, QC's steps and the validations alike (copies are made before patching)
         if plan.needs_bnre:
-            bnre = bn_reestimated_copy(model, islice(bn_images(), plan.bn_batches), plan.bn_batches)
-            if "bnre" in plan.repairs:
-                out[repair_group(name, "bnre")] = score(bnre)
+            bnre = copy.deepcopy(model)
+            with constant_quant_weights(bnre):
+                reestimate_bn(bnre, islice(bn_images(), plan.bn_batches), plan.bn_batches)
+                if "bnre" in plan.repairs:
+                    out[repair_group(name, "bnre")] = score(bnre.eval())
+                if "bnre_qc" in plan.repairs:
+                    out[repair_group(name, "bnre_qc")] = score(qc_corrected(bnre, calib(), plan, device))
         if "qc" in plan.repairs:
-            out[repair_group(name, "qc")] = score(qc_corrected(copy.deepcopy(model), calib(), plan, device))
-        if "bnre_qc" in plan.repairs:
-            assert bnre is not None
-            out[repair_group(name, "bnre_qc")] = score(qc_corrected(bnre, calib(), plan, device))
+            corrected = copy.deepcopy(model)
+            with constant_quant_weights(corrected):
+                out[repair_group(name, "qc")] = score(qc_corrected(corrected, calib(), plan, device))
     return out
