@@ -174,12 +174,22 @@ def test_files_that_are_not_checkpoints_get_the_readers_reason(tmp_path):
     notes.write_text("# my notes\n")
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    for path, reason in ((notes, "invalid load key, '#'"), (empty, "the file is empty")):
-        with pytest.raises(LoadFailed, match=reason):
-            weights_only_load(path)
-        with pytest.raises(CheckpointError) as err:
-            load_qat_checkpoint(path)
+    script = tmp_path / "script.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(script))
+    cases = ((notes, "invalid load key, '#'"), (empty, "the file is empty"),
+             (script, "a TorchScript archive, not a torch.save checkpoint"))
+    for path, reason in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(LoadFailed) as failed:
+                weights_only_load(path)
+            with pytest.raises(CheckpointError) as err:
+                load_qat_checkpoint(path)
+        assert str(failed.value) == reason
         assert str(err.value) == f"checkpoint {str(path)!r} is unreadable or corrupt ({reason})"
+        assert [str(w.message) for w in caught] == []
 
 
 def test_referenced_globals_reads_without_running(tmp_path):

@@ -43,10 +43,12 @@ class LoadFailed(Exception):
 
 @contextmanager
 def quiet_torch_load() -> Iterator[None]:
-    """Silence torch's two-line UserWarning about a pickle protocol other than 2 (any plain
-    ``pickle.dump`` file); the refusal that follows says what matters."""
+    """Silence torch's two-line UserWarnings about the kind of file (a pickle protocol other than
+    2, i.e. any plain ``pickle.dump`` file; a TorchScript archive); the one-line refusal that
+    follows says what matters."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
+        for words in (r"Detected pickle protocol", r".*looks like a TorchScript archive"):
+            warnings.filterwarnings("ignore", message=words, category=UserWarning)
         yield
 
 
@@ -62,6 +64,8 @@ def weights_only_load(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         raise _classified(exc, path) from None
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a corrupt file
+        if "TorchScript" in str(exc):
+            raise LoadFailed("a TorchScript archive, not a torch.save checkpoint") from None
         raise LoadFailed(failure_reason(exc)) from None
 
 
@@ -83,9 +87,11 @@ def restricted_ultralytics_load(path: Path) -> dict[str, Any]:
 
 _GLOBAL = re.compile(r"GLOBAL (\S+?)\.?(?=\s|$)")
 _OPERAND = re.compile(r"Unsupported operand (\d+)")
-# torch's and Ultralytics' advice around the reason; none of it is a reason
-_ADVICE = ("Weights only load failed", "weights_only", "Re-running", "Please file an issue",
-           "Check the documentation", "safe_globals", "ERROR ")
+# torch's and Ultralytics' words around the reason (headers, advice to turn the check off or to
+# allow-list the global); a sentence holding one of them is never the reason
+_ADVICE = ("Weights only load failed", "In PyTorch 2.6", "Re-running", "set to `False`",
+           "trusted source", "Please file an issue", "Check the documentation", "safe_globals",
+           "ERROR ❌")
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -132,10 +138,10 @@ def _classified(exc: BaseException, path: Path) -> Exception:
 def failure_reason(exc: BaseException) -> str:
     """``Type: first sentence`` of the innermost error of a loader that is not advice."""
     for e in reversed(_chain(exc)):
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if not any(a in ln for a in _ADVICE)]
+        sentences = [t.strip().rstrip(".") for ln in str(e).splitlines() for t in ln.split(". ")]
+        kept = [t for t in sentences if t and not any(a in t for a in _ADVICE)]
         if kept:
-            return f"{type(e).__name__}: {kept[0].split('. ')[0].rstrip('.')}"
+            return f"{type(e).__name__}: {kept[0]}"
     return type(exc).__name__
 
 
