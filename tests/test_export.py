@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +24,9 @@ from yoloqat.deploy.head import prepare_end2end, torch_end2end_dense
 from yoloqat.deploy.runtime import compare_end2end
 from yoloqat.errors import CheckpointError
 from yoloqat.offline import configure_offline
+from yoloqat.paths import EXPORT_RESULTS, ONNX_DIR
 from yoloqat.pipeline.export import export_models
+from yoloqat.pipeline.staging import staged_outputs
 from yoloqat.provenance import read_metrics
 from yoloqat.quant.checkpoint import load_qat_checkpoint, save_qat_checkpoint
 from yoloqat.quant.convert import (
@@ -106,13 +111,31 @@ def config(root: Path, imgsz: int = IMGSZ) -> Config:
                   fp=FPConfig(control=False))
 
 
+def staged_export(cfg: Config) -> tuple[dict, str]:
+    """export_models run as the stage runs it (in its staging mirror); metrics and stdout."""
+    cwd = Path.cwd()
+    out = io.StringIO()
+    try:
+        with staged_outputs(cfg, "export", [ONNX_DIR, EXPORT_RESULTS]) as staged_cfg, \
+                contextlib.redirect_stdout(out):
+            metrics = export_models(staged_cfg)
+    finally:
+        os.chdir(cwd)
+    return metrics, out.getvalue()
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported_staged(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     make_inputs(root)
-    metrics = export_models(config(root))
+    metrics, printed = staged_export(config(root))
     fq, _ = load_qat_checkpoint(root / "models/qc/best.qat.pt")
-    return root, metrics, fq
+    return root, metrics, fq, printed
+
+
+@pytest.fixture(scope="module")
+def exported(exported_staged):
+    return exported_staged[:3]
 
 
 def dq_weights(
@@ -400,7 +423,10 @@ def test_missing_or_corrupt_inputs_raise_one_line_errors(exported, tmp_path):
     (tmp_path / "models/qc/best.qat.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable or corrupt") as err:
         export_models(config(tmp_path))
-    assert "\n" not in str(err.value)
+    assert str(err.value) == (
+        f"checkpoint {str(tmp_path / 'models/qc/best.qat.pt')!r} is unreadable or corrupt "
+        "(invalid load key, 'n')"
+    )
     assert not (tmp_path / "models/onnx").exists()
 
 
@@ -418,13 +444,28 @@ def test_the_fp32_reference_is_the_equal_training_control_when_it_is_on(exported
     assert export_models(config(tmp_path))["fp32_source"] == "models/fp/best.pt"
 
 
+def test_the_summary_line_names_the_published_files(exported_staged):
+    """The stage writes into .yoloqat/staging/export; the line names where the files end up."""
+    root, metrics, _, printed = exported_staged
+    assert printed.startswith(
+        f"export: models/onnx/w4a16.onnx {metrics['w4a16_file_bytes'] / 1e6:.2f} MB ("
+    )
+    assert f" vs models/onnx/fp32.onnx {metrics['fp32_file_bytes'] / 1e6:.2f} MB: " in printed
+    assert "staging" not in printed and printed.count("\n") == 1
+    assert (root / "models/onnx/w4a16.onnx").is_file() and (root / "models/onnx/fp32.onnx").is_file()
+    assert not (root / ".yoloqat/staging/export").exists()
+
+
 def test_diverged_qat_exports_fp32_only(exported, tmp_path):
     root, _, _ = exported
     shutil.copytree(root / "models/fp", tmp_path / "models/fp")
     shutil.copytree(root / "data", tmp_path / "data")
     (tmp_path / "results/qat").mkdir(parents=True)
     (tmp_path / "results/qat/metrics.json").write_text(json.dumps({"status": "diverged"}))
-    metrics = export_models(config(tmp_path))
+    metrics, printed = staged_export(config(tmp_path))
+    assert printed == (
+        "export: W4A16 skipped (results/qat/metrics.json diverged); wrote models/onnx/fp32.onnx only\n"
+    )
     assert metrics["status"] == "skipped_diverged"
     assert (tmp_path / "models/onnx/fp32.onnx").is_file()
     assert not (tmp_path / "models/onnx/w4a16.onnx").exists()

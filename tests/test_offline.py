@@ -100,3 +100,37 @@ def test_the_trainer_args_dump_is_dropped_but_other_lines_stay():
     finally:
         LOGGER.removeHandler(handler)
     assert seen == ["      Epoch    GPU_mem   box_loss"]
+
+
+def test_an_unreadable_image_does_not_print_ultralytics_pi_heif_requirement(tmp_path):
+    """Ultralytics' patched PIL.Image.open asks for pi-heif whenever Pillow cannot identify a
+    file (it cannot install it here); the project's own skip warning says it once instead."""
+    import logging
+
+    from yoloqat.data.manifest import probe_image
+    from yoloqat.offline import _HeifRequirementLine, configure_offline
+
+    configure_offline()
+    from ultralytics.utils import LOGGER
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    handler = Keep()
+    LOGGER.addHandler(handler)
+    (ours,) = [f for f in LOGGER.filters if isinstance(f, _HeifRequirementLine)]
+    try:
+        assert probe_image(bad) is None and probe_image(bad) is None
+        assert seen == []
+        # without the filter, Ultralytics says it once per bad file
+        LOGGER.removeFilter(ours)
+        assert probe_image(bad) is None
+    finally:
+        LOGGER.addFilter(ours)
+        LOGGER.removeHandler(handler)
+    assert len(seen) == 1 and "requirement ['pi-heif'] not found" in seen[0]

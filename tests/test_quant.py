@@ -148,8 +148,7 @@ def test_corrupt_and_foreign_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="unreadable or corrupt") as err:
         load_qat_checkpoint(bad)
     assert str(err.value) == (
-        f"checkpoint {str(bad)!r} is unreadable or corrupt, or holds more than weights "
-        "(weights-only load refused: Unsupported operand 110)"
+        f"checkpoint {str(bad)!r} is unreadable or corrupt (invalid load key, 'n')"
     )
     other = tmp_path / "other.pt"
     torch.save({"model": None}, other)
@@ -234,9 +233,8 @@ def test_a_pickled_object_is_refused_with_one_line(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg == (
-        f"checkpoint {str(evil)!r} is unreadable or corrupt, or holds more than weights "
-        "(weights-only load refused: Unsupported global: GLOBAL tests.test_quant._Payload was "
-        "not an allowed global by default)"
+        f"checkpoint {str(evil)!r} holds more than weights and was not loaded "
+        "(weights-only load refused: unsupported GLOBAL tests.test_quant._Payload)"
     )
 
 
@@ -249,7 +247,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_with_the_loaders_reason(tmp_
         check_start_checkpoint(text, "qat.init", "notes.pt")
     assert str(err.value) == (
         "params: qat.init='notes.pt' is not allowed; expected an Ultralytics YOLO .pt checkpoint "
-        "(unreadable or corrupt: UnpicklingError: invalid load key, '#'.)"
+        "(unreadable or corrupt: invalid load key, '#')"
     )
     state = tmp_path / "state.pt"
     torch.save({"model": {"w": torch.zeros(1)}}, state)

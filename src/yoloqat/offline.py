@@ -39,6 +39,7 @@ def configure_offline(state_dir: Path | None = None) -> Path:
     import ultralytics.utils as uu
 
     _drop_trainer_args_line(logging.getLogger(uu.LOGGING_NAME))
+    _drop_heif_requirement_line(logging.getLogger(uu.LOGGING_NAME))
 
     # Ultralytics' own DVCLive callback would write ./dvclive from every stage; the project
     # logs through its own Live objects instead.  Other integrations are off for the same reason.
@@ -85,3 +86,23 @@ class _TrainerArgsLine(logging.Filter):
 def _drop_trainer_args_line(logger: logging.Logger) -> None:
     if not any(isinstance(f, _TrainerArgsLine) for f in logger.filters):
         logger.addFilter(_TrainerArgsLine())
+
+
+class _HeifRequirementLine(logging.Filter):
+    """Drops Ultralytics' "requirements: Ultralytics requirement ['pi-heif'] not found" warning.
+
+    Ultralytics patches ``PIL.Image.open``: a file Pillow cannot identify makes it look for the
+    pi-heif plugin (HEIC photos), once per such file, and it can never install it here
+    (``YOLO_AUTOINSTALL=false``, offline).  The project probes every image with Pillow when it
+    prepares a dataset and reports the unreadable ones itself (``<stage>: warning: ...
+    unreadable images``), so the line only repeats that, once per bad file.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("pi-heif" in msg and "not found" in msg)
+
+
+def _drop_heif_requirement_line(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _HeifRequirementLine) for f in logger.filters):
+        logger.addFilter(_HeifRequirementLine())

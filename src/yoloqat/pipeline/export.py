@@ -179,7 +179,7 @@ def export_models(cfg: Config) -> dict[str, Any]:
             **metrics,
         }
         _finish(cfg, results_dir, metrics, t0)
-        print(f"export: W4A16 skipped ({diverged} diverged); wrote {fp_path} only")
+        print(f"export: W4A16 skipped ({diverged} diverged); wrote {FP32_ONNX} only")
         return metrics
 
     w_path = cfg.resolve(W4A16_ONNX)
@@ -218,9 +218,10 @@ def export_models(cfg: Config) -> dict[str, Any]:
         "parity_images_same_order": parity["images_same_order"],
     }
     _finish(cfg, results_dir, metrics, t0)
+    # the paths the files end up at (relative to the repo), not where a staged run writes them
     print(
-        f"export: {w_path} {w_size / 1e6:.2f} MB ({counts['int4_convs']} int4 + "
-        f"{counts['int8_convs']} int8 + {counts['float_convs']} float convs) vs {fp_path} "
+        f"export: {W4A16_ONNX} {w_size / 1e6:.2f} MB ({counts['int4_convs']} int4 + "
+        f"{counts['int8_convs']} int8 + {counts['float_convs']} float convs) vs {FP32_ONNX} "
         f"{fp_size / 1e6:.2f} MB: size ratio {metrics['size_ratio']:.3f}; max |ORT - PyTorch| "
         f"{metrics['parity_max_abs_diff']:.3g} over {x.shape[0]} images"
     )

@@ -18,7 +18,11 @@ from yoloqat.paths import (
     QAT_RESULTS,
 )
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
-from yoloqat.quant.checkpoint import check_start_checkpoint, save_qat_checkpoint
+from yoloqat.quant.checkpoint import (
+    check_start_checkpoint,
+    load_ultralytics_model,
+    save_qat_checkpoint,
+)
 from yoloqat.quant.convert import QuantRecipe
 from yoloqat.quant.ema import averaging_window, ema_decay_at
 from yoloqat.train.live import EpochLogger, curve_summary
@@ -42,6 +46,7 @@ def init_model_arg(cfg: Config) -> str:
         best = FP_CHECKPOINT
         if not best.is_file():
             raise CheckpointError(f"qat.init=fp needs {best}; run the train_fp stage first")
+        load_ultralytics_model(best, "FP checkpoint")  # restricted load before the trainer's
         return str(best.resolve())
     if cfg.qat.init == "scratch":
         return MODEL_YAML[cfg.model]

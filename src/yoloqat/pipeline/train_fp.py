@@ -24,7 +24,7 @@ from yoloqat.paths import (
     FP_RESULTS,
 )
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
-from yoloqat.quant.checkpoint import check_start_checkpoint
+from yoloqat.quant.checkpoint import check_start_checkpoint, load_ultralytics_model
 from yoloqat.train.live import EpochLogger, curve_summary
 from yoloqat.train.overrides import (
     KEPT_RUN_DIR,
@@ -80,6 +80,7 @@ def train_fp_control(cfg: Config) -> dict[str, Any]:
     else:
         if not FP_CHECKPOINT.is_file():
             raise CheckpointError(f"{FP_CHECKPOINT} not found; run the train_fp stage first")
+        load_ultralytics_model(FP_CHECKPOINT, "FP checkpoint")  # restricted load before the trainer's
         require_dataset()
         summary = _train(cfg, logger, FP_CONTROL_DIR, FP_CONTROL_RESULTS, {
             "model": str(FP_CHECKPOINT.resolve()), "patience": max(cfg.qat.epochs, 1),

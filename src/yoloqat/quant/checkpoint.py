@@ -8,9 +8,11 @@ weights.  The baked checkpoint (``<stem>.pt``) replaces every quantized conv by 
 ``ultralytics.YOLO(path)`` loads it with no project code.
 
 A ``.qat.pt`` holds only plain containers, numbers, strings and tensors, so it is read with
-``torch.load(weights_only=True)``: a file received from someone else cannot run code when it
-is loaded.  Ultralytics ``.pt`` files are pickled modules and need the full unpickler; they must
-come from a trusted source.
+``torch.load(weights_only=True)`` and its model yaml is checked before a model is built from it:
+a file received from someone else cannot run code when it is loaded.  An Ultralytics ``.pt``
+(pickled modules) is first read with Ultralytics' restricted loader and its yaml checked the
+same way (:mod:`yoloqat.quant.safeload`); only a file that passes goes on to Ultralytics' own
+loader, which uses the full unpickler.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ from yoloqat.quant.convert import (
     remove_fake_quant_mode,
 )
 from yoloqat.quant.correction import corrected_convs, wrap_convs
+from yoloqat.quant.safeload import (
+    LoadFailed,
+    LoadRefused,
+    failure_reason,
+    model_yaml_problem,
+    restricted_ultralytics_load,
+    weights_only_load,
+)
 
 FORMAT = "yoloqat-qat-v1"
 
@@ -128,18 +138,21 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def _weights_only_reason(exc: BaseException) -> str:
-    """The weights-only unpickler's own reason ("Unsupported global: GLOBAL x.Y ...").
-
-    torch's message opens with advice to retry with ``weights_only=False``, which is exactly
-    what must not be done with an untrusted file, so only the reason is kept.
-    """
-    text = str(exc)
-    if "WeightsUnpickler error:" not in text:
-        return loader_reason(exc)
-    reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("\n\n")[:2]).split()
-    first = " ".join(reason).split(". ")[0].rstrip(".")
-    return f"weights-only load refused: {first}"
+def _payload_problem(payload: Any) -> str | None:
+    """What keeps a weights-only-loaded object from being a QAT checkpoint to rebuild, or None."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        return f"is not a yoloqat QAT checkpoint (expected format {FORMAT})"
+    kinds = {"nc": int, "names": (dict, list), "recipe": dict, "state_dict": dict}
+    for key, kind in kinds.items():
+        if not isinstance(payload.get(key), kind):
+            return f"is not a valid {FORMAT} checkpoint ({key!r} is missing or of the wrong type)"
+    if not all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values()):
+        return f"is not a valid {FORMAT} checkpoint (its state_dict holds more than tensors)"
+    corrected = payload.get("corrected", [])
+    if not (isinstance(corrected, list) and all(isinstance(n, str) for n in corrected)):
+        return f"is not a valid {FORMAT} checkpoint ('corrected' is not a list of layer names)"
+    problem = model_yaml_problem(payload.get("yaml"))
+    return f"was not loaded: {problem}" if problem else None
 
 
 def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -152,23 +165,27 @@ def load_qat_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         # weights_only: refuses any pickled object beyond containers and tensors, so loading a
         # .qat.pt cannot run code (see the module docstring).
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a corrupt file
+        payload = weights_only_load(path)
+    except LoadRefused as exc:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is unreadable or corrupt, or holds more than weights "
-            f"({_weights_only_reason(exc)})"
+            f"checkpoint {str(path)!r} holds more than weights and was not loaded "
+            f"(weights-only load refused: {exc})"
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a yoloqat QAT checkpoint (expected format {FORMAT})"
-        )
-    model = DetectionModel(copy.deepcopy(payload["yaml"]), nc=payload["nc"], verbose=False)
-    model.names = payload["names"]
-    quantize_model(model, QuantRecipe.from_dict(payload["recipe"]))
+    except LoadFailed as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or corrupt ({exc})") from None
+    problem = _payload_problem(payload)
+    if problem:
+        raise CheckpointError(f"checkpoint {str(path)!r} {problem}")
     try:
+        # the yaml passed model_yaml_problem: building from it runs no code it names
+        model = DetectionModel(copy.deepcopy(payload["yaml"]), nc=payload["nc"], verbose=False)
+        model.names = payload["names"]
+        quantize_model(model, QuantRecipe.from_dict(payload["recipe"]))
         wrap_convs(model, list(payload.get("corrected", [])))
-    except (AttributeError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match its recipe ({exc})") from None
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match its recipe ({failure_reason(exc)})"
+        ) from None
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
@@ -184,47 +201,58 @@ def weights_finite(model: nn.Module) -> bool:
     )
 
 
-def loader_reason(exc: BaseException) -> str:
-    """``Type: first line`` of a loader's exception, for a one-line error message."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def _ultralytics_model(path: Path) -> nn.Module:
-    """The model of an Ultralytics ``.pt``; CheckpointError whose message is only the reason."""
+    """The model of an Ultralytics ``.pt``; CheckpointError whose message is only the reason.
+
+    Read with ``weights_only=True`` first (a project-format or plain-data file needs no more),
+    then, for pickled modules, with Ultralytics' restricted loader; never the full unpickler.
+    """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001  (torch raises many types for a corrupt file)
-        raise CheckpointError(f"unreadable or corrupt: {loader_reason(exc)}") from None
+        ckpt = weights_only_load(path)
+    except LoadFailed as exc:
+        raise CheckpointError(f"unreadable or corrupt: {exc}") from None
+    except LoadRefused:
+        try:
+            ckpt = restricted_ultralytics_load(path)
+        except LoadRefused as exc:
+            raise CheckpointError(f"weights-only load refused: {exc}") from None
+        except LoadFailed as exc:
+            raise CheckpointError(f"unreadable or corrupt: {exc}") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        name = Path(path).name
+        baked = name[: -len(".qat.pt")] + ".pt" if name.endswith(".qat.pt") else "<stem>.pt"
+        raise CheckpointError(f"a yoloqat QAT checkpoint; its baked copy {baked} is the Ultralytics one")
     model = None
     if isinstance(ckpt, dict):
         model = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
     if not isinstance(model, nn.Module) or not hasattr(model, "model"):
         raise CheckpointError("not an Ultralytics checkpoint: no model under 'ema' or 'model'")
+    # Ultralytics' trainer rebuilds the model from this yaml (eval() on its activation)
+    problem = model_yaml_problem(getattr(model, "yaml", None))
+    if problem:
+        raise CheckpointError(problem)
     return model
 
 
 def load_ultralytics_model(path: Path, what: str = "checkpoint") -> nn.Module:
-    """The float model of an Ultralytics ``.pt`` (its EMA, else its model), on CPU in eval mode.
-
-    Ultralytics checkpoints are pickled modules, so this uses the full unpickler: load only
-    files from a trusted source.
-    """
+    """The float model of an Ultralytics ``.pt`` (its EMA, else its model), on CPU in eval mode,
+    read with Ultralytics' restricted loader (see :func:`_ultralytics_model`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} not found; run the stage that writes it")
     try:
         model = _ultralytics_model(path)
     except CheckpointError as exc:
-        raise CheckpointError(f"{what} {str(path)!r} is {exc}") from None
+        raise CheckpointError(f"{what} {str(path)!r} is not allowed ({exc})") from None
     return model.float().cpu().eval()
 
 
 def check_start_checkpoint(path: Path, key: str, value: str) -> None:
-    """A params-named Ultralytics ``.pt`` (``fp.init_checkpoint``, ``qat.init``) must load
-    before training starts; Ultralytics' own loader would fail later with chained tracebacks.
+    """A params-named Ultralytics ``.pt`` (``fp.init_checkpoint``, ``qat.init``) must pass the
+    restricted load before Ultralytics' trainer opens it with the full unpickler (which would
+    run any code the file names, and fail later with chained tracebacks on a bad file).
 
-    Loading it once more costs about a second and puts the loader's reason in the one line.
+    Loading it once more costs about a second and puts the reason in the one line.
     """
     try:
         _ultralytics_model(Path(path))
