@@ -3,9 +3,11 @@
 ``yoloqat remedies --variant "LABEL=CURVE:exp1,exp2,exp3" ...`` reads the named DVC experiments
 and, for every variant, judges the chosen curve of each run (``live``: plain QAT, ``ema``: the
 EMA model, ``bnre``: the deployed model after BN re-estimation) by the README's stability rules,
-then writes ``README.md`` (the variant table, and per run QC's before/after, onnxruntime W4A16,
-QAT seconds and frozen fraction) and ``curves.png`` (one panel per variant, one line per seed) to
-``--out``.  Several variants may read different curves of the same runs: the live and EMA curves
+then writes ``README.md`` (the variant table; the endpoint table of
+:mod:`yoloqat.analysis.endpoint_table`: best, final, post-peak drawdown and AUC after warm-up per
+variant, with the paired AUC difference to the first ``live`` variant; per run QC's
+before/after, onnxruntime W4A16, QAT seconds and frozen fraction) and ``curves.png`` (one panel
+per variant, one line per seed) to ``--out``.  Several variants may read different curves of the same runs: the live and EMA curves
 of one run are one training trajectory, so they are paired.
 
 Where a run's verdict stage stored a label for the curve (``live_label``, ``ema_label``,

@@ -18,7 +18,9 @@ Definitions (thresholds from :class:`yoloqat.config.StabilityConfig`):
 * ``max_drawdown``: the largest ``(rb - value) / rb`` over the curve, in ``[0, 1]``.
 * An epoch is *armed* (can start a fall) once the run has learned: its epoch number is above
   ``grace_epochs`` and ``rb >= max(min_peak, learned_fraction * max(smooth))``.  Before that,
-  the noise of a from-scratch start is not a collapse.
+  the noise of a from-scratch start is not a collapse.  The verdict stage judges a QAT run
+  with ``grace_epochs`` raised to ``ceil(qat.warmup_epochs)`` (:func:`after_warmup`): falls
+  while the learning rate still ramps up are the warm-up's.
 * A **collapse** starts at an armed epoch whose value is ``< collapse_ratio * rb`` and ends at
   the first later epoch whose value is ``>= recovered_ratio * rb`` (hysteresis: wobbling
   around the line is one event).  A **dip** is counted the same way with the entry line

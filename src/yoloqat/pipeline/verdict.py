@@ -1,5 +1,7 @@
 """The verdict stage: label the QAT run stable / collapsed / unstable / diverged / no_learning
-(or too_short: no more epochs than stability.grace_epochs).
+(or too_short: no more epochs than the grace epochs).  A run is judged from the end of its
+warm-up: the grace epochs are ``max(stability.grace_epochs, ceil(qat.warmup_epochs))``
+(:func:`yoloqat.curves.stability.after_warmup`).
 
 Reads what the qat stage wrote (DVCLive, ``dvcyaml=False``):
 
