@@ -56,8 +56,10 @@ def test_ladder_from_json_no_report(params, capsys):
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["model", "setting", "seeds"]
     assert lines[1].split()[:3] == ["yolo10n", "default", "3"]
-    assert ("  yolo10n: passed (EMA not stable in 0/3 seeds, live (control) in 3/3, "
-            "paired p = 0.125)") in lines
+    assert ("  yolo10n: passed (EMA (no per-epoch QC curve: qat.repair_curves lacks qc) not stable "
+            "in 0/3 seeds, live (control) in 3/3, paired p = 0.125)") in lines
+    # per setting, the endpoint table (the fixture's curves are not in this repo: verdict values)
+    assert "Endpoints: yolo10n default (seeds 0, 1, 2), AUC from epoch 1" in lines
     assert "  yolo10s: incomplete (1/3 seeds, 1 queued)" in lines
     assert "  yolo10m: waiting for yolo10s" in lines
     assert lines[-1].startswith("Next rung: yolo10s.")
@@ -71,6 +73,7 @@ def test_ladder_json_and_queue_next_dry_run(params, capsys):
     data = json.loads(cap.out)  # stdout stays pure JSON
     assert [len(g["runs"]) for g in data["groups"]] == [3, 1]
     assert data["decision"]["next_rung"] == "yolo10s"
+    assert [e["model"] for e in data["endpoints"]] == ["yolo10n", "yolo10s"]
     assert [r["state"] for r in data["decision"]["rungs"]] == ["passed", "incomplete",
                                                                 "not_started"]
     assert f"would run: {GRID_CMD}" in cap.err

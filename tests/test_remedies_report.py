@@ -55,6 +55,11 @@ def test_report_writes_tables_and_plot(tmp_path, monkeypatch):
     assert "| none | live | 2 | 1/2 | collapsed, stable | 0.265 ± 0.007 | 0.150 ± 0.170 | - |" in text
     # QC corrected the EMA model of s0 only (s1 has no qc metrics): no mean over part of the runs
     assert "| EMA | ema | 2 | 2/2 | stable, stable | 0.270 ± 0.000 | 0.270 ± 0.000 | - |" in text
+    # endpoints vs the first live row, paired by position (no seed params): AUC = mean of all
+    # epochs (no warm-up), STABLE 1.35 / 6 = 0.225, COLLAPSED 0.73 / 6; EMA - live: 0.103, 0
+    assert ("| EMA | 2/2 | 0.270 ± 0.000 | 0.270 ± 0.000 | 0.000 ± 0.000 | 0.225 ± 0.000 "
+            "| +0.052 [-inf, +inf] | 0.500/1.000 | - |") in text
+    assert "paired by position in the variant" in text
     assert "| s0 | 0.2000 -> 0.2800 (+0.0800) | 0.2810 | - | - |" in text
     assert "| s1 | - -> - (-) | - | 321 | 0.123 |" in text
     assert "yoloqat remedies --variant 'none=live:s0,s1' --variant 'EMA=ema:s0,s1'" in text

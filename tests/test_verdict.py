@@ -226,3 +226,16 @@ def test_bn_reestimation_curve_gets_its_own_verdict_when_on(tmp_path):
     assert on["bnre_label"] == "collapsed" and on["bnre_best"] == 0.28 and on["label"] == "stable"
     off = judge_qat_run(make_cfg(tmp_path, ema=True))
     assert off["bnre_label"] is None and off["bnre_best"] is None
+
+
+def test_a_fall_inside_the_warm_up_does_not_count_the_same_fall_after_it_does(tmp_path):
+    """Judged from the end of warm-up: grace = max(stability.grace_epochs, ceil(qat.warmup_epochs))."""
+    write_qat(tmp_path, [0.20, 0.25, 0.28, 0.10, 0.28, 0.29, 0.30, 0.30])  # falls at epoch 4
+
+    def label(warmup: float) -> str:
+        return judge_qat_run(make_cfg(tmp_path, qat={"bits": 4, "warmup_epochs": warmup}))["label"]
+
+    assert label(4.0) == "stable" and label(3.5) == "stable"  # epoch 4 is inside the warm-up
+    assert label(3.0) == "unstable" and label(0.0) == "unstable"  # after it: a recovered collapse
+    write_qat(tmp_path, [0.20, 0.25, 0.28])
+    assert label(3.0) == "too_short" and label(0.0) == "stable"  # every epoch was warm-up

@@ -83,11 +83,18 @@ def ladder_main(argv: list[str]) -> int:
         models, left_out = None, []
         if not args.no_report and not args.out:  # never replace committed evidence from commits
             models, left_out = committed_report_models(records, rows, repo / LADDER_REPORTS)
+        from yoloqat.analysis import endpoint_table
+
+        ends = endpoint_table.ladder_tables(rows, endpoint_table.default_reader(repo))
         if args.json:
-            print(json.dumps(ladder_json(rows, decision), indent=2))
+            print(json.dumps({**ladder_json(rows, decision),
+                              "endpoints": endpoint_table.ladder_json(ends)}, indent=2))
         else:
             print(format_table(rows) if rows else "no runs found")
             print()
+            if ends:  # per setting: endpoints of every curve, paired to live by seed
+                print(endpoint_table.ladder_text(ends))
+                print()
             print("\n".join(decision.lines()))
         if not args.no_report:
             from yoloqat.analysis.report import write_reports

@@ -186,14 +186,18 @@ def method_name(runs: Sequence[SeedRun]) -> str:
     return "EMA+QC or EMA (some seeds lack the per-epoch QC curve)"
 
 
+def merge_order(recs: Iterable[ExpRecord]) -> list[ExpRecord]:
+    """The order a seed's records give evidence in: EMA+QC runs first (the method), then
+    EMA-only, then EMA-off controls; newest first within each."""
+    return sorted(_newest_first(recs), key=lambda r: (not r.params["ema"], not r.params["qc"]))
+
+
 def merge_seed(seed: int, recs: Sequence[ExpRecord]) -> SeedRun:
     """One seed's evidence from its judged records; each field from the first record that has
     it, in the order EMA+QC, EMA only, EMA off (newest first within each)."""
     run = SeedRun(seed)
     lacks_live = False
-    # EMA+QC runs first (the method), then EMA-only, then EMA-off controls; newest first
-    ordered = sorted(_newest_first(recs), key=lambda r: (not r.params["ema"], not r.params["qc"]))
-    for rec in ordered:
+    for rec in merge_order(recs):
         v = rec.verdict
         run.names.append(rec.name)
         if rec.params["ema"]:

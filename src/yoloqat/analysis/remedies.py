@@ -3,9 +3,11 @@
 ``yoloqat remedies --variant "LABEL=CURVE:exp1,exp2,exp3" ...`` reads the named DVC experiments
 and, for every variant, judges the chosen curve of each run (``live``: plain QAT, ``ema``: the
 EMA model, ``bnre``: the deployed model after BN re-estimation) by the README's stability rules,
-then writes ``README.md`` (the variant table, and per run QC's before/after, onnxruntime W4A16,
-QAT seconds and frozen fraction) and ``curves.png`` (one panel per variant, one line per seed) to
-``--out``.  Several variants may read different curves of the same runs: the live and EMA curves
+then writes ``README.md`` (the variant table; the endpoint table of
+:mod:`yoloqat.analysis.endpoint_table`: best, final, post-peak drawdown and AUC after warm-up per
+variant, with the paired AUC difference to the first ``live`` variant; per run QC's
+before/after, onnxruntime W4A16, QAT seconds and frozen fraction) and ``curves.png`` (one panel
+per variant, one line per seed) to ``--out``.  Several variants may read different curves of the same runs: the live and EMA curves
 of one run are one training trajectory, so they are paired.
 
 Where a run's verdict stage stored a label for the curve (``live_label``, ``ema_label``,
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from yoloqat.analysis.endpoint_table import remedies_rows, remedies_text
 from yoloqat.analysis.experiments import ExpRecord, read_curves, resolved_params
 from yoloqat.analysis.search import finish_panel, judge_with_defaults, panel_grid, save_figure
 from yoloqat.errors import ExperimentsError
@@ -166,7 +169,9 @@ def write_remedies_report(out_dir: Path, variants: Sequence[Variant], by_name: d
         absent = tuple(f"{n} (not found)" for n in v.names if n not in by_name)
         rows.append(replace(row, missing=row.missing + absent) if absent else row)
     ordered = [n for n in dict.fromkeys(n for v in variants for n in v.names) if n in by_name]
-    tables = variant_table(rows) + "\n\n" + run_table([by_name[n] for n in ordered])
+    ends, pairing = remedies_rows(variants, by_name, curves, _judge)
+    tables = (variant_table(rows) + "\n\n" + remedies_text(ends, pairing) + "\n\n"
+              + run_table([by_name[n] for n in ordered]))
     command = "yoloqat remedies " + " ".join(
         f"--variant '{v.label}={v.curve}:{','.join(v.names)}'" for v in variants)
     out_dir.mkdir(parents=True, exist_ok=True)

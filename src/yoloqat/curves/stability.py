@@ -18,7 +18,9 @@ Definitions (thresholds from :class:`yoloqat.config.StabilityConfig`):
 * ``max_drawdown``: the largest ``(rb - value) / rb`` over the curve, in ``[0, 1]``.
 * An epoch is *armed* (can start a fall) once the run has learned: its epoch number is above
   ``grace_epochs`` and ``rb >= max(min_peak, learned_fraction * max(smooth))``.  Before that,
-  the noise of a from-scratch start is not a collapse.
+  the noise of a from-scratch start is not a collapse.  The verdict stage judges a QAT run
+  with ``grace_epochs`` raised to ``ceil(qat.warmup_epochs)`` (:func:`after_warmup`): falls
+  while the learning rate still ramps up are the warm-up's.
 * A **collapse** starts at an armed epoch whose value is ``< collapse_ratio * rb`` and ends at
   the first later epoch whose value is ``>= recovered_ratio * rb`` (hysteresis: wobbling
   around the line is one event).  A **dip** is counted the same way with the entry line
@@ -48,10 +50,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from yoloqat.config import StabilityConfig
+from yoloqat.curves.endpoints import warmup_skip
 
 STABLE, TOO_SHORT = "stable", "too_short"
 LABELS = ("stable", "collapsed", "unstable", "diverged", "no_learning", "too_short")
@@ -62,6 +65,19 @@ NOT_STABLE = ("collapsed", "unstable", "diverged", "no_learning")
 def min_epochs(cfg: StabilityConfig) -> int:
     """The fewest epochs a curve needs for a verdict other than diverged or too_short."""
     return cfg.grace_epochs + 1
+
+
+def after_warmup(cfg: StabilityConfig, warmup_epochs: float) -> StabilityConfig:
+    """The thresholds a QAT run is judged with: judged from the end of its warm-up.
+
+    The learning rate (and momentum) still ramp during ``qat.warmup_epochs``, so a fall there is
+    the warm-up's, not the method's: the grace period becomes
+    ``max(stability.grace_epochs, ceil(qat.warmup_epochs))`` epochs (and a curve no longer than
+    that is ``too_short``)."""
+    grace = max(cfg.grace_epochs, warmup_skip(warmup_epochs))
+    return cfg if grace == cfg.grace_epochs else replace(cfg, grace_epochs=grace)
+
+
 DEFAULT_STABILITY = StabilityConfig()
 
 

@@ -1,5 +1,7 @@
 """The verdict stage: label the QAT run stable / collapsed / unstable / diverged / no_learning
-(or too_short: no more epochs than stability.grace_epochs).
+(or too_short: no more epochs than the grace epochs).  A run is judged from the end of its
+warm-up: the grace epochs are ``max(stability.grace_epochs, ceil(qat.warmup_epochs))``
+(:func:`yoloqat.curves.stability.after_warmup`).
 
 Reads what the qat stage wrote (DVCLive, ``dvcyaml=False``):
 
@@ -24,7 +26,7 @@ from typing import Any
 
 from yoloqat.config import Config
 from yoloqat.curves.reader import BNRE, DVCLIVE_MAP, EMA, LIVE, PRIMARY, read_curve, repair_key
-from yoloqat.curves.stability import Verdict, classify_run
+from yoloqat.curves.stability import Verdict, after_warmup, classify_run
 from yoloqat.errors import CurveError, VerdictError
 from yoloqat.numbers import finite_number
 from yoloqat.paths import (
@@ -184,9 +186,11 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     if LIVE not in series and not cfg.ema:
         series[LIVE] = series.get(PRIMARY, [])  # EMA off: the deployed curve is the live one
 
-    verdicts = {key: classify_run(series.get(key, []), losses, cfg.stability, status)
+    # judged from the end of warm-up: falls while the lr still ramps never count
+    stab = after_warmup(cfg.stability, cfg.qat.warmup_epochs)
+    verdicts = {key: classify_run(series.get(key, []), losses, stab, status)
                 for key in (PRIMARY, LIVE) }
-    verdicts[EMA] = (classify_run(series.get(EMA, []), losses, cfg.stability, status)
+    verdicts[EMA] = (classify_run(series.get(EMA, []), losses, stab, status)
                      if cfg.ema else None)
     primary = verdicts[PRIMARY]
     assert primary is not None
@@ -194,14 +198,14 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     out.update(_curve_fields("live_", verdicts[LIVE]))
     out.update(_curve_fields("ema_", verdicts[EMA]))
     # BN re-estimation: its paired curve (the deployed weights, statistics re-estimated)
-    bnre = (classify_run(series[BNRE], losses, cfg.stability, status)
+    bnre = (classify_run(series[BNRE], losses, stab, status)
             if cfg.qat.bn_reestimate > 0 and BNRE in series else None)
     out.update(_curve_fields("bnre_", bnre))
     # repair curves (qat.repair_curves): e.g. ema_qc_label, the EMA + QC curve's verdict
     for model in ("live", "ema") if cfg.ema else ("live",):
         for repair in cfg.qat.repair_curves:
             key = repair_key(model, repair)
-            judged = classify_run(series[key], losses, cfg.stability, status) if key in series else None
+            judged = classify_run(series[key], losses, stab, status) if key in series else None
             out.update(_curve_fields(f"{model}_{repair}_", judged))
     out["qc_delta_mAP50-95"] = _qc_delta(cfg)
     fp_curve = _fp_curve(cfg)  # read once: the FP best's fallback and the curves table
