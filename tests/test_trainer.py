@@ -278,4 +278,6 @@ def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_mod
             rows = _tsv(qat_repo, f"val_{model}_{repair}/mAP50-95.tsv").splitlines()[1:]
             assert len(rows) == 2, (model, repair)  # one per epoch
             assert f"{model}_{repair}_best" in repaired and f"{model}_{repair}_best" not in plain
+    assert 0 < repaired["repair_seconds"] < repaired["seconds"] and repaired["repair_time_ratio"] > 1
+    assert "repair_seconds" not in plain
     assert not (qat_repo / "results/qat/plots/metrics/val_live_qc_bnre").exists()

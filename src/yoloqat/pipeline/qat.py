@@ -151,6 +151,11 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     if tracker is not None:
         summary.update(tracker.summary())
     summary["seconds"] = round(time.time() - t0, 1)
+    if cfg.qat.repair_curves:
+        # their cost, measured in this run: the stage time over the time without them
+        summary["repair_seconds"] = round(trainer.repair_seconds, 1)
+        rest = summary["seconds"] - summary["repair_seconds"]
+        summary["repair_time_ratio"] = round(summary["seconds"] / rest, 2) if rest > 0 else None
     logger.finish(summary)
     write_json(
         QAT_DIR / "metadata.json",

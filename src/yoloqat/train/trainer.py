@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -285,6 +286,7 @@ class QATTrainer(FPTrainer):
         self.bnre_state: dict[str, torch.Tensor] | None = None  # BN stats of the last val_bnre
         self._bnre_loader: Any = None
         self._repair_loaders: dict[str, Any] = {}  # "bn" (training split) and "calib"
+        self.repair_seconds = 0.0  # wall time spent on the repair curves, for their cost
         self.initial_scales: dict[str, torch.Tensor] = {}  # learned scales at the start
         super().__init__(*args, **kwargs)
         self.add_callback("on_pretrain_routine_end", _install_ema)
@@ -347,7 +349,9 @@ class QATTrainer(FPTrainer):
         if self.qat_settings.bn_reestimate > 0:
             self.paired_metrics["val_bnre"] = self._validate_bnre()
         if self.qat_settings.repair_curves:
+            t0 = time.perf_counter()
             self.paired_metrics.update(self._validate_repairs())
+            self.repair_seconds += time.perf_counter() - t0
         return metrics, fitness
 
     def _validate_repairs(self) -> dict[str, dict[str, float | None]]:
