@@ -37,9 +37,9 @@ from yoloqat.analysis.experiments import (
     Curves,
     ExpRecord,
     read_experiments,
-    read_stage_curves,
     record_from_archive,
     resolved_params,
+    run_curves,
 )
 from yoloqat.analysis.search import select
 from yoloqat.errors import ExperimentsError
@@ -124,7 +124,7 @@ def archive_runs(
             raise ExperimentsError(
                 f"experiment {rec.name} is {rec.state}; expected a finished experiment "
                 f"({' | '.join(ARCHIVE_STATES)}): archive it once it has run")
-        text = dumps(archive_doc(rec, read_stage_curves(repo, rec.rev))) + "\n"
+        text = dumps(archive_doc(rec, run_curves(rec, repo))) + "\n"
         # what is written must read back (a done run without its QAT curves does not)
         record_from_archive(json.loads(text), f"experiment {rec.name} at {rec.rev[:7]}")
         texts.append((rec.name, text))

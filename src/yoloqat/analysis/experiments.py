@@ -43,10 +43,8 @@ from yoloqat.curves.reader import (
     LIVE,
     PRIMARY,
     dvclive_name,
-    on_epochs,
     on_run_epochs,
     parse_tsv,
-    steps_up_to,
 )
 from yoloqat.errors import ConfigError, CurveError, ExperimentsError
 from yoloqat.paths import (
@@ -391,32 +389,6 @@ def curves_view(curves: Curves) -> dict[str, list[float] | None]:
 def read_curves(record: ExpRecord, repo: str | Path = ".") -> dict[str, list[float] | None]:
     """:func:`curves_view` of the run's curves (from its archive file, or read at its rev)."""
     return curves_view(run_curves(record, repo))
-
-
-def read_text_at(repo: str | Path, rev: str, path: str) -> str | None:
-    """A file at ``rev`` (git-tracked or a DVC-cached output; the working tree for
-    ``workspace``); None if absent or unreadable."""
-    if rev == "workspace":
-        p = Path(repo) / path
-        return p.read_text() if p.is_file() else None
-    fs = _repo_fs(repo, rev)
-    try:
-        return fs.read_text(path) if fs is not None else None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def read_series(repo: str | Path, rev: str, path: str) -> list[float] | None:
-    """The values of one DVCLive TSV at ``rev``, one per step 0 .. its last (NaN where missing
-    or not finite); None if absent or unreadable."""
-    text = read_text_at(repo, rev, path)
-    if text is None:
-        return None
-    try:
-        by_step = parse_tsv(text, f"{rev[:7]}:{path}")
-    except CurveError:
-        return None
-    return on_epochs(by_step, steps_up_to(by_step))
 
 
 # --------------------------------------------------------------------------------------------
