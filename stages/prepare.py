@@ -7,8 +7,9 @@ from yoloqat.pipeline.stage import run_stage
 def job(cfg):
     from yoloqat.data import prepare_dataset
 
+    # the FP seed (fp.seed, else seed): a grid over the QAT seed alone keeps one dataset
     manifest = prepare_dataset(
-        cfg.data, cfg.seed, DATASET_DIR, cfg.root, difficulty=cfg.data.difficulty
+        cfg.data, cfg.fp_seed, DATASET_DIR, cfg.root, difficulty=cfg.data.difficulty
     )
     counts = {s: c.get("images") for s, c in manifest.get("splits", {}).items()}
     print(f"prepare: {manifest.get('source')} dataset, images per split {counts}, "

@@ -215,8 +215,51 @@ def test_the_error_path_is_light():
 
 
 def _stage_params(stage: str) -> set[str]:
+    """The params.yaml keys a stage depends on, and the resolved ones (results/resolved_params.yaml,
+    listed as ``resolved.<key>``) as their params.yaml key."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
-    return {p for p in spec.get("params", []) if isinstance(p, str)}
+    keys = {p for p in spec.get("params", []) if isinstance(p, str)}
+    return keys | {k.removeprefix("resolved.") for k in _resolved_keys(stage)}
+
+
+def _resolved_keys(stage: str) -> list[str]:
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    out = []
+    for p in spec.get("params", []):
+        if isinstance(p, dict):
+            assert set(p) == {paths.RESOLVED_PARAMS.as_posix()}, p
+            out += p[paths.RESOLVED_PARAMS.as_posix()]
+    return out
+
+
+def test_resolved_params_keys_exist_and_fp_stages_ignore_preset_name_and_qat_seed():
+    """prepare and train_fp read the resolved file (a preset's values, the FP seed): every key
+    they list is in it, and neither depends on params.yaml's preset or seed, so runs that differ
+    only in the QAT seed share their results (DVC's run-cache)."""
+    from yoloqat.provenance import resolved_params_doc
+
+    doc = resolved_params_doc(load_config(REPO / "params.yaml"))
+    for stage in ("prepare", "train_fp"):
+        listed = _resolved_keys(stage)
+        assert listed, stage
+        for key in listed:
+            node = doc
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, (stage, key)
+                node = node[part]
+        plain = {p for p in _stages()[stage].get("params", []) if isinstance(p, str)}
+        assert not plain & {"preset", "seed"}, (stage, plain)
+    assert "results/resolved_params.yaml" in [
+        next(iter(o)) if isinstance(o, dict) else o for o in _stages()["source"]["outs"]]
+
+
+def test_train_fp_outputs_are_all_cached_so_the_run_cache_can_restore_it():
+    """DVC saves a stage in its run-cache only when every out but metrics and plots is cached."""
+    spec = _stages()["train_fp"]
+    for entry in spec["outs"]:
+        if isinstance(entry, dict):
+            (path, opts), = entry.items()
+            assert (opts or {}).get("cache", True), path
 
 
 def test_fp_stages_depend_on_every_param_they_read():
@@ -229,6 +272,7 @@ def test_fp_stages_depend_on_every_param_they_read():
 
     fp_keys = {f"fp.{f.name}" for f in dataclasses.fields(FPConfig)} - {"fp.control"}
     assert fp_keys <= _stage_params("train_fp")
+    assert {"model", "device", "deterministic", "cache", "data.imgsz"} <= _stage_params("train_fp")
     assert "fp.control" not in _stage_params("train_fp")
     schedule = {f"qat.{k}" for k in qat_schedule(load_config(REPO / "params.yaml"))}
     assert schedule <= _stage_params("fp_control")

@@ -3,6 +3,7 @@ small experiment: each must succeed and show the columns / plots the README says
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -100,4 +101,95 @@ def test_every_readme_command_runs_and_shows_what_it_claims(experiment_repo):
         elif cmd.startswith("yoloqat remedies"):
             assert "| variant | curve | runs | stable |" in out and "| tiny |" in out
             seen.add("remedies")
-    assert seen == {"show", "plots", "exps", "judge", "ladder", "search", "remedies"}
+        elif cmd.startswith("yoloqat archive"):
+            assert out.startswith("wrote ") and "tiny.json" in out, out
+            seen.add("archive")
+    assert seen == {"show", "plots", "exps", "judge", "ladder", "search", "remedies", "archive"}
+
+
+# --------------------------------------------------------------------------------------------
+# yoloqat archive of the one tiny experiment
+
+
+def _experiment_rev(repo: Path) -> str:
+    res = sh("git for-each-ref --format='%(objectname) %(refname)' refs/exps", repo)
+    (rev,) = [line.split()[0] for line in res.stdout.splitlines() if line.endswith("/tiny")]
+    return rev
+
+
+def test_archive_of_a_real_experiment_holds_its_params_metrics_and_curves(experiment_repo):
+    from yoloqat.curves.reader import read_live_dir
+
+    repo = experiment_repo
+    res = sh("yoloqat archive tiny --to reports/study/runs", repo)
+    assert res.returncode == 0, res.stderr
+    path = repo / "reports/study/runs/tiny.json"
+    assert res.stdout.startswith(f"wrote reports/study/runs/tiny.json ({path.stat().st_size / 1000:.1f} kB)")
+    assert path.stat().st_size < 50_000
+    doc = json.loads(path.read_text())
+    assert list(doc) == ["schema", "name", "commit", "baseline", "timestamp", "state", "error",
+                         "params", "metrics", "curves"]
+    assert (doc["schema"], doc["name"], doc["state"]) == (1, "tiny", "done")
+    assert doc["commit"] == _experiment_rev(repo)
+    params = doc["params"]
+    assert params["qat.scale_weight_decay"] == 0.0 and params["seed"] == 0
+    assert params["fp.epochs"] == 1 and params["qat.epochs"] == 2 and params["preset"] == "none"
+    assert {"qat", "qc", "verdict", "train_fp", "fp_control", "export", "evaluate"} <= set(doc["metrics"])
+    assert doc["metrics"]["verdict"]["label"] == doc["metrics"]["verdict"]["ema_label"]
+    assert set(doc["curves"]) == {"qat", "train_fp", "fp_control"}
+    qat = doc["curves"]["qat"]
+    assert {"val/mAP50-95", "val_live/mAP50-95", "val_ema/mAP50-95", "osc/frac_oscillating",
+            "train/box_loss", "lr/pg0"} <= set(qat)
+    assert all(len(v) == 2 for v in qat.values()) and len(doc["curves"]["train_fp"]["val/mAP50-95"]) == 1
+    # the experiment was applied to the workspace: its curves are the ones DVCLive wrote there
+    # (train_fp's from the DVC cache: its plots are a cached output now)
+    for stage, folder in (("qat", "results/qat"), ("train_fp", "results/train_fp")):
+        live_dir = read_live_dir(repo / folder)
+        for name, values in live_dir.series.items():
+            assert doc["curves"][stage][name] == values, (stage, name)
+
+
+def test_reports_from_the_archive_equal_the_reports_from_the_experiment(experiment_repo):
+    from yoloqat.analysis.experiments import read_archive, read_curves, read_experiments
+    from yoloqat.analysis.ladder import format_table, group_runs, ladder_json
+    from yoloqat.analysis.search import markdown_table, search_row, select
+
+    repo = experiment_repo
+    assert sh("yoloqat archive tiny --to reports/eq/runs", repo).returncode == 0
+    live = [r for r in read_experiments(repo) if r.kind == "experiment"]
+    archived = read_archive(repo / "reports/eq/runs")
+
+    def tables(records):
+        chosen = select(records, ["tiny"])
+        rows = [search_row(r, read_curves(r, repo).get("bnre")) for r in chosen]
+        groups = group_runs(records)
+        return markdown_table(rows), format_table(groups), [read_curves(r, repo) for r in chosen]
+
+    assert tables(archived) == tables(live)
+    assert json.dumps(ladder_json(group_runs(archived), _decision(repo, archived))) == json.dumps(
+        ladder_json(group_runs(live), _decision(repo, live)))
+    search = [sh(f"yoloqat search tiny {src} --out {repo / out}", repo)
+              for src, out in (("", "s_live"), ("--from reports/eq/runs", "s_arch"))]
+    assert search[0].returncode == search[1].returncode == 0, search[1].stderr
+    assert search[0].stdout.splitlines()[:-1] == search[1].stdout.splitlines()[:-1]  # but "wrote"
+
+
+def _decision(repo, records):
+    from yoloqat.analysis.ladder import decide, group_runs, ladder_settings
+
+    return decide(group_runs(records), *ladder_settings(repo / "params.yaml"))
+
+
+def test_archive_bad_input_is_one_line_exit_2_and_writes_nothing(experiment_repo, tmp_path):
+    repo = experiment_repo
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        ("yoloqat archive tiny nope --to reports/bad/runs", "unknown experiment(s) nope; known: "),
+        (f"yoloqat archive tiny --to {tmp_path / 'a_file' / 'runs'}", "is not a folder; expected a folder"),
+    ]
+    for cmd, needle in cases:
+        res = sh(cmd, repo)
+        err = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(err) == 1 and needle in err[0], (cmd, res.stderr)
+        assert err[0].startswith("yoloqat archive: error: ")
+    assert not (repo / "reports/bad").exists() and (tmp_path / "a_file").read_text() == ""

@@ -6,6 +6,9 @@
   [--no-report]``: this repo's DVC experiments grouped by model and method, the rung
   decision for yolo10n -> yolo10s -> yolo10m, reports under ``reports/ladder/``, and
   optionally the next rung's grid queued with ``dvc exp run --queue``.
+* ``yoloqat archive EXP... --to reports/<study>/runs/``: one JSON file per experiment (params,
+  metrics, curves) that ``ladder``, ``search`` and ``remedies`` read with ``--from`` instead of
+  DVC (:mod:`yoloqat.analysis.archive`).
 
 Errors are one line on stderr and exit status 2.
 """
@@ -44,6 +47,7 @@ def _ladder_parser() -> argparse.ArgumentParser:
                     help="with --queue-next: print the dvc command instead of running it")
     ap.add_argument("--from-json", metavar="FILE",
                     help="read a saved `dvc exp show --json` instead of running dvc")
+    _from_archive(ap)
     ap.add_argument("--params", default="params.yaml",
                     help="params file with the ladder block (default: params.yaml)")
     ap.add_argument("--no-report", action="store_true", help="do not write reports/ladder/")
@@ -56,8 +60,14 @@ def _ladder_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _from_archive(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--from", dest="archive", metavar="DIR",
+                    help="read the runs archived in DIR by `yoloqat archive` (params, metrics, "
+                         "curves) instead of this repo's DVC experiments")
+
+
 def ladder_main(argv: list[str]) -> int:
-    from yoloqat.analysis.experiments import read_experiments
+    from yoloqat.analysis.experiments import load_runs
     from yoloqat.analysis.ladder import (
         committed_report_models,
         decide,
@@ -77,7 +87,7 @@ def ladder_main(argv: list[str]) -> int:
     messages: list[str] = []
     try:
         ladder_cfg, configured = ladder_settings(params)
-        records = read_experiments(repo, args.from_json, all_commits=not args.head_only)
+        records = load_runs(repo, args.from_json, args.archive, all_commits=not args.head_only)
         rows = group_runs(records)
         decision = decide(rows, ladder_cfg, configured)
         models, left_out = None, []
@@ -154,6 +164,7 @@ def _report_options(ap: argparse.ArgumentParser, out: str, title: str) -> argpar
     ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
     ap.add_argument("--from-json", metavar="FILE",
                     help="read a saved `dvc exp show --json` instead of running dvc")
+    _from_archive(ap)
     return ap
 
 
@@ -178,13 +189,13 @@ def _search_parser() -> argparse.ArgumentParser:
 
 
 def search_main(argv: list[str]) -> int:
-    from yoloqat.analysis.experiments import read_experiments
+    from yoloqat.analysis.experiments import load_runs
     from yoloqat.analysis.search import find_named, write_search_report
 
     args = _search_parser().parse_args(argv)
 
     def write() -> tuple[Any, str]:
-        found, missing = find_named(read_experiments(args.repo, args.from_json), args.names,
+        found, missing = find_named(load_runs(args.repo, args.from_json, args.archive), args.names,
                                     args.out, SEARCH_OUT)
         return write_search_report(Path(args.out or SEARCH_OUT), found, args.repo, args.title,
                                    missing=missing)
@@ -203,7 +214,7 @@ def _remedies_parser() -> argparse.ArgumentParser:
 
 
 def remedies_main(argv: list[str]) -> int:
-    from yoloqat.analysis.experiments import read_experiments
+    from yoloqat.analysis.experiments import load_runs
     from yoloqat.analysis.remedies import parse_variant, write_remedies_report
     from yoloqat.analysis.search import find_named
 
@@ -212,7 +223,7 @@ def remedies_main(argv: list[str]) -> int:
     def write() -> tuple[Any, str]:
         variants = [parse_variant(v) for v in args.variant]
         names = list(dict.fromkeys(n for v in variants for n in v.names))
-        found, _ = find_named(read_experiments(args.repo, args.from_json), names,
+        found, _ = find_named(load_runs(args.repo, args.from_json, args.archive), names,
                               args.out, REMEDIES_OUT)
         return write_remedies_report(Path(args.out or REMEDIES_OUT), variants,
                                      {r.name: r for r in found}, args.repo, args.title)
@@ -220,12 +231,43 @@ def remedies_main(argv: list[str]) -> int:
     return _write_report("yoloqat remedies", write)
 
 
+def _archive_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="yoloqat archive",
+                 description="Write one small JSON file per DVC experiment (resolved params, every "
+                             "stage's metrics, every DVCLive curve) into --to, for ladder / search "
+                             "/ remedies --from; nothing is written unless every experiment is "
+                             "known and finished.")
+    ap.add_argument("names", nargs="+", metavar="EXP", help="DVC experiment names")
+    ap.add_argument("--to", required=True, metavar="DIR",
+                    help="the archive folder, e.g. reports/<study>/runs (created if missing)")
+    ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
+    return ap
+
+
+def archive_main(argv: list[str]) -> int:
+    from yoloqat.analysis.archive import MAX_BYTES, archive_runs
+
+    args = _archive_parser().parse_args(argv)
+    try:
+        written = archive_runs(args.names, args.to, args.repo)
+    except (YoloqatError, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"yoloqat archive: error: {msg}", file=sys.stderr)
+        return 2
+    for path, size in written:
+        print(f"wrote {path} ({size / 1000:.1f} kB)")
+        if size > MAX_BYTES:
+            print(f"yoloqat archive: warning: {path} is {size / 1000:.0f} kB, over the "
+                  f"{MAX_BYTES // 1000} kB an archive file is meant to stay under", file=sys.stderr)
+    return 0
+
+
 def _main_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="yoloqat",
         description="EMA + Quantization Correction for W4A16 QAT of YOLOv10: stability tools.",
     )
-    sub = ap.add_subparsers(dest="command", metavar="{exps,judge,ladder,search,remedies}")
+    sub = ap.add_subparsers(dest="command", metavar="{exps,judge,ladder,search,remedies,archive}")
     sub.add_parser("exps", help="one compact line per DVC experiment (yoloqat exps -h)",
                    add_help=False)
     sub.add_parser("judge", help="label training curves stable / collapsed / ... "
@@ -236,6 +278,8 @@ def _main_parser() -> argparse.ArgumentParser:
                    "(yoloqat search -h)", add_help=False)
     sub.add_parser("remedies", help="per variant, one curve of a group of seed runs judged and "
                    "plotted (yoloqat remedies -h)", add_help=False)
+    sub.add_parser("archive", help="one JSON file per experiment (params, metrics, curves) for "
+                   "--from (yoloqat archive -h)", add_help=False)
     return ap
 
 
@@ -254,13 +298,16 @@ def main(argv: list[str] | None = None) -> int:
             return search_main(argv[1:])
         if argv and argv[0] == "remedies":
             return remedies_main(argv[1:])
+        if argv and argv[0] == "archive":
+            return archive_main(argv[1:])
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     ap = _main_parser()
     if not argv or argv[0] in ("-h", "--help"):
         ap.print_help(sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge, ladder, search or remedies",
+    print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge, ladder, search, remedies "
+          "or archive",
           file=sys.stderr)
     return 2
 

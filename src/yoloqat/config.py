@@ -208,6 +208,9 @@ class FPConfig:
     # Train an "FP continued" control for as many epochs, with the same optimizer settings, as
     # QAT adds, so the W4A16-vs-FP gap compares equal training.
     control: bool = True
+    # The seed of everything before QAT: the dataset draw (prepare) and FP training.  None uses
+    # ``seed``; fixed, a grid over ``seed`` varies only QAT and trains (and prepares) FP once.
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,11 @@ class Config:
         d["evaluate"]["runtimes"] = list(self.evaluate.runtimes)
         return d
 
+    @property
+    def fp_seed(self) -> int:
+        """The seed of the dataset draw and FP training: ``fp.seed``, or ``seed`` when it is null."""
+        return self.seed if self.fp.seed is None else self.fp.seed
+
     def resolve(self, path: str | Path) -> Path:
         """A params path, relative to the repo root (not the cwd)."""
         p = Path(path).expanduser()
@@ -391,7 +399,16 @@ def _fp(raw: dict[str, Any], root: Path) -> FPConfig:
         patience=_int("fp.patience", b.get("patience", d.patience), 1),
         amp=_bool("fp.amp", b.get("amp", d.amp)),
         control=_bool("fp.control", b.get("control", d.control)),
+        seed=_optional_seed("fp.seed", b.get("seed", d.seed)),
     )
+
+
+def _optional_seed(key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, value, "null (use seed) or an integer >= 0")
+    return value
 
 
 def _qat(raw: dict[str, Any], root: Path) -> QATConfig:

@@ -16,6 +16,9 @@ STAGE_LOCKS = Path(".yoloqat/locks")
 
 # source (the fingerprint of the files data.path points to; prepare depends on it)
 SOURCE_FINGERPRINT = Path("data/source.json")
+# and params.yaml resolved (preset applied, fp.seed filled in): prepare and train_fp depend on
+# the keys they read here, so neither a preset's name nor the QAT seed re-runs them
+RESOLVED_PARAMS = Path("results/resolved_params.yaml")
 
 # prepare
 DATASET_DIR = Path("data/prepared")

@@ -81,6 +81,48 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+RESOLVED_KEY = "resolved"  # the one top-level key of the resolved params file
+
+
+def resolved_params_doc(cfg: Any) -> dict[str, Any]:
+    """Every param as the run uses it: the preset applied, ``fp.seed`` the seed FP really uses."""
+    values = cfg.as_dict()
+    values["fp"]["seed"] = cfg.fp_seed
+    # train_fp names its start checkpoint by path; the content decides whether DVC's run-cache
+    # may restore an FP model trained from it
+    init = cfg.fp.init_checkpoint
+    values["fp"]["init_checkpoint_sha256"] = file_sha256(cfg.resolve(init)) if init else None
+    return {RESOLVED_KEY: values}
+
+
+def file_sha256(path: Path) -> str | None:
+    """The content hash of a file; None when it cannot be read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def write_resolved_params(path: Path, cfg: Any) -> None:
+    """The resolved params file (paths.RESOLVED_PARAMS), atomically.  Stages list its keys as
+    ``resolved.<dotted key>`` in dvc.yaml; one top-level key keeps ``dvc exp show``'s columns
+    apart from params.yaml's (no file-prefixed headers)."""
+    import yaml
+
+    head = ("# Written by the source stage on every run: params.yaml with its preset applied and\n"
+            "# fp.seed resolved (null -> seed). Do not edit; dvc.yaml stages depend on its keys.\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(head + yaml.safe_dump(resolved_params_doc(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
 def fresh_outputs(*dirs: Path) -> None:
     """Start a stage from empty output folders (the first one is created): nothing from a
     previous run can be mistaken for this run's result."""

@@ -7,8 +7,9 @@
 * ``<model>_osc.png``: ``osc/frac_oscillating`` per epoch (fraction of int weights whose
   oscillation frequency is above Nagel's threshold), same layout.
 
-Curves are read per experiment with :func:`yoloqat.analysis.experiments.read_curves` (``git
-show REV:PATH`` of the git-tracked DVCLive TSVs), or with any ``curve_reader`` given.
+Curves are read per experiment with :func:`yoloqat.analysis.experiments.read_curves` (the
+DVCLive TSVs at the experiment's revision, or the curves an archive file carries), or with any
+``curve_reader`` given.
 Matplotlib runs on the Agg backend with its bundled DejaVu font: nothing is downloaded.
 """
 

@@ -152,6 +152,19 @@ def steps_up_to(*series: dict[int, float]) -> list[int]:
     return list(range(last + 1))
 
 
+def dvclive_name(relative: str) -> str:
+    """A metric's DVCLive name from its TSV path under ``plots/metrics``:
+    ``val_ema/mAP50-95.tsv`` -> ``val_ema/mAP50-95``."""
+    return relative.removesuffix(".tsv")
+
+
+def on_run_epochs(by_name: dict[str, dict[int, float]]) -> dict[str, list[float]]:
+    """Every metric of one DVCLive folder (``{DVCLive name: {step: value}}``) on the run's
+    epochs: every step any of them logged, NaN where a metric has no finite value."""
+    steps = steps_up_to(*by_name.values())
+    return {name: on_epochs(s, steps) for name, s in sorted(by_name.items())}
+
+
 # --------------------------------------------------------------------------------------------
 # the three sources
 
@@ -198,10 +211,10 @@ def read_live_dir(path: Path, name: str | None = None) -> RunCurve:
     plots = path / DVCLIVE_PLOTS
     every = {f: parse_tsv(_read_text(f), str(f)) for f in sorted(plots.rglob("*.tsv"))}
     steps = steps_up_to(*every.values())
+    aligned = on_run_epochs({dvclive_name(f.relative_to(plots).as_posix()): s for f, s in every.items()})
     series = {
-        f"{f.parent.relative_to(plots).as_posix()}/{f.stem}": on_epochs(s, steps)
-        for f, s in every.items()
-        if f.name == MAP_NAME and f.parent.name.startswith("val")
+        name: values for name, values in aligned.items()
+        if name.endswith("/" + dvclive_name(MAP_NAME)) and name.split("/")[-2].startswith("val")
     }
     if PRIMARY not in series:
         raise CurveError(f"{path} has no {DVCLIVE_MAP}; expected {expected_inputs()}")

@@ -53,11 +53,12 @@ def train_fp(cfg: Config) -> dict[str, Any]:
             "model": init or MODEL_YAML[cfg.model], "epochs": f.epochs, "batch": f.batch,
             "optimizer": f.optimizer, "lr0": f.lr0, "weight_decay": f.weight_decay,
             "warmup_epochs": f.warmup_epochs, "workers": f.workers, "patience": f.patience,
-            "amp": f.amp,
+            "amp": f.amp, "seed": cfg.fp_seed,
         })
     summary["seconds"] = round(time.time() - t0, 1)
     logger.finish(summary)
-    write_json(FP_DIR / "metadata.json", run_metadata(cfg, "train_fp", cfg.device, {"summary": summary}))
+    write_json(FP_DIR / "metadata.json", run_metadata(cfg, "train_fp", cfg.device,
+                                                      {"fp_seed": cfg.fp_seed, "summary": summary}))
     print(
         f"train_fp: {cfg.model} status={summary['status']} best mAP50-95={summary.get('best')} "
         f"(epoch {summary.get('best_epoch')}) final={summary.get('final')} in {summary['seconds']} s"

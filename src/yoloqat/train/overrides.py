@@ -43,9 +43,10 @@ def ultralytics_overrides(
     cfg: Config, *, model: str, epochs: int, batch: int, optimizer: str, lr0: float,
     weight_decay: float, warmup_epochs: float, workers: int | str, project: str, name: str,
     amp: bool = False, patience: int = 100, lrf: float = 0.01, momentum: float = 0.937,
-    mosaic: float = 0.0, close_mosaic: int = 0,
+    mosaic: float = 0.0, close_mosaic: int = 0, seed: int | None = None,
 ) -> dict[str, Any]:
-    """The Ultralytics args shared by the FP and QAT trainers (augmentation kept identical)."""
+    """The Ultralytics args shared by the FP and QAT trainers (augmentation kept identical).
+    ``seed``: None = the run's ``seed`` (train_fp passes the FP seed)."""
     return {
         "model": model,
         "data": str(require_dataset().resolve()),
@@ -57,7 +58,7 @@ def ultralytics_overrides(
         "nbs": batch,
         "device": cfg.device,
         "workers": resolve_workers(workers, cfg.device),
-        "seed": cfg.seed,
+        "seed": cfg.seed if seed is None else seed,
         "deterministic": cfg.deterministic,
         "optimizer": optimizer,
         "lr0": lr0,
