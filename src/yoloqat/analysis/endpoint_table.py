@@ -17,7 +17,7 @@ remedies report: one row per variant), with, over seeds:
   same curves.
 
 Curves are read with a :data:`Reader` ``(record, DVCLive TSV path) -> values or None``; the
-default reads the git-tracked TSV at the record's revision (:func:`read_series`).
+default reads the run's curves (its archive file, or the TSVs at its revision: :func:`run_curves`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from yoloqat.analysis.experiments import (
     LIVE_TSV,
     MAP_TSV,
     ExpRecord,
-    read_series,
     resolved_params,
+    run_curves,
 )
 from yoloqat.analysis.ladder import Group, differing_keys, merge_order
 from yoloqat.analysis.paired import SignFlip, sign_flip
@@ -63,7 +63,19 @@ def curve_tsv(key: str) -> str:
 
 
 def default_reader(repo: str | Path = ".") -> Reader:
-    return lambda rec, path: read_series(repo, rec.rev, path)
+    """Reads a run's QAT curve by its TSV path from the run's curves (its archive file, or
+    DVCLive's files at its revision: :func:`run_curves`), each run read once."""
+    runs: dict[tuple[str, str | None], Any] = {}
+    folder = (QAT_RESULTS / DVCLIVE_PLOTS).as_posix() + "/"
+
+    def read(rec: ExpRecord, path: str) -> list[float] | None:
+        if not path.startswith(folder):
+            return None
+        curves = runs.setdefault((rec.name, rec.rev), run_curves(rec, repo))
+        values = curves.get("qat", {}).get(path[len(folder):].removesuffix(".tsv"))
+        return list(values) if values else None
+
+    return read
 
 
 @dataclass(frozen=True)
