@@ -55,8 +55,11 @@ def copy_repo(dst: Path, params: dict[str, Any]) -> Path:
             shutil.copy2(src, dst / item)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = env_with_venv()
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q", "--force"],
-                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "test repo"]):
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q", "--force"]):
+        subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True, timeout=120)
+    # the project's plot templates (dvc.yaml names them), into the fresh .dvc
+    shutil.copytree(REPO / ".dvc/plots", dst / ".dvc/plots", dirs_exist_ok=True)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "test repo"]):
         subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True, timeout=120)
     return dst
 

@@ -298,3 +298,34 @@ def test_a_curve_no_longer_than_the_grace_period_is_too_short_not_stable(tmp_pat
     params.write_text("stability:\n  grace_epochs: 0\n")
     assert judge_main([str(one), "--json", "--params", str(params)]) == 0
     assert json.loads(capsys.readouterr().out)[0]["label"] == "stable"
+
+
+def test_the_deployed_curve_is_named_and_paired_differences_follow_the_table(tmp_path, capsys):
+    """EMA on: val is the EMA model; under the table EMA minus live and each repair minus its
+    model, in words (and in --json as the row's `minus`)."""
+    run = tmp_path / "qat"
+    plots = run / "plots/metrics"
+    write_tsv(plots / "val/mAP50-95.tsv", "mAP50-95", STABLE)
+    write_tsv(plots / "val_ema/mAP50-95.tsv", "mAP50-95", STABLE)
+    write_tsv(plots / "val_live/mAP50-95.tsv", "mAP50-95", COLLAPSE)
+    write_tsv(plots / "val_ema_qc/mAP50-95.tsv", "mAP50-95", [v + 0.01 for v in STABLE])
+    none = str(tmp_path / "none.yaml")
+    assert judge_main([str(run), "--params", none]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split("  ")[1] == "val (deployed: EMA)"
+    assert out[-3] == ""
+    assert out[-2] == f"{run}: EMA vs live: +0.0300 best, +0.2700 final, -0.933 max drawdown"
+    assert out[-1] == f"{run}: EMA + QC vs EMA: +0.0100 best, +0.0100 final, +0.000 max drawdown"
+    assert judge_main([str(run), "--json", "--params", none]) == 0
+    rows = {r["curve"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["val/mAP50-95"]["deployed"] == "ema" and rows["val_ema/mAP50-95"]["deployed"] is None
+    assert rows["val_ema/mAP50-95"]["minus"] == pytest.approx(
+        {"curve": "val_live/mAP50-95", "best": 0.03, "final": 0.27, "max_drawdown": -0.14 / 0.15})
+    assert rows["val_ema_qc/mAP50-95"]["minus"]["curve"] == "val_ema/mAP50-95"
+    assert rows["val_live/mAP50-95"]["minus"] is None
+    # EMA off: the run logs val and val_live, and val is the live model; nothing to compare
+    (plots / "val_ema/mAP50-95.tsv").unlink()
+    (plots / "val_ema_qc/mAP50-95.tsv").unlink()
+    assert judge_main([str(run), "--params", none]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split("  ")[1] == "val (deployed: live)" and len(out) == 3

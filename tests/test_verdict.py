@@ -134,7 +134,7 @@ def write_live_ema(root: Path, live: list[float], ema: list[float]) -> None:
     write_tsv(plots / "val_ema/mAP50-95.tsv", "mAP50-95", ema)
 
 
-def test_paired_live_and_ema_curves_each_get_a_verdict(tmp_path):
+def test_paired_live_and_ema_curves_each_get_a_verdict(tmp_path, capsys):
     live = [0.2, 0.25, 0.28, 0.28, 0.1, 0.27, 0.28, 0.28]  # one collapse that recovered
     write_qat(tmp_path, STABLE)  # the deployed (EMA) curve
     write_live_ema(tmp_path, live, STABLE)
@@ -143,9 +143,18 @@ def test_paired_live_and_ema_curves_each_get_a_verdict(tmp_path):
     assert out["live_label"] == "unstable" and out["live_collapse_events"] == 1
     assert out["live_best"] == 0.28 and out["live_dips"] == 1
     assert out["ema_best"] == out["best"] == 0.28
+    # the answer as numbers: EMA minus live
+    assert out["ema_minus_live_best"] == pytest.approx(0.0)
+    assert out["ema_minus_live_final"] == pytest.approx(0.0)
+    assert out["ema_minus_live_max_drawdown"] == pytest.approx(-(0.28 - 0.1) / 0.28)
+    written = read_metrics(tmp_path / VERDICT_METRICS)
+    assert written["ema_minus_live_max_drawdown"] == out["ema_minus_live_max_drawdown"]
+    # ... and in words, in the stage's output
+    assert ("verdict: EMA vs live: +0.0000 best, +0.0000 final, -0.643 max drawdown"
+            in capsys.readouterr().out.splitlines())
     rows = (tmp_path / "results/verdict/curves.csv").read_text().splitlines()
-    assert rows[0] == "epoch,FP,FP continued,QAT live,QAT EMA"
-    assert rows[5] == "5,,,0.10000,0.27000" and len(rows) == 9
+    assert rows[0] == "epoch,series,mAP50-95"
+    assert "5,QAT live,0.10000" in rows and "5,QAT EMA,0.27000" in rows and len(rows) == 1 + 16
 
 
 def test_a_nan_epoch_in_the_live_curve_is_diverged(tmp_path):
@@ -175,7 +184,8 @@ def test_qc_delta_and_the_equal_training_control(tmp_path):
     assert out["fp_best"] == 0.25 and out["fp_control_best"] == 0.3
     assert out["gap_to_fp"] == pytest.approx(0.3 - 0.28)  # equal training: the control
     rows = (tmp_path / "results/verdict/curves.csv").read_text().splitlines()
-    assert rows[1:5] == ["1,0.10000,,,", "2,0.20000,,,", "3,0.25000,,,", "4,,0.26000,0.05000,"]
+    assert rows[1:7] == ["1,FP,0.10000", "2,FP,0.20000", "3,FP,0.25000", "4,FP continued,0.26000",
+                         "5,FP continued,0.30000", "4,QAT live,0.05000"]  # QAT epoch 1 at 3 + 1
     (tmp_path / "results/qc/metrics.json").write_text(json.dumps(
         {"applied": False, "delta_mAP50-95": 0.0, "status": "passed_through"}))
     assert judge_qat_run(make_cfg(tmp_path))["qc_delta_mAP50-95"] is None

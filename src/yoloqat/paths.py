@@ -78,8 +78,11 @@ FP_CONTROL_METRICS = metrics_file(FP_CONTROL_RESULTS)
 EXPORT_METRICS = metrics_file(EXPORT_RESULTS)
 EVALUATE_METRICS = metrics_file(EVALUATE_RESULTS)
 VERDICT_METRICS = metrics_file(VERDICT_RESULTS)
+# FP, FP continued and every QAT curve on one epoch axis: the plot data in long format
+# (epoch,series,mAP50-95) and the same curves drawn with matplotlib
 VERDICT_CURVES = VERDICT_RESULTS / "curves.csv"
-VERDICT_METADATA = VERDICT_RESULTS / METADATA_NAME  # FP, FP continued, QAT live/EMA on one axis
+VERDICT_CURVES_PNG = VERDICT_RESULTS / "curves.png"
+VERDICT_METADATA = VERDICT_RESULTS / METADATA_NAME
 
 # analysis outputs (not part of the DVC pipeline)
 LADDER_REPORTS = Path("reports/ladder")

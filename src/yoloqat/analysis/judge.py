@@ -2,7 +2,11 @@
 
 A PATH may be an Ultralytics ``results.csv`` (of any YOLO version) or run folder, a DVCLive
 metric TSV, or a DVCLive folder such as ``results/qat``; a DVCLive folder gives one row per
-validation curve it holds (``val``, ``val_live``, ``val_ema``).  Reading follows
+validation curve it holds (``val``, ``val_live``, ``val_ema``, repair curves).  ``val`` is the
+model the run deploys: the table names it ``val (deployed: EMA)`` when the run also logged
+``val_ema`` (EMA on), ``val (deployed: live)`` when it logged only ``val_live``.  Under the table,
+one line per paired comparison of the same run: EMA minus live and each repair curve minus the
+model it repairs (best, final, max drawdown; in ``--json``, the row's ``minus``).  Reading follows
 :mod:`yoloqat.curves.reader` (the one rule for missing and non-finite epochs); the verdict
 rules are :mod:`yoloqat.curves.stability`'s, with thresholds from the ``stability`` block of
 ``--params`` (default ``params.yaml``) when that file exists.
@@ -18,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.config import StabilityConfig, load_config_for
-from yoloqat.curves.reader import PRIMARY, RunCurve, read_curve
+from yoloqat.curves.compare import baseline_of, curve_title, difference, difference_words
+from yoloqat.curves.reader import EMA, LIVE, PRIMARY, RunCurve, read_curve
 from yoloqat.curves.stability import Verdict, classify_run
 from yoloqat.errors import ConfigError, CurveError
 
@@ -58,10 +63,63 @@ TABLE_COLUMNS = (
 )
 
 
+def deployed_model(keys: set[str]) -> str | None:
+    """Which model a run's ``val`` curve scores: ``ema`` when it logged ``val_ema`` (EMA on),
+    ``live`` when it logged only ``val_live`` (EMA off), None when it cannot tell."""
+    if EMA in keys:
+        return "ema"
+    return "live" if LIVE in keys else None
+
+
+def curve_name(key: str, keys: set[str]) -> str:
+    """The table's name of a curve; the deployed curve says which model it is."""
+    name = key.removesuffix("/mAP50-95")
+    model = deployed_model(keys) if key == PRIMARY else None
+    return name if model is None else f"{name} (deployed: {'EMA' if model == 'ema' else 'live'})"
+
+
+def _keys_by_path(rows: list[tuple[str, str, Verdict]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for name, key, _ in rows:
+        out.setdefault(name, set()).add(key)
+    return out
+
+
+def comparisons(rows: list[tuple[str, str, Verdict]]) -> list[tuple[str, str, str, dict[str, float | None]]]:
+    """(path, curve, baseline curve, curve minus baseline) for every paired curve of a run:
+    EMA vs live, and each repair curve vs the model it repairs."""
+    verdicts = {(name, key): v for name, key, v in rows}
+    out = []
+    for name, key, v in rows:
+        base = baseline_of(key)
+        if base is not None and (name, base) in verdicts:
+            out.append((name, key, base, difference(v, verdicts[(name, base)])))
+    return out
+
+
+def comparison_lines(rows: list[tuple[str, str, Verdict]]) -> list[str]:
+    """``results/qat: EMA vs live: +0.0020 best, +0.0100 final, -0.050 max drawdown``, ..."""
+    return [f"{name}: {difference_words(curve_title(key), curve_title(base), diff)}"
+            for name, key, base, diff in comparisons(rows)]
+
+
+def json_rows(curves: list[RunCurve], rows: list[tuple[str, str, Verdict]]) -> list[dict[str, Any]]:
+    """The ``--json`` list: one object per curve, with ``deployed`` (the model ``val`` scores,
+    on its row only) and ``minus`` (the paired difference, on EMA and repair rows)."""
+    sources = {c.name: c.source for c in curves}
+    keys = _keys_by_path(rows)
+    minus = {(name, key): {"curve": base, **diff} for name, key, base, diff in comparisons(rows)}
+    return [{"path": name, "curve": key, "source": sources[name], **v.as_dict(),
+             "deployed": deployed_model(keys[name]) if key == PRIMARY else None,
+             "minus": minus.get((name, key))}
+            for name, key, v in rows]
+
+
 def format_table(rows: list[tuple[str, str, Verdict]]) -> str:
     cells = [[h for h, _ in TABLE_COLUMNS]]
+    keys = _keys_by_path(rows)
     for name, key, v in rows:
-        d = {"path": name, "curve": key.removesuffix("/mAP50-95"),
+        d = {"path": name, "curve": curve_name(key, keys[name]),
              **{f: getattr(v, f) for _, f in TABLE_COLUMNS[2:]}}
         digits = {"final_over_best": 3, "max_drawdown": 3}
         cells.append([_fmt(d[f], digits.get(f, 4)) for _, f in TABLE_COLUMNS])
@@ -71,6 +129,9 @@ def format_table(rows: list[tuple[str, str, Verdict]]) -> str:
         parts = [c.ljust(w) for c, w in zip(r[:3], widths[:3], strict=True)]
         parts += [c.rjust(w) for c, w in zip(r[3:], widths[3:], strict=True)]
         lines.append("  ".join(parts).rstrip())
+    compared = comparison_lines(rows)
+    if compared:
+        lines += ["", *compared]
     return "\n".join(lines)
 
 
@@ -112,10 +173,7 @@ def judge_main(argv: list[str]) -> int:
         return 2
     rows = judged_rows(curves, cfg)
     if args.json:
-        sources = {c.name: c.source for c in curves}
-        out = [{"path": name, "curve": key, "source": sources[name], **v.as_dict()}
-               for name, key, v in rows]
-        print(json.dumps(out, indent=2))
+        print(json.dumps(json_rows(curves, rows), indent=2))
     else:
         print(format_table(rows))
     return 0

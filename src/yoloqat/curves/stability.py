@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from yoloqat.config import StabilityConfig
@@ -117,14 +117,16 @@ class _Hysteresis:
     events: int = 0
     below: int = 0  # armed epochs below the entry line
     active: bool = False
+    starts: list[int] = field(default_factory=list)  # 1-based epoch at which each event began
 
-    def step(self, value: float, rb: float) -> None:
+    def step(self, value: float, rb: float, epoch: int = 0) -> None:
         line = self.enter * rb
         if value < line or (self.inclusive and value <= line):
             self.below += 1
             if not self.active:
                 self.active = True
                 self.events += 1
+                self.starts.append(epoch)
         elif self.active and value >= self.exit * rb:
             self.active = False
 
@@ -159,16 +161,21 @@ def running_best(smooth: Sequence[float]) -> list[float]:
     return out
 
 
-def classify_run(
-    curve: Sequence[float],
-    losses: Sequence[float] | None = None,
-    cfg: StabilityConfig = DEFAULT_STABILITY,
-    status: str | None = None,
-) -> Verdict:
-    """Label one run from its per-epoch validation curve; see the module docstring."""
-    values = [float(v) for v in curve]
-    loss_values = [float(v) for v in losses] if losses is not None else []
-    epochs = len(values)
+@dataclass
+class _Scan:
+    smooth: list[float]
+    rb: list[float]  # running best
+    collapse: _Hysteresis
+    dip: _Hysteresis
+    swing: _Hysteresis
+    best: float
+    best_epoch: int
+    max_dd: float
+
+
+def _scan(values: list[float], cfg: StabilityConfig) -> _Scan:
+    """One pass over a curve: running best, best, max drawdown and the falls (collapses, dips,
+    swings) counted from the first armed epoch on."""
     smooth = smoothed(values, cfg.smooth_epochs)
     rb_curve = running_best(smooth)
     top = max((s for s in smooth if _finite(s)), default=math.nan)
@@ -190,7 +197,31 @@ def classify_run(
             max_dd = max(max_dd, (rb - v) / rb)
         if i + 1 > cfg.grace_epochs and _finite(rb) and rb >= arm_at:
             for counter in (collapse, dip, swing):
-                counter.step(v, rb)
+                counter.step(v, rb, i + 1)
+    return _Scan(smooth, rb_curve, collapse, dip, swing, best, best_epoch, max_dd)
+
+
+def fall_epochs(curve: Sequence[float], cfg: StabilityConfig = DEFAULT_STABILITY) -> dict[str, list[int]]:
+    """The 1-based epochs at which each collapse and each dip that :func:`classify_run` counts
+    begins (``collapse_events`` and ``dips`` of its verdict are their lengths); every collapse
+    is also a dip, so a collapse's start is in both lists."""
+    scan = _scan([float(v) for v in curve], cfg)
+    return {"collapses": list(scan.collapse.starts), "dips": list(scan.dip.starts)}
+
+
+def classify_run(
+    curve: Sequence[float],
+    losses: Sequence[float] | None = None,
+    cfg: StabilityConfig = DEFAULT_STABILITY,
+    status: str | None = None,
+) -> Verdict:
+    """Label one run from its per-epoch validation curve; see the module docstring."""
+    values = [float(v) for v in curve]
+    loss_values = [float(v) for v in losses] if losses is not None else []
+    epochs = len(values)
+    scan = _scan(values, cfg)
+    smooth, rb_curve, collapse, dip, swing = scan.smooth, scan.rb, scan.collapse, scan.dip, scan.swing
+    best, best_epoch, max_dd = scan.best, scan.best_epoch, scan.max_dd
 
     if best_epoch == 0:
         best = math.nan

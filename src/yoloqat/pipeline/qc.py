@@ -25,7 +25,7 @@ from yoloqat.quant.correction import (
 )
 from yoloqat.quant.precision import exact_float32
 from yoloqat.train.overrides import require_dataset
-from yoloqat.train.validation import calibration_batches, validate_model
+from yoloqat.train.validation import calibration_batches, training_val_batch, validate_model
 
 FOLD_TOLERANCE = 1e-4
 
@@ -111,7 +111,10 @@ def run_qc(cfg: Config) -> dict[str, Any]:
 
     device = select_device(cfg.device, verbose=False)
     model.to(device)
-    val = lambda m: validate_model(m, data_yaml, cfg.data.imgsz, cfg.evaluate.batch, cfg.device)
+    # validated as the qat stage's curves are (rect batches of the trainer's size): "before" is
+    # the last epoch's value of the checkpoint's curve, and the delta is in the curves' units
+    val_batch = training_val_batch(cfg.qat.batch, cfg.device)
+    val = lambda m: validate_model(m, data_yaml, cfg.data.imgsz, val_batch, cfg.device)
     before = val(model)
     summary.update({"before_mAP50-95": before["mAP50-95"], "before_mAP50": before["mAP50"]})
     if not cfg.qc:

@@ -21,12 +21,21 @@ one file.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from yoloqat.config import Config
+from yoloqat.curves.compare import (
+    DIFFERENCE_FIELDS,
+    curve_title,
+    difference,
+    difference_words,
+    model_key,
+    repair_curves,
+)
 from yoloqat.curves.reader import BNRE, DVCLIVE_MAP, EMA, LIVE, PRIMARY, read_curve, repair_key
-from yoloqat.curves.stability import Verdict, after_warmup, classify_run
+from yoloqat.curves.stability import Verdict, after_warmup, classify_run, fall_epochs
 from yoloqat.errors import CurveError, VerdictError
 from yoloqat.numbers import finite_number
 from yoloqat.paths import (
@@ -39,6 +48,7 @@ from yoloqat.paths import (
     QAT_RESULTS,
     QC_METRICS,
     VERDICT_CURVES,
+    VERDICT_CURVES_PNG,
     VERDICT_METADATA,
     VERDICT_METRICS,
 )
@@ -106,7 +116,7 @@ def run_params(cfg: Config) -> dict[str, Any]:
 CURVE_PREFIXES = {PRIMARY: "", LIVE: "live_", EMA: "ema_"}
 PER_CURVE_FIELDS = ("label", "best", "best_epoch", "final", "max_drawdown", "collapse_events",
                     "dips", "reason")
-CURVES_CSV_COLUMNS = ("epoch", "FP", "FP continued", "QAT live", "QAT EMA")
+CURVES_CSV_COLUMNS = ("epoch", "series", "mAP50-95")
 
 
 def _curve_fields(prefix: str, verdict: Verdict | None) -> dict[str, Any]:
@@ -136,22 +146,71 @@ def _control(cfg: Config) -> tuple[float | None, list[float]]:
     return best, curve
 
 
-def write_curves_csv(path: Path, fp: list[float], control: list[float],
-                     series: dict[str, list[float]]) -> None:
-    """One table for the top-level plot: FP epochs first, then QAT's (and FP continued's)
-    epochs after them, numbered from 1; a blank cell where a series has no value."""
-    live, ema = series.get(LIVE, series.get(PRIMARY, [])), series.get(EMA, [])
-    n_after = max(len(live), len(ema), len(control))
+@dataclass(frozen=True)
+class PlotSeries:
+    """One line of the run's val mAP50-95 plot: its name, the QAT curve key (None for FP and
+    FP continued), the epoch of its first value and its values (NaN where missing)."""
 
-    def cell(curve: list[float], i: int) -> str:
-        return f"{curve[i]:.5f}" if i < len(curve) and math.isfinite(curve[i]) else ""
+    name: str
+    key: str | None
+    first_epoch: int
+    values: list[float]
 
+    def points(self) -> list[tuple[int, float]]:
+        """(epoch, value) for every epoch that has a finite value, and only those."""
+        return [(self.first_epoch + i, v) for i, v in enumerate(self.values) if math.isfinite(v)]
+
+
+def plot_series(fp: list[float], control: list[float], series: dict[str, list[float]],
+                ema: bool) -> list[PlotSeries]:
+    """Every curve of the run on one epoch axis: FP's epochs 1..N first, then QAT's epoch k (and
+    FP continued's) at N + k.  A curve is listed only when its stage logged it: no EMA line when
+    EMA is off, no FP continued without the control, a repair curve only when it ran."""
+    after = len(fp) + 1
+    out = [PlotSeries("FP", None, 1, fp)] if fp else []
+    if control:
+        out.append(PlotSeries("FP continued", None, after, control))
+    live = series.get(LIVE, [] if ema else series.get(PRIMARY, []))
+    if live:
+        out.append(PlotSeries("QAT live", LIVE, after, live))
+    ema_curve = series.get(EMA, []) if ema else []
+    if ema_curve:
+        out.append(PlotSeries("QAT EMA", EMA, after, ema_curve))
+    if series.get(BNRE):
+        out.append(PlotSeries(f"QAT {curve_title(BNRE, ema)}", BNRE, after, series[BNRE]))
+    for _model, _repair, key in repair_curves():
+        if series.get(key):
+            out.append(PlotSeries(f"QAT {curve_title(key)}", key, after, series[key]))
+    return out
+
+
+def write_curves_csv(path: Path, lines: list[PlotSeries]) -> None:
+    """The plot data in long format, one row per curve and epoch that has a value (so no curve
+    shows a value where its stage did not run): ``epoch,series,mAP50-95``."""
     rows = [",".join(CURVES_CSV_COLUMNS)]
-    rows += [f"{i + 1},{cell(fp, i)},,," for i in range(len(fp))]
-    rows += [f"{len(fp) + i + 1},,{cell(control, i)},{cell(live, i)},{cell(ema, i)}"
-             for i in range(n_after)]
+    rows += [f"{epoch},{line.name},{value:.5f}" for line in lines for epoch, value in line.points()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(rows) + "\n")
+
+
+def _difference_fields(prefix: str, a: Verdict | None, b: Verdict | None) -> dict[str, Any]:
+    """``<prefix>best`` / ``final`` / ``max_drawdown``: a minus b (None when either is absent)."""
+    if a is None or b is None:
+        return {f"{prefix}{f}": None for f in DIFFERENCE_FIELDS}
+    return {f"{prefix}{f}": v for f, v in difference(a, b).items()}
+
+
+def comparison_lines(cfg: Config, verdicts: dict[str, Verdict | None]) -> list[str]:
+    """The run's answer in words: EMA vs live, then each repair that ran vs its model."""
+    lines = []
+    if cfg.ema and verdicts.get(EMA) is not None and verdicts.get(LIVE) is not None:
+        lines.append(difference_words("EMA", "live", difference(verdicts[EMA], verdicts[LIVE])))
+    for model, repair, key in repair_curves():
+        judged, base = verdicts.get(key), verdicts.get(model_key(model))
+        if repair in cfg.qat.repair_curves and judged is not None and base is not None:
+            lines.append(difference_words(curve_title(key), curve_title(model_key(model)),
+                                          difference(judged, base)))
+    return lines
 
 
 def judge_qat_run(cfg: Config) -> dict[str, Any]:
@@ -188,25 +247,31 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
 
     # judged from the end of warm-up: falls while the lr still ramps never count
     stab = after_warmup(cfg.stability, cfg.qat.warmup_epochs)
-    verdicts = {key: classify_run(series.get(key, []), losses, stab, status)
-                for key in (PRIMARY, LIVE) }
-    verdicts[EMA] = (classify_run(series.get(EMA, []), losses, stab, status)
-                     if cfg.ema else None)
+
+    def judge(key: str) -> Verdict:
+        return classify_run(series.get(key, []), losses, stab, status)
+
+    verdicts: dict[str, Verdict | None] = {PRIMARY: judge(PRIMARY), LIVE: judge(LIVE)}
+    verdicts[EMA] = judge(EMA) if cfg.ema else None
     primary = verdicts[PRIMARY]
     assert primary is not None
     out: dict[str, Any] = {**primary.as_dict(), "status": status, **run_params(cfg)}
     out.update(_curve_fields("live_", verdicts[LIVE]))
     out.update(_curve_fields("ema_", verdicts[EMA]))
+    # the answer as numbers: EMA minus live on the same training run (None when EMA is off)
+    out.update(_difference_fields("ema_minus_live_", verdicts[EMA], verdicts[LIVE]))
     # BN re-estimation: its paired curve (the deployed weights, statistics re-estimated)
-    bnre = (classify_run(series[BNRE], losses, stab, status)
-            if cfg.qat.bn_reestimate > 0 and BNRE in series else None)
-    out.update(_curve_fields("bnre_", bnre))
-    # repair curves (qat.repair_curves): e.g. ema_qc_label, the EMA + QC curve's verdict
+    verdicts[BNRE] = judge(BNRE) if cfg.qat.bn_reestimate > 0 and BNRE in series else None
+    out.update(_curve_fields("bnre_", verdicts[BNRE]))
+    # repair curves (qat.repair_curves): e.g. ema_qc_label, the EMA + QC curve's verdict, and
+    # ema_qc_minus_ema_best, what the repair adds to its model
     for model in ("live", "ema") if cfg.ema else ("live",):
         for repair in cfg.qat.repair_curves:
             key = repair_key(model, repair)
-            judged = classify_run(series[key], losses, stab, status) if key in series else None
-            out.update(_curve_fields(f"{model}_{repair}_", judged))
+            verdicts[key] = judge(key) if key in series else None
+            out.update(_curve_fields(f"{model}_{repair}_", verdicts[key]))
+            out.update(_difference_fields(f"{model}_{repair}_minus_{model}_", verdicts[key],
+                                          verdicts[model_key(model)]))
     out["qc_delta_mAP50-95"] = _qc_delta(cfg)
     fp_curve = _fp_curve(cfg)  # read once: the FP best's fallback and the curves table
     fp_best = _fp_best(cfg, fp_curve)
@@ -217,13 +282,42 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     if reference is not None and out.get("best") is not None:
         out["gap_to_fp"] = reference - out["best"]
     out.update(_eval_fields(cfg))
-    write_curves_csv(cfg.resolve(VERDICT_CURVES), fp_curve, control_curve, series)
+    lines = plot_series(fp_curve, control_curve, series, cfg.ema)
+    write_curves_csv(cfg.resolve(VERDICT_CURVES), lines)
+    from yoloqat.pipeline.verdict_plot import PlotLine, write_curves_png
+
+    plotted = [PlotLine(line.name, line.points(), *_marks(line, verdicts, cfg)) for line in lines]
+    write_curves_png(cfg.resolve(VERDICT_CURVES_PNG), plotted, title=_plot_title(cfg, primary),
+                     qat_start=len(fp_curve) + 1 if fp_curve else None)
     # results only in metrics.json; the run's params and the verdicts' reasons in metadata.json
     write_metrics(cfg.resolve(VERDICT_METRICS), "verdict", out)
     write_json(cfg.resolve(VERDICT_METADATA), out)
-    ema_text = f", EMA curve {verdicts[EMA].label}" if verdicts[EMA] is not None else ""
+    ema_verdict, live_verdict = verdicts[EMA], verdicts[LIVE]
+    assert live_verdict is not None
+    ema_text = f", EMA curve {ema_verdict.label}" if ema_verdict is not None else ""
     print(
         f"verdict: {cfg.model} ema={cfg.ema} qc={cfg.qc} seed={cfg.seed} -> {primary.label} "
-        f"({primary.reason}); live curve {verdicts[LIVE].label}{ema_text}"
+        f"({primary.reason}); live curve {live_verdict.label}{ema_text}"
     )
+    for line in comparison_lines(cfg, verdicts):
+        print(f"verdict: {line}")
     return out
+
+
+def _marks(line: PlotSeries, verdicts: dict[str, Verdict | None],
+           cfg: Config) -> tuple[str | None, list[int], list[int]]:
+    """A QAT curve's verdict label and the epochs (on the plot's axis) where its collapses and
+    dips begin, as the verdict counted them; FP curves have none."""
+    judged = verdicts.get(line.key) if line.key is not None else None
+    if judged is None:
+        return None, [], []
+    falls = fall_epochs(line.values, after_warmup(cfg.stability, cfg.qat.warmup_epochs))
+    shift = line.first_epoch - 1
+    return (judged.label, [e + shift for e in falls["collapses"]],
+            [e + shift for e in falls["dips"] if e not in falls["collapses"]])
+
+
+def _plot_title(cfg: Config, primary: Verdict) -> str:
+    deployed = "EMA" if cfg.ema else "live"
+    return (f"{cfg.model} W{cfg.qat.bits}A16, ema={str(cfg.ema).lower()}, "
+            f"qc={str(cfg.qc).lower()}, seed {cfg.seed}: deployed ({deployed}) curve {primary.label}")

@@ -32,10 +32,26 @@ def fusion_disabled(model: nn.Module) -> Iterator[nn.Module]:
             del model.is_fused
 
 
+def training_val_batch(batch: int, device: str) -> int:
+    """The batch Ultralytics' trainer validates with: twice the per-device training batch."""
+    devices = [d for d in str(device).split(",") if d.strip()]
+    per_device = batch // len(devices) if len(devices) > 1 else batch
+    return max(per_device, 1) * 2
+
+
 def validate_model(
-    model: nn.Module, data_yaml: str, imgsz: int, batch: int, device: str, split: str = "val"
+    model: nn.Module, data_yaml: str, imgsz: int, batch: int, device: str, split: str = "val",
+    rect: bool = True,
 ) -> dict[str, float]:
-    """mAP50-95 and mAP50 of ``model`` on a split, as Ultralytics computes them."""
+    """mAP50-95 and mAP50 of ``model`` on a split, as Ultralytics computes them.
+
+    ``rect=True`` (with the trainer's batch, :func:`training_val_batch`) is how the trainer
+    validates every epoch, and how ``yolo val`` does: images are batched by aspect ratio and
+    padded by half a stride, so a 96-px image is scored at 128 x 128.  ``rect=False`` letterboxes
+    to ``imgsz`` x ``imgsz``.  The same weights score differently under the two (README "Why one
+    checkpoint has several numbers"), so a stage comparing its number with the training curve
+    must use the trainer's setting.
+    """
     from ultralytics.cfg import get_cfg
     from ultralytics.models.yolo.detect import DetectionValidator
     from ultralytics.utils import DEFAULT_CFG
@@ -43,7 +59,7 @@ def validate_model(
     with tempfile.TemporaryDirectory(prefix="yoloqat-val-") as project:
         args = get_cfg(DEFAULT_CFG, {
             "data": data_yaml, "imgsz": imgsz, "batch": batch, "device": device, "split": split,
-            "plots": False, "verbose": False, "save_json": False, "nms": False,
+            "plots": False, "verbose": False, "save_json": False, "nms": False, "rect": rect,
             "project": project, "name": "val",
         })
         validator = DetectionValidator(args=args)
