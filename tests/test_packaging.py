@@ -44,10 +44,10 @@ def test_pixi_names_the_same_dependencies_as_pyproject():
         assert {n.lower() for n in pixi["feature"][extra]["pypi-dependencies"]} == names, extra
 
 
-def test_console_script_and_python_floor():
+def test_console_script_and_python_range_equal_in_pyproject_and_pixi():
     py = _pyproject()
     assert py["project"]["scripts"]["yoloqat"] == "yoloqat.cli:main"
-    assert py["project"]["requires-python"] == ">=3.11"
+    assert py["project"]["requires-python"] == ">=3.11,<3.13" == _pixi()["dependencies"]["python"]
 
 
 def test_no_environment_installs_both_onnxruntime_builds():
