@@ -59,8 +59,11 @@ def _quantizer(recipe: QuantRecipe) -> type:
     """The Brevitas weight quantizer for a recipe (bit width is set per layer)."""
     if recipe.scaling == "decoupled":
         # Brevitas' decoupled quantizers (the reference collapse run's choice, per tensor): the
-        # integers are round(w / pre_scale) with a max-abs statistic pre_scale, the output is
-        # integers * scale with a separately learned scale (initialised from the statistic).
+        # integers are round(w / pre_scale), the output is integers * scale with a separately
+        # learned scale (initialised from the statistic).  Per tensor the pre-scale's statistic
+        # is AbsMaxL2: the L2 norm over output channels of each channel's max |w| (not max |w|),
+        # so |w / pre_scale| never exceeds the integer range: nothing is clipped, and the grid is
+        # coarser than max-abs by L2(channel maxes) / max|w| (between 1 and sqrt(channels)).
         if recipe.granularity == "per_tensor":
             return Int4WeightPerTensorFloatDecoupled
         return Int8WeightPerChannelFloatDecoupled
