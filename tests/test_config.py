@@ -327,3 +327,16 @@ def test_repair_curves_keep_their_order_and_bn_batches_must_be_positive(tmp_path
     assert cfg.qat.repair_curves == ("qc", "bnre") and cfg.qat.repair_bn_batches == 50
     with pytest.raises(ConfigError, match=r"qat.repair_bn_batches=0 is not allowed"):
         load_config(write_params(tmp_path, qat__repair_bn_batches=0))
+
+
+def test_qat_nbs_accumulates_to_a_nominal_batch_never_below_the_batch(tmp_path):
+    from yoloqat.train.overrides import qat_schedule
+
+    assert load_config(write_params(tmp_path)).qat.nbs is None
+    assert load_config(write_params(tmp_path, preset="reference")).qat.nbs == 64
+    assert qat_schedule(load_config(write_params(tmp_path, preset="reference")))["nbs"] == 64
+    assert load_config(write_params(tmp_path, preset="collapse_cpu")).qat.nbs is None
+    with pytest.raises(ConfigError) as err:
+        load_config(write_params(tmp_path, qat__nbs=4))  # batch 8
+    assert str(err.value) == ("params: qat.nbs=4 is not allowed; expected null or an integer >= "
+                              "qat.batch (8)")

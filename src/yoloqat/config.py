@@ -255,6 +255,10 @@ class QATConfig:
     # never changes.  QC uses the `correction` section's settings, as the qc stage does.
     repair_curves: tuple[str, ...] = ()
     repair_bn_batches: int = 50  # training batches each repair's BN re-estimation uses (Nagel: ~50)
+    # Ultralytics' nominal batch: gradients accumulate over round(nbs / batch) batches per
+    # optimizer step.  None: nbs = batch, one step per batch (the reference run's stock
+    # Ultralytics used 64, i.e. two batches of 32 per step).
+    nbs: int | None = None
 
     @property
     def edge_bits(self) -> int:
@@ -430,10 +434,17 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         raise _fail("qat.lsq_grad_scale", lsq, "false unless qat.scaling is learned or decoupled (it scales learned scales' gradients)")
     if scale_wd > 0 and scaling not in LEARNED_SCALINGS:
         raise _fail("qat.scale_weight_decay", scale_wd, "0 unless qat.scaling is learned or decoupled (max-abs scales have no parameter)")
+    batch = _int("qat.batch", b.get("batch", d.batch), 1)
+    nbs = b.get("nbs", d.nbs)
+    if nbs is not None:
+        nbs = _int("qat.nbs", nbs, 1)
+        if nbs < batch:
+            raise _fail("qat.nbs", nbs, f"null or an integer >= qat.batch ({batch})")
     return QATConfig(
         init=init,
         epochs=_int("qat.epochs", b.get("epochs", d.epochs), 1),
-        batch=_int("qat.batch", b.get("batch", d.batch), 1),
+        batch=batch,
+        nbs=nbs,
         optimizer=_choice("qat.optimizer", b.get("optimizer", d.optimizer), OPTIMIZERS),
         lr0=_float("qat.lr0", b.get("lr0", d.lr0), 0.0, 1.0, lo_open=True),
         lrf=_float("qat.lrf", b.get("lrf", d.lrf), 0.0, 1.0, lo_open=True),

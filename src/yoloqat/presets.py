@@ -50,6 +50,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.imgsz": 640,
         "qat.epochs": 300,
         "qat.batch": 32,
+        # stock Ultralytics' nominal batch: gradients of two batches of 32 per optimizer step,
+        # so half the steps (and half the scale decay) per epoch of a one-step-per-batch run
+        "qat.nbs": 64,
         "qat.lrf": 0.1,
         "qat.close_mosaic": 10,
         # Ultralytics' ModelEMA constants, which the reference run used

@@ -43,7 +43,7 @@ def ultralytics_overrides(
     cfg: Config, *, model: str, epochs: int, batch: int, optimizer: str, lr0: float,
     weight_decay: float, warmup_epochs: float, workers: int | str, project: str, name: str,
     amp: bool = False, patience: int = 100, lrf: float = 0.01, momentum: float = 0.937,
-    mosaic: float = 0.0, close_mosaic: int = 0, seed: int | None = None,
+    mosaic: float = 0.0, close_mosaic: int = 0, seed: int | None = None, nbs: int | None = None,
 ) -> dict[str, Any]:
     """The Ultralytics args shared by the FP and QAT trainers (augmentation kept identical).
     ``seed``: None = the run's ``seed`` (train_fp passes the FP seed)."""
@@ -54,8 +54,9 @@ def ultralytics_overrides(
         "imgsz": cfg.data.imgsz,
         "batch": batch,
         # Ultralytics accumulates gradients up to a nominal batch of 64; on a few hundred
-        # images that leaves a handful of optimizer steps per epoch.  One step per batch.
-        "nbs": batch,
+        # images that leaves a handful of optimizer steps per epoch.  One step per batch unless
+        # qat.nbs asks for accumulation (the reference recipe: 64).
+        "nbs": batch if nbs is None else nbs,
         "device": cfg.device,
         "workers": resolve_workers(workers, cfg.device),
         "seed": cfg.seed if seed is None else seed,
@@ -116,4 +117,5 @@ def qat_schedule(cfg: Config) -> dict[str, Any]:
         "momentum": q.momentum, "weight_decay": q.weight_decay, "warmup_epochs": q.warmup_epochs,
         "mosaic": q.mosaic, "close_mosaic": q.close_mosaic, "workers": q.workers,
         "amp": q.amp,  # equal training: QAT's precision too
+        "nbs": q.nbs,
     }
