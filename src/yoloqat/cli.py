@@ -55,8 +55,8 @@ def _ladder_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None,
                     help="report folder (default: <repo>/reports/ladder, written only for models "
                     "with DVC experiments; a folder given here is written from whatever is found)")
-    ap.add_argument("--head-only", action="store_true",
-                    help="only experiments of HEAD (default: of every commit, dvc exp show -A)")
+    ap.add_argument("--all", dest="all_commits", action="store_true",
+                    help="experiments of every commit (dvc exp show -A); default: of HEAD only")
     return ap
 
 
@@ -87,7 +87,7 @@ def ladder_main(argv: list[str]) -> int:
     messages: list[str] = []
     try:
         ladder_cfg, configured = ladder_settings(params)
-        records = load_runs(repo, args.from_json, args.archive, all_commits=not args.head_only)
+        records = load_runs(repo, args.from_json, args.archive, all_commits=args.all_commits)
         rows = group_runs(records)
         decision = decide(rows, ladder_cfg, configured)
         models, left_out = None, []
@@ -133,8 +133,8 @@ def _exps_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repo", default=".", help="the DVC repo (default: the current directory)")
     ap.add_argument("--from-json", metavar="FILE",
                     help="read a saved `dvc exp show --json` instead of running dvc")
-    ap.add_argument("--head-only", action="store_true",
-                    help="only experiments of HEAD (default: of every commit, dvc exp show -A)")
+    ap.add_argument("--all", dest="all_commits", action="store_true",
+                    help="experiments of every commit (dvc exp show -A); default: of HEAD only")
     return ap
 
 
@@ -144,7 +144,7 @@ def exps_main(argv: list[str]) -> int:
 
     args = _exps_parser().parse_args(argv)
     try:
-        records = read_experiments(args.repo, args.from_json, all_commits=not args.head_only)
+        records = read_experiments(args.repo, args.from_json, all_commits=args.all_commits)
     except (YoloqatError, OSError) as exc:
         print(f"yoloqat exps: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2

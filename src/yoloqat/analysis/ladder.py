@@ -284,6 +284,8 @@ def group_runs(records: Iterable[ExpRecord]) -> list[Group]:
     """One group per model and setting, in ladder order."""
     buckets: dict[Setting, list[ExpRecord]] = {}
     for rec in records:
+        if rec.kind == "baseline":  # a plain commit is not an experiment of a setting
+            continue
         setting = setting_of(rec)
         if setting is not None and _seed(rec) is not None:
             buckets.setdefault(setting, []).append(rec)
