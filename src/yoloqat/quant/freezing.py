@@ -13,7 +13,10 @@ reset to ``integer * current scale`` (weight decay and optimizer momentum still 
 otherwise).  Resetting with the *current* scale keeps the integer fixed when the scale moves
 (max-abs scales follow the other weights; learned scales train).  With max-abs scaling the reset
 never raises the layer's max |w| (|integer| <= int_max), so it does not move the scale either,
-up to float rounding of ``int_max * (max|w| / int_max)``.
+up to float rounding of ``int_max * (max|w| / int_max)``.  That argument holds for max-abs
+scaling only: a learned scale moves on its own, and with Brevitas' decoupled quantizer the
+integers follow the AbsMaxL2 pre-scale (a norm over all channels' max |w|), which a reset weight
+can still move.
 
 Freezing is permanent and per weight; the annealed threshold of the paper is not implemented.
 """
