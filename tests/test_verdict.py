@@ -233,9 +233,13 @@ def test_bn_reestimation_curve_gets_its_own_verdict_when_on(tmp_path):
     write_live_ema(tmp_path, STABLE, STABLE)
     write_tsv(tmp_path / "results/qat/plots/metrics/val_bnre/mAP50-95.tsv", "mAP50-95", bnre)
     on = judge_qat_run(make_cfg(tmp_path, ema=True, qat={"bits": 4, "bn_reestimate": 16}))
-    assert on["bnre_label"] == "collapsed" and on["bnre_best"] == 0.28 and on["label"] == "stable"
+    assert on["bnre_label"] == "collapsed" and on["bnre_best"] == 0.28
+    # the saved checkpoints carry the re-estimated statistics: the deployed label is that curve's
+    assert on["label"] == "collapsed" and on["deployed_curve"] == "val_bnre"
+    assert on["ema_label"] == "stable"
     off = judge_qat_run(make_cfg(tmp_path, ema=True))
     assert off["bnre_label"] is None and off["bnre_best"] is None
+    assert off["label"] == "stable" and off["deployed_curve"] == "val"
 
 
 def test_a_fall_inside_the_warm_up_does_not_count_the_same_fall_after_it_does(tmp_path):

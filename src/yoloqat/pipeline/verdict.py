@@ -253,15 +253,18 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
 
     verdicts: dict[str, Verdict | None] = {PRIMARY: judge(PRIMARY), LIVE: judge(LIVE)}
     verdicts[EMA] = judge(EMA) if cfg.ema else None
-    primary = verdicts[PRIMARY]
+    # BN re-estimation: its paired curve (the deployed weights, statistics re-estimated)
+    verdicts[BNRE] = judge(BNRE) if cfg.qat.bn_reestimate > 0 and BNRE in series else None
+    # the deployed label judges the curve of the checkpoint that is saved: with BN
+    # re-estimation on, the checkpoints carry the re-estimated statistics
+    primary = verdicts[BNRE] or verdicts[PRIMARY]
     assert primary is not None
-    out: dict[str, Any] = {**primary.as_dict(), "status": status, **run_params(cfg)}
+    out: dict[str, Any] = {**primary.as_dict(), "status": status, **run_params(cfg),
+                           "deployed_curve": "val_bnre" if verdicts[BNRE] else "val"}
     out.update(_curve_fields("live_", verdicts[LIVE]))
     out.update(_curve_fields("ema_", verdicts[EMA]))
     # the answer as numbers: EMA minus live on the same training run (None when EMA is off)
     out.update(_difference_fields("ema_minus_live_", verdicts[EMA], verdicts[LIVE]))
-    # BN re-estimation: its paired curve (the deployed weights, statistics re-estimated)
-    verdicts[BNRE] = judge(BNRE) if cfg.qat.bn_reestimate > 0 and BNRE in series else None
     out.update(_curve_fields("bnre_", verdicts[BNRE]))
     # repair curves (qat.repair_curves): e.g. ema_qc_label, the EMA + QC curve's verdict, and
     # ema_qc_minus_ema_best, what the repair adds to its model
