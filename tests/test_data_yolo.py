@@ -104,12 +104,25 @@ def test_import_skips_and_counts(source: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::yoloqat.data.errors.DataWarning")
-def test_import_limit_is_seeded(source: Path, tmp_path: Path) -> None:
-    picks = []
-    for name, seed in (("a", 3), ("b", 3)):
-        import_yolo(source, tmp_path / name, max_train=2, max_val=1, calib=1, seed=seed)
-        picks.append(sorted(p.name for p in (tmp_path / name / "images" / "train").iterdir()))
-    assert picks[0] == picks[1] and len(picks[0]) == 2
+def test_import_limit_is_seeded(tmp_path: Path) -> None:
+    # 30 images, 5 kept: C(30, 5) = 142506 possible subsets, so seeds that mattered would differ
+    ds = tmp_path / "many"
+    for i in range(30):
+        _image(ds / "images" / "train" / f"t{i:02d}.jpg")
+        _label(ds / "labels" / "train" / f"t{i:02d}.txt", "0 0.5 0.5 0.25 0.25")
+    _image(ds / "images" / "val" / "v0.png")
+    _label(ds / "labels" / "val" / "v0.txt", "0 0.5 0.5 1 1")
+    doc = {"path": str(ds), "train": "images/train", "val": "images/val", "names": {0: "cat"}}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(doc))
+    picks = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4), ("d", 5)):
+        import_yolo(tmp_path / "data.yaml", tmp_path / name, max_train=5, max_val=1, calib=1, seed=seed)
+        picks[name] = tuple(sorted(p.name for p in (tmp_path / name / "images" / "train").iterdir()))
+    assert all(len(p) == 5 for p in picks.values())
+    assert picks["a"] == picks["b"]  # same seed, same subset
+    assert len({picks["a"], picks["c"], picks["d"]}) == 3, picks  # other seeds, other subsets
+    first = tuple(f"t{i:02d}.jpg" for i in range(5))
+    assert picks["a"] != first  # a draw, not the first files in order
 
 
 def test_bad_yaml_is_a_data_error(tmp_path: Path) -> None:

@@ -3,7 +3,10 @@ image cache, AMP without Ultralytics' downloading check."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import socket
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -103,10 +106,30 @@ def test_ultralytics_check_amp_would_fetch_a_checkpoint_on_cuda(no_network_and_a
     assert no_network_and_a_cuda_h200  # it tried
 
 
+def _bare_name_calls(func) -> set[str]:
+    """Names ``func`` calls as plain names (``check_amp(...)``, not ``checks.check_amp(...)``)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    return {
+        node.func.id for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    }
+
+
 def test_offline_amp_check_grants_amp_on_cuda_without_any_download(no_network_and_a_cuda_h200):
     import ultralytics.engine.trainer as engine
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import checks
 
     from yoloqat.train.trainer import offline_amp_check, offline_check_amp
+
+    # The patch only works while Ultralytics' set-up looks ``check_amp`` up in its trainer
+    # module's globals: the binding exists, is Ultralytics' check, and the _setup_train the
+    # project's trainers inherit calls it by that bare name (an upgrade that renames it, or calls
+    # it through another module, fails here rather than silently downloading yolo26n.pt).
+    assert engine.check_amp is checks.check_amp
+    setup = DetectionTrainer._setup_train
+    assert setup.__globals__ is vars(engine)
+    assert "check_amp" in _bare_name_calls(setup)
 
     original = engine.check_amp
     with offline_amp_check():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import traceback
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -71,9 +73,39 @@ def test_fp_epochs_zero_only_evaluates_the_given_checkpoint(tmp_path, monkeypatc
     train_fp(cfg)
     shutil.copy2(repo / "models/fp/best.pt", repo / "user_yolov10n.pt")
     cfg = load_config(repo / "params.yaml", overrides={"fp.epochs": 0, "fp.init_checkpoint": "user_yolov10n.pt"})
+
+    # Spy on Ultralytics' val: record what it was asked and what it measured, and hand back
+    # marker figures, so the summary must carry the evaluation's numbers (a tiny run's mAP is
+    # often exactly 0, which a constant would match).
+    from ultralytics.engine.model import Model
+
+    real_val, calls = Model.val, []
+
+    def spy(self, **kwargs):
+        metrics = real_val(self, **kwargs)
+        calls.append({"ckpt": self.ckpt_path, "kwargs": kwargs,
+                      "map": float(metrics.box.map), "map50": float(metrics.box.map50)})
+        return SimpleNamespace(box=SimpleNamespace(map=0.3125, map50=0.5625))
+
+    monkeypatch.setattr(Model, "val", spy)
     summary = train_fp(cfg)
     assert summary["status"] == "evaluated" and summary["epochs"] == 0
-    assert 0.0 <= summary["best"] <= 1.0
+    assert (summary["best"], summary["final"], summary["best_mAP50"]) == (0.3125, 0.3125, 0.5625)
+    assert len(calls) == 1
+    call = calls[0]
+    assert Path(call["ckpt"]).resolve() == (repo / "user_yolov10n.pt").resolve()
+    data = (repo / "data/prepared/dataset.yaml").resolve()
+    assert Path(call["kwargs"]["data"]) == data and call["kwargs"].get("split", "val") == "val"
+    assert call["kwargs"]["imgsz"] == cfg.data.imgsz and call["kwargs"]["nms"] is False
+    # what it measured is the checkpoint's mAP on the val split, evaluated independently
+    from ultralytics import YOLO
+
+    from yoloqat.train.validation import validate_model
+
+    again = validate_model(YOLO(repo / "user_yolov10n.pt").model, str(data), cfg.data.imgsz,
+                           call["kwargs"]["batch"], cfg.device, split="val", rect=True)
+    assert again["mAP50-95"] == pytest.approx(call["map"], abs=1e-9)
+    assert again["mAP50"] == pytest.approx(call["map50"], abs=1e-9)
     assert (repo / "models/fp/best.pt").read_bytes() == (repo / "user_yolov10n.pt").read_bytes()
     assert no_network == []
 

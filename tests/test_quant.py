@@ -158,10 +158,32 @@ def test_corrupt_and_foreign_checkpoints_are_one_line_errors(tmp_path):
         load_qat_checkpoint(tmp_path / "missing.qat.pt")
 
 
-def test_ema_decay_ramp_and_window():
-    assert ema_decay_at(0, 0.9999, 2000) == 0.0
-    assert ema_decay_at(128, 0.9999, 2000) == pytest.approx(0.9999 * (1 - math.exp(-128 / 2000)))
+def _applied_decays(decay: float, tau: float, steps: int) -> list[float]:
+    """The decay Ultralytics' ModelEMA (the trainer's EMA) actually applies at steps 1..steps,
+    read off the averaged weight: with the EMA copy at 0 and the live weight at 1, one update
+    leaves the copy at 1 - d."""
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    model = nn.Linear(1, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = ModelEMA(model, decay=decay, tau=tau)
+    seen = []
+    for _ in range(steps):
+        with torch.no_grad():
+            ema.ema.weight.zero_()
+        ema.update(model)
+        seen.append(1.0 - float(ema.ema.weight))
+    return seen
+
+
+@pytest.mark.parametrize(("decay", "tau"), [(0.9999, 2000.0), (0.9, 2.0), (0.99, 7.0)])
+def test_ema_decay_ramp_and_window(decay, tau):
+    assert ema_decay_at(0, decay, tau) == 0.0
+    for step, applied in enumerate(_applied_decays(decay, tau, 12), start=1):
+        assert ema_decay_at(step, decay, tau) == pytest.approx(applied, rel=1e-9, abs=1e-12), step
     assert averaging_window(10**9, 0.99, 1.0) == pytest.approx(100.0)
+    assert averaging_window(3, 0.9, 2.0) == pytest.approx(1 / (1 - _applied_decays(0.9, 2.0, 3)[-1]))
 
 
 def _tiny_quant_model(scaling: str) -> nn.Module:
