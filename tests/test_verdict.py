@@ -253,3 +253,14 @@ def test_a_fall_inside_the_warm_up_does_not_count_the_same_fall_after_it_does(tm
     assert label(3.0) == "unstable" and label(0.0) == "unstable"  # after it: a recovered collapse
     write_qat(tmp_path, [0.20, 0.25, 0.28])
     assert label(3.0) == "too_short" and label(0.0) == "stable"  # every epoch was warm-up
+
+
+def test_every_curve_label_reaches_metrics_json_so_the_ladder_can_read_it():
+    """Found on the first collapse_cpu run with repair curves: ema_qc_label (the curve the rung
+    decides on) was dropped from metrics.json as prose, and the ladder fell back to EMA."""
+    summary = {"label": "stable", "ema_qc_label": "stable", "live_bnre_qc_label": "collapsed",
+               "bnre_label": "unstable", "deployed_curve": "val_bnre", "reason": "prose",
+               "ema_qc_reason": "prose", "ema_qc_best": 0.29}
+    assert metrics_only(summary) == {"label": "stable", "ema_qc_label": "stable",
+                                     "live_bnre_qc_label": "collapsed", "bnre_label": "unstable",
+                                     "deployed_curve": "val_bnre", "ema_qc_best": 0.29}

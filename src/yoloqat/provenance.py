@@ -136,7 +136,9 @@ def fresh_outputs(*dirs: Path) -> None:
 
 # Categorical results kept beside the numbers; every other string (reasons, notes, paths) is
 # prose and lives in the stage's metadata.json.
-METRIC_STATES = frozenset({"status", "label", "live_label", "ema_label"})
+METRIC_STATES = frozenset({"status", "label", "live_label", "ema_label", "deployed_curve"})
+# ... and every curve's verdict label (bnre_label, ema_qc_label, live_bnre_qc_label, ...)
+METRIC_STATE_SUFFIX = "_label"
 METRIC_FLAGS = frozenset({"applied", "parity_ok", "int_weights_exact"})
 # Copies of params and run settings (params.yaml already shows them) and numerical diagnostics
 # whose tiny run-to-run changes read as meaningless differences in `dvc exp diff`.
@@ -160,7 +162,7 @@ def metrics_only(values: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(v, (int, float)) or v is None:
             keep = True
         else:
-            keep = isinstance(v, str) and k in METRIC_STATES
+            keep = isinstance(v, str) and (k in METRIC_STATES or k.endswith(METRIC_STATE_SUFFIX))
         if keep:
             out[k] = v
     return out
