@@ -262,12 +262,35 @@ def archive_main(argv: list[str]) -> int:
     return 0
 
 
+def repairs_main(argv: list[str]) -> int:
+    from yoloqat.analysis.repair_report import table_from_archive
+
+    ap = argparse.ArgumentParser(
+        prog="yoloqat repairs",
+        description="Every QAT curve of archived runs (live, EMA, each repair of each model), "
+                    "judged with the current rules from the end of warm-up, with its endpoints.")
+    ap.add_argument("--from", dest="archive", required=True, metavar="DIR",
+                    help="a folder of `yoloqat archive` files, e.g. reports/collapse_repairs/runs")
+    ap.add_argument("--out", metavar="FILE", help="also write the markdown table here")
+    args = ap.parse_args(argv)
+    try:
+        table = table_from_archive(args.archive)
+        if args.out:
+            Path(args.out).write_text(table)
+    except (YoloqatError, OSError) as exc:
+        print(f"yoloqat repairs: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    return 0
+
+
 def _main_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="yoloqat",
         description="EMA + Quantization Correction for W4A16 QAT of YOLOv10: stability tools.",
     )
-    sub = ap.add_subparsers(dest="command", metavar="{exps,judge,ladder,search,remedies,archive}")
+    sub = ap.add_subparsers(dest="command",
+                            metavar="{exps,judge,ladder,search,remedies,archive,repairs}")
     sub.add_parser("exps", help="one compact line per DVC experiment (yoloqat exps -h)",
                    add_help=False)
     sub.add_parser("judge", help="label training curves stable / collapsed / ... "
@@ -280,6 +303,8 @@ def _main_parser() -> argparse.ArgumentParser:
                    "plotted (yoloqat remedies -h)", add_help=False)
     sub.add_parser("archive", help="one JSON file per experiment (params, metrics, curves) for "
                    "--from (yoloqat archive -h)", add_help=False)
+    sub.add_parser("repairs", help="every repair curve of archived runs, judged, with endpoints "
+                   "(yoloqat repairs -h)", add_help=False)
     return ap
 
 
@@ -300,14 +325,16 @@ def main(argv: list[str] | None = None) -> int:
             return remedies_main(argv[1:])
         if argv and argv[0] == "archive":
             return archive_main(argv[1:])
+        if argv and argv[0] == "repairs":
+            return repairs_main(argv[1:])
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     ap = _main_parser()
     if not argv or argv[0] in ("-h", "--help"):
         ap.print_help(sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge, ladder, search, remedies "
-          "or archive",
+    print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge, ladder, search, remedies, "
+          "archive or repairs",
           file=sys.stderr)
     return 2
 

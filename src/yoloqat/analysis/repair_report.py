@@ -1,0 +1,62 @@
+"""The repair-curve table of archived runs: every QAT curve of each run (live, EMA, and each
+repair of each model), judged with the current stability rules from the end of warm-up, with
+its continuous endpoints.  It reads only the archive files (``yoloqat archive``), so the table is
+regenerated from committed data: ``yoloqat repairs --from reports/collapse_repairs/runs``.
+
+Why its own table: the ladder pools seeds by setting and decides a rung; this one shows, run by
+run, what each repair made of each model at every epoch's checkpoint, which is what the repair
+curves were built to show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from yoloqat.analysis.experiments import ExpRecord, read_archive, run_curves
+from yoloqat.config import StabilityConfig
+from yoloqat.curves.endpoints import endpoints, warmup_skip
+from yoloqat.curves.reader import EMA, LIVE, repair_key
+from yoloqat.curves.stability import after_warmup, classify_run
+
+CURVES = (("live", LIVE), ("EMA", EMA),
+          ("live+BNre", repair_key("live", "bnre")), ("EMA+BNre", repair_key("ema", "bnre")),
+          ("live+QC", repair_key("live", "qc")), ("EMA+QC", repair_key("ema", "qc")),
+          ("live+BNre+QC", repair_key("live", "bnre_qc")), ("EMA+BNre+QC", repair_key("ema", "bnre_qc")))
+HEADER = "| run | curve | label (current rules) | best (epoch) | final | post-peak drawdown | mean after warm-up |"
+
+
+def _stability(rec: ExpRecord) -> StabilityConfig:
+    fields = {k.split(".", 1)[1]: v for k, v in rec.params.items() if k.startswith("stability.")}
+    return StabilityConfig(**fields)
+
+
+def run_rows(rec: ExpRecord) -> list[str]:
+    warmup = float(rec.params.get("qat.warmup_epochs") or 0.0)
+    rules = after_warmup(_stability(rec), warmup)
+    qat = run_curves(rec).get("qat", {})
+    rows = []
+    for name, key in CURVES:
+        values = qat.get(key)
+        if not values:
+            continue
+        verdict = classify_run(values, None, rules, (rec.metrics.get("qat") or {}).get("status"))
+        e = endpoints(values, warmup_skip(warmup))
+
+        def f(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        rows.append(f"| {rec.name} | {name} | {verdict.label} | {f(e.best)} ({e.best_epoch}) | "
+                    f"{f(e.final)} | {f(e.drawdown)} | {f(e.auc)} |")
+    return rows
+
+
+def repair_table(records: Sequence[ExpRecord]) -> str:
+    lines = [HEADER, "|" + "---|" * 7]
+    for rec in sorted(records, key=lambda r: r.name):
+        lines += run_rows(rec)
+    return "\n".join(lines) + "\n"
+
+
+def table_from_archive(folder: str | Path) -> str:
+    return repair_table(read_archive(folder))
