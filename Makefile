@@ -23,10 +23,15 @@ endif
 
 setup: $(STAMP)
 
+# TORCH_INDEX: an extra wheel index for torch, e.g. PyTorch's CPU-only one
+# (https://download.pytorch.org/whl/cpu), which makes .venv several GB smaller; default: none.
+TORCH_INDEX ?=
+
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	@echo "make: installing the project and its dependencies into $(VENV) (a few minutes; torch is large)"
+	$(PY) -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[cpu,dev]'
 	@touch $@
 
 # dvc exp run needs a git repository with at least one commit and an initialised DVC.
