@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from yoloqat.config import REPAIR_CURVES
-from yoloqat.curves.reader import BNRE, EMA, LIVE, PRIMARY, repair_key
+from yoloqat.curves.reader import BNRE, EMA, LIVE, PRIMARY, logged_repairs
 from yoloqat.curves.stability import Verdict
 
 DIFFERENCE_FIELDS = ("best", "final", "max_drawdown")
@@ -34,7 +34,7 @@ def model_key(model: str) -> str:
 
 def repair_curves() -> list[tuple[str, str, str]]:
     """(model, repair, curve key) of every possible repair curve, live first, in REPAIR_CURVES order."""
-    return [(m, r, repair_key(m, r)) for m in ("live", "ema") for r in REPAIR_CURVES]
+    return logged_repairs(True, REPAIR_CURVES)
 
 
 def curve_title(key: str, ema: bool | None = None) -> str:

@@ -48,6 +48,14 @@ def repair_group(model: str, repair: str) -> str:
 def repair_key(model: str, repair: str) -> str:
     """The mAP50-95 series of a repair curve, as :attr:`RunCurve.series` names it."""
     return f"{repair_group(model, repair)}/mAP50-95"
+
+
+def logged_repairs(ema: bool, repairs: Iterable[str]) -> list[tuple[str, str, str]]:
+    """(model, repair, series key) of every repair curve a run with ``ema`` and
+    ``qat.repair_curves = repairs`` logs: each repair of the live model, and of the EMA model
+    when EMA is on; live first, in ``repairs`` order."""
+    repairs = tuple(repairs)
+    return [(m, r, repair_key(m, r)) for m in (("live", "ema") if ema else ("live",)) for r in repairs]
 DVCLIVE_MAP = DVCLIVE_PLOTS / "val" / MAP_NAME
 DVCLIVE_LOSS_DIR = DVCLIVE_PLOTS / "train"
 MAP_COLUMNS = ("metrics/mAP50-95(B)", "metrics/mAP_0.5:0.95", "metrics/mAP50-95", "val/mAP50-95")

@@ -78,13 +78,11 @@ def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, 
 
 def repair_summary(cfg: Config, logger: EpochLogger) -> dict[str, Any]:
     """Best/final of every repair curve the run logged, e.g. ``ema_qc_best``."""
-    from yoloqat.curves.reader import repair_key
+    from yoloqat.curves.reader import logged_repairs
 
     out: dict[str, Any] = {}
-    for model in ("live", "ema") if cfg.ema else ("live",):
-        for repair in cfg.qat.repair_curves:
-            curve = logger.curve(repair_key(model, repair))
-            out.update(curve_summary(curve, prefix=f"{model}_{repair}_"))
+    for model, repair, key in logged_repairs(cfg.ema, cfg.qat.repair_curves):
+        out.update(curve_summary(logger.curve(key), prefix=f"{model}_{repair}_"))
     return out
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yoloqat.config import Config
+from yoloqat.config import Config, StabilityConfig
 from yoloqat.curves.compare import (
     DIFFERENCE_FIELDS,
     curve_title,
@@ -34,7 +34,7 @@ from yoloqat.curves.compare import (
     model_key,
     repair_curves,
 )
-from yoloqat.curves.reader import BNRE, DVCLIVE_MAP, EMA, LIVE, PRIMARY, read_curve, repair_key
+from yoloqat.curves.reader import BNRE, DVCLIVE_MAP, EMA, LIVE, PRIMARY, logged_repairs, read_curve
 from yoloqat.curves.stability import Verdict, after_warmup, classify_run, fall_epochs
 from yoloqat.errors import CurveError, VerdictError
 from yoloqat.numbers import finite_number
@@ -205,9 +205,9 @@ def comparison_lines(cfg: Config, verdicts: dict[str, Verdict | None]) -> list[s
     lines = []
     if cfg.ema and verdicts.get(EMA) is not None and verdicts.get(LIVE) is not None:
         lines.append(difference_words("EMA", "live", difference(verdicts[EMA], verdicts[LIVE])))
-    for model, repair, key in repair_curves():
+    for model, _repair, key in logged_repairs(cfg.ema, cfg.qat.repair_curves):
         judged, base = verdicts.get(key), verdicts.get(model_key(model))
-        if repair in cfg.qat.repair_curves and judged is not None and base is not None:
+        if judged is not None and base is not None:
             lines.append(difference_words(curve_title(key), curve_title(model_key(model)),
                                           difference(judged, base)))
     return lines
@@ -268,13 +268,11 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     out.update(_curve_fields("bnre_", verdicts[BNRE]))
     # repair curves (qat.repair_curves): e.g. ema_qc_label, the EMA + QC curve's verdict, and
     # ema_qc_minus_ema_best, what the repair adds to its model
-    for model in ("live", "ema") if cfg.ema else ("live",):
-        for repair in cfg.qat.repair_curves:
-            key = repair_key(model, repair)
-            verdicts[key] = judge(key) if key in series else None
-            out.update(_curve_fields(f"{model}_{repair}_", verdicts[key]))
-            out.update(_difference_fields(f"{model}_{repair}_minus_{model}_", verdicts[key],
-                                          verdicts[model_key(model)]))
+    for model, repair, key in logged_repairs(cfg.ema, cfg.qat.repair_curves):
+        verdicts[key] = judge(key) if key in series else None
+        out.update(_curve_fields(f"{model}_{repair}_", verdicts[key]))
+        out.update(_difference_fields(f"{model}_{repair}_minus_{model}_", verdicts[key],
+                                      verdicts[model_key(model)]))
     out["qc_delta_mAP50-95"] = _qc_delta(cfg)
     fp_curve = _fp_curve(cfg)  # read once: the FP best's fallback and the curves table
     fp_best = _fp_best(cfg, fp_curve)
@@ -289,7 +287,7 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     write_curves_csv(cfg.resolve(VERDICT_CURVES), lines)
     from yoloqat.pipeline.verdict_plot import PlotLine, write_curves_png
 
-    plotted = [PlotLine(line.name, line.points(), *_marks(line, verdicts, cfg)) for line in lines]
+    plotted = [PlotLine(line.name, line.points(), *_marks(line, verdicts, stab)) for line in lines]
     write_curves_png(cfg.resolve(VERDICT_CURVES_PNG), plotted, title=_plot_title(cfg, primary),
                      qat_start=len(fp_curve) + 1 if fp_curve else None)
     # results only in metrics.json; the run's params and the verdicts' reasons in metadata.json
@@ -308,13 +306,14 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
 
 
 def _marks(line: PlotSeries, verdicts: dict[str, Verdict | None],
-           cfg: Config) -> tuple[str | None, list[int], list[int]]:
+           rules: StabilityConfig) -> tuple[str | None, list[int], list[int]]:
     """A QAT curve's verdict label and the epochs (on the plot's axis) where its collapses and
-    dips begin, as the verdict counted them; FP curves have none."""
+    dips begin, as the verdict counted them (``rules``: the ones it judged with); FP curves
+    have none."""
     judged = verdicts.get(line.key) if line.key is not None else None
     if judged is None:
         return None, [], []
-    falls = fall_epochs(line.values, after_warmup(cfg.stability, cfg.qat.warmup_epochs))
+    falls = fall_epochs(line.values, rules)
     shift = line.first_epoch - 1
     return (judged.label, [e + shift for e in falls["collapses"]],
             [e + shift for e in falls["dips"] if e not in falls["collapses"]])
