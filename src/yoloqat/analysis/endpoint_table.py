@@ -38,6 +38,7 @@ from yoloqat.analysis.experiments import (
 )
 from yoloqat.analysis.ladder import Group, differing_keys, merge_order
 from yoloqat.analysis.paired import SignFlip, sign_flip
+from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
 from yoloqat.curves.reader import MAP_NAME
 from yoloqat.curves.stability import LABELS, STABLE, TOO_SHORT
@@ -48,11 +49,6 @@ Reader = Callable[[ExpRecord, str], "list[float] | None"]
 ENDPOINTS = ("best", "final", "drawdown", "auc")
 PRIMARY = "auc"  # the endpoint the paired difference is on
 # the ladder's rows: the verdict prefix / DVCLive group suffix of each curve, and its name
-CURVE_ROWS = (
-    ("live", "live"), ("ema", "EMA"), ("live_bnre", "live+BNre"), ("ema_bnre", "EMA+BNre"),
-    ("live_qc", "live+QC"), ("ema_qc", "EMA+QC"), ("live_bnre_qc", "live+BNre+QC"),
-    ("ema_bnre_qc", "EMA+BNre+QC"),
-)
 HEADER = ("curve", "stable", "best", "final", "drawdown", "AUC", "Δ AUC vs live [95% CI]",
           "p (>, ≠)", "not stable")
 

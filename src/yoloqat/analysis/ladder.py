@@ -57,6 +57,7 @@ from yoloqat.analysis.experiments import (
 )
 from yoloqat.analysis.paired import PairedOutcome, paired_outcome
 from yoloqat.config import MODELS, LadderConfig, load_config_for
+from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.stability import STABLE, TOO_SHORT, mean_std
 from yoloqat.errors import ExperimentsError
 from yoloqat.numbers import finite_number
@@ -173,7 +174,7 @@ def _newest_first(recs: Iterable[ExpRecord]) -> list[ExpRecord]:
 # The method's curve: EMA + QC at every epoch (qat.repair_curves with qc), the model that would
 # be deployed; runs without it fall back to the EMA curve, and the output says which it was.
 METHOD_EMA_QC, METHOD_EMA = "EMA+QC", "EMA"
-OTHER_CURVES = ("ema", "live_bnre", "ema_bnre", "live_qc", "live_bnre_qc", "ema_bnre_qc")
+OTHER_CURVES = tuple(prefix for prefix, _ in CURVE_ROWS if prefix not in ("live", "ema_qc"))
 
 
 def method_name(runs: Sequence[SeedRun]) -> str:

@@ -15,14 +15,10 @@ from pathlib import Path
 
 from yoloqat.analysis.experiments import ExpRecord, read_archive, run_curves
 from yoloqat.config import StabilityConfig
+from yoloqat.curves.compare import CURVE_ROWS, row_key
 from yoloqat.curves.endpoints import endpoints, warmup_skip
-from yoloqat.curves.reader import EMA, LIVE, repair_key
 from yoloqat.curves.stability import after_warmup, classify_run
 
-CURVES = (("live", LIVE), ("EMA", EMA),
-          ("live+BNre", repair_key("live", "bnre")), ("EMA+BNre", repair_key("ema", "bnre")),
-          ("live+QC", repair_key("live", "qc")), ("EMA+QC", repair_key("ema", "qc")),
-          ("live+BNre+QC", repair_key("live", "bnre_qc")), ("EMA+BNre+QC", repair_key("ema", "bnre_qc")))
 HEADER = "| run | curve | label (current rules) | best (epoch) | final | post-peak drawdown | mean after warm-up |"
 
 
@@ -36,8 +32,8 @@ def run_rows(rec: ExpRecord) -> list[str]:
     rules = after_warmup(_stability(rec), warmup)
     qat = run_curves(rec).get("qat", {})
     rows = []
-    for name, key in CURVES:
-        values = qat.get(key)
+    for prefix, name in CURVE_ROWS:
+        values = qat.get(row_key(prefix))
         if not values:
             continue
         verdict = classify_run(values, None, rules, (rec.metrics.get("qat") or {}).get("status"))

@@ -25,6 +25,18 @@ from yoloqat.curves.stability import Verdict
 DIFFERENCE_FIELDS = ("best", "final", "max_drawdown")
 MODEL_TITLES = {"live": "live", "ema": "EMA"}
 REPAIR_TITLES = {"bnre": "BN re-est.", "qc": "QC", "bnre_qc": "BN re-est. + QC"}
+# Every QAT curve a table has a row for, by its verdict prefix (``ema_qc`` -> ``ema_qc_label``)
+# and the row's short name; the control (live) first, then EMA, then each repair of each model.
+_ROW_REPAIRS = {"bnre": "BNre", "qc": "QC", "bnre_qc": "BNre+QC"}
+CURVE_ROWS: tuple[tuple[str, str], ...] = (
+    ("live", "live"), ("ema", "EMA"),
+    *((f"{m}_{r}", f"{MODEL_TITLES[m]}+{_ROW_REPAIRS[r]}") for r in REPAIR_CURVES for m in ("live", "ema")),
+)
+
+
+def row_key(prefix: str) -> str:
+    """The mAP50-95 series of a :data:`CURVE_ROWS` prefix: ``val_<prefix>/mAP50-95``."""
+    return f"val_{prefix}/mAP50-95"
 
 
 def model_key(model: str) -> str:
