@@ -40,10 +40,6 @@ class RepairPlan:
     def needs_bnre(self) -> bool:
         return "bnre" in self.repairs or "bnre_qc" in self.repairs
 
-    @property
-    def needs_qc(self) -> bool:
-        return "qc" in self.repairs or "bnre_qc" in self.repairs
-
 
 def qc_corrected(model: nn.Module, calib: Any, plan: RepairPlan, device: torch.device) -> nn.Module:
     """QC applied in place to ``model`` (a copy the caller owns), as the qc stage applies it."""

@@ -389,7 +389,8 @@ class QATTrainer(FPTrainer):
             yield batch["img"].to(self.device).float() / 255
 
     def _score_copy(self, model: nn.Module) -> dict[str, float | None]:
-        """Validate ``model`` with the trainer's validator (it scores ``ema.ema``)."""
+        """Validate ``model`` (the live weights, or a repaired copy) with the trainer's validator,
+        which scores ``ema.ema``: swapped in for the call, then restored."""
         deployed = self.ema.ema
         self.ema.ema = model
         try:
@@ -436,14 +437,8 @@ class QATTrainer(FPTrainer):
 
         Iterating a DataLoader draws from the global RNGs; restoring them afterwards keeps the
         training trajectory bit-identical to a run without this extra pass (EMA off)."""
-        deployed = self.ema.ema
-        self.ema.ema = unwrap_model(self.model)
-        try:
-            with preserved_rng():
-                live = self.validator(self)
-        finally:
-            self.ema.ema = deployed
-        return _map_pair(live or {})
+        with preserved_rng():
+            return self._score_copy(unwrap_model(self.model))
 
     def epoch_extras(self) -> dict[str, float | None]:
         """What the epoch logger adds for QAT: paired val curves and oscillation statistics."""
