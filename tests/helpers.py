@@ -44,6 +44,15 @@ def env_with_venv() -> dict[str, str]:
     return env
 
 
+def use_env_with_venv(monkeypatch: Any) -> None:
+    """:func:`env_with_venv`'s PATH, git identity and DVC settings for this process too (for
+    code that runs dvc or git in-process, e.g. through the CLI)."""
+    env = env_with_venv()
+    for key in ("PATH", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME",
+                "GIT_COMMITTER_EMAIL", "DVC_NO_ANALYTICS"):
+        monkeypatch.setenv(key, env[key])
+
+
 def copy_repo(dst: Path, params: dict[str, Any]) -> Path:
     """A fresh git + DVC repo holding this project's pipeline with ``params``."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -67,3 +76,13 @@ def copy_repo(dst: Path, params: dict[str, Any]) -> Path:
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=False, cwd=cwd, env=env_with_venv(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def write_ladder_params(folder: Path) -> Path:
+    """A params.yaml with the settings the recorded ladder fixtures' experiments were run with."""
+    import yaml
+
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({"qat": {"bits": 4, "init": "fp"},
+                                    "ladder": {"min_seeds": 3, "seeds": [0, 1, 2]}}))
+    return path

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import write_ladder_params
 from yoloqat.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "exp_show.json"
@@ -24,11 +25,7 @@ def write_tsv(path: Path, values: list[float]) -> Path:
 
 @pytest.fixture
 def params(tmp_path) -> Path:
-    p = tmp_path / "params.yaml"
-    # the settings the fixture's experiments were run with
-    p.write_text(yaml.safe_dump({"qat": {"bits": 4, "init": "fp"},
-                                 "ladder": {"min_seeds": 3, "seeds": [0, 1, 2]}}))
-    return p
+    return write_ladder_params(tmp_path)
 
 
 def test_judge_table_and_json(tmp_path, capsys):

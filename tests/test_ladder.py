@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import use_env_with_venv
 from yoloqat.analysis import ladder as ladder_mod
 from yoloqat.analysis.experiments import (
     MAP_TSV,
@@ -451,13 +451,8 @@ def _dvc_yaml() -> str:
 
 
 def test_queued_dvc_experiments_end_up_in_the_ladder(tmp_path, monkeypatch, capsys):
-    for k in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
-        monkeypatch.setenv(k, "yoloqat-test")
-    for k in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        monkeypatch.setenv(k, "test@yoloqat.local")
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     # the queue worker starts `dvc exp exec-run` by name: the venv's bin must be on PATH
-    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    use_env_with_venv(monkeypatch)
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "gen.py").write_text(GEN)

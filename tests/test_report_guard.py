@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import use_env_with_venv, write_ladder_params
 from yoloqat.analysis.ladder import committed_report_models, group_runs
 from yoloqat.cli import main
 from yoloqat.errors import ExperimentsError
@@ -61,10 +62,7 @@ def contents(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def params(tmp_path) -> Path:
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump({"qat": {"bits": 4, "init": "fp"},
-                                 "ladder": {"min_seeds": 3, "seeds": [0, 1, 2]}}))
-    return p
+    return write_ladder_params(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,11 +152,7 @@ def test_ladder_says_which_model_it_left_out(tmp_path, params, capsys):
 
 def test_ladder_in_a_real_fresh_clone(tmp_path, monkeypatch, capsys):
     """`dvc exp show` in a clone: a commit with committed results, no experiments."""
-    for k in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
-        monkeypatch.setenv(k, "yoloqat-test")
-    for k in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        monkeypatch.setenv(k, "test@yoloqat.local")
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    use_env_with_venv(monkeypatch)
     repo = tmp_path / "clone"
     repo.mkdir()
     verdict = {**fake("yolo10n").verdict, "status": "completed"}
