@@ -214,7 +214,7 @@ def _optimizer(model: nn.Module, scale_weight_decay: float = 0.0) -> torch.optim
 
     trainer = QATTrainer.__new__(QATTrainer)  # build_optimizer needs no dataset
     trainer.freezer = None
-    trainer.qat_settings = SimpleNamespace(scale_weight_decay=scale_weight_decay)
+    trainer.qat_settings = SimpleNamespace(qat=SimpleNamespace(scale_weight_decay=scale_weight_decay))
     return trainer.build_optimizer(model, name="AdamW", lr=1e-3, momentum=0.9, decay=5e-4)
 
 

@@ -29,11 +29,10 @@ def tiny_dataset(tmp_path_factory):
 def test_ddp_launch_file_reimports_trainer_and_quantizes_in_the_worker(tiny_dataset, tmp_path):
     from ultralytics.utils.dist import generate_ddp_file
 
-    from yoloqat.quant.convert import QuantRecipe
+    from yoloqat.config import QATConfig
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
-    settings = QATSettings(recipe=QuantRecipe(bits=3, edge_bits=8).to_dict(), ema=False,
-                           ema_decay=0.99, ema_tau=60.0, track_every=1, out_dir=str(tmp_path / "q"))
+    settings = QATSettings(QATConfig(bits=3, first_last_bits=8), ema=False, out_dir=str(tmp_path / "q"))
     trainer = QATTrainer(
         overrides={"model": "yolov10n.yaml", "data": str(tiny_dataset), "imgsz": 64, "epochs": 1,
                    "device": "cpu", "project": str(tmp_path), "name": "ddp", "plots": False},
@@ -129,8 +128,8 @@ def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_u
     for n in names:
         assert _tsv(qat_repo, n).splitlines()[1:] == plain_tsv[n], n
     assert bnre["best"] == plain["best"]
-    meta = json.loads((qat_repo / "models/qat/metadata.json").read_text())["summary"]
-    assert meta["bn_reestimate"] == 2
+    meta = json.loads((qat_repo / "models/qat/metadata.json").read_text())
+    assert meta["params"]["qat"]["bn_reestimate"] == 2 and "bn_reestimate" not in meta["summary"]
     assert "bnre_best" in bnre and "bnre_best" not in plain
     assert (qat_repo / "results/qat/plots/metrics/val_bnre/mAP50-95.tsv").is_file()
     model, payload = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")
@@ -227,6 +226,7 @@ def test_bn_momentum_setting_reaches_every_batchnorm_of_the_qat_model(monkeypatc
     from torch import nn
     from ultralytics.models.yolo.detect import DetectionTrainer
 
+    from yoloqat.config import QATConfig
     from yoloqat.quant.convert import QuantRecipe
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
@@ -238,15 +238,12 @@ def test_bn_momentum_setting_reaches_every_batchnorm_of_the_qat_model(monkeypatc
     monkeypatch.setattr(DetectionTrainer, "get_model", tiny)
     for momentum, expected in ((0.1, 0.1), (None, 0.03)):  # None: the model's own
         trainer = QATTrainer.__new__(QATTrainer)
-        trainer.qat_settings = QATSettings(recipe=QuantRecipe().to_dict(), ema=False, ema_decay=0.9,
-                                           ema_tau=1.0, track_every=1, out_dir=".", bn_momentum=momentum)
+        trainer.qat_settings = QATSettings(QATConfig(bn_momentum=momentum), ema=False)
         trainer.recipe = QuantRecipe()
         model = trainer.get_model()
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         assert len(bns) == 2 and all(bn.momentum == expected for bn in bns)
-    trainer.qat_settings = QATSettings(recipe=QuantRecipe().to_dict(), ema=False, ema_decay=0.9,
-                                       ema_tau=1.0, track_every=1, out_dir=".", bn_momentum=0.5,
-                                       fake_quant="batched")
+    trainer.qat_settings = QATSettings(QATConfig(bn_momentum=0.5, fake_quant="batched"), ema=False)
     model = trainer.get_model()
     assert all(bn.momentum == 0.5 for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
     assert model.fake_quant_mode == "batched"  # qat.fake_quant reaches the QAT model
@@ -282,3 +279,24 @@ def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_mod
     assert 0 < repaired["repair_seconds"] < repaired["seconds"] and repaired["repair_time_ratio"] > 1
     assert "repair_seconds" not in plain
     assert not (qat_repo / "results/qat/plots/metrics/val_live_qc_bnre").exists()
+
+
+def test_qat_settings_travel_whole_through_the_environment(monkeypatch):
+    """What a DDP worker rebuilds equals what the stage sent, field for field (tuples, nulls and
+    'auto' included), and a value corrupted on the way is refused in params.yaml's one line."""
+    import os
+
+    from yoloqat.config import ConfigError, CorrectionConfig, QATConfig
+    from yoloqat.train.trainer import SETTINGS_ENV, QATSettings
+
+    qat = QATConfig(init="scratch", bits=3, first_last_bits=8, scaling="learned", lsq_grad_scale=True,
+                    scale_weight_decay=0.05, bn_momentum=0.1, workers="auto", nbs=16, dampening=1e-5,
+                    repair_curves=("qc", "bnre"), fake_quant="batched")
+    sent = QATSettings(qat, CorrectionConfig(lr=0.01, head=False), ema=False, out_dir="/runs/q")
+    monkeypatch.delenv(SETTINGS_ENV, raising=False)
+    sent.to_env()
+    assert QATSettings.from_env() == sent
+    monkeypatch.setenv(SETTINGS_ENV, os.environ[SETTINGS_ENV].replace('"bits": 3', '"bits": 1'))
+    with pytest.raises(ConfigError) as err:
+        QATSettings.from_env()
+    assert str(err.value) == "params: qat.bits=1 is not allowed; expected an integer in [2, 8]"

@@ -35,11 +35,6 @@ from yoloqat.train.overrides import (
 )
 
 
-def recipe_of(cfg: Config) -> QuantRecipe:
-    q = cfg.qat
-    return QuantRecipe(bits=q.bits, granularity=q.granularity, scaling=q.scaling, edge_bits=q.edge_bits)
-
-
 def init_model_arg(cfg: Config) -> str:
     """What the trainer starts from: the FP checkpoint, the bare yaml, or a user checkpoint."""
     if cfg.qat.init == "fp":
@@ -56,12 +51,10 @@ def init_model_arg(cfg: Config) -> str:
 
 
 def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, Any]:
-    """The remedies' settings and, for those that are on, their end-of-run figures."""
+    """The end-of-run figures of the remedies that are on (their settings are the run's params,
+    in metadata.json)."""
     q = cfg.qat
-    out: dict[str, Any] = {
-        "dampening": q.dampening, "dampening_ramp": q.dampening_ramp,
-        "freeze_threshold": q.freeze_threshold, "bn_reestimate": q.bn_reestimate,
-    }
+    out: dict[str, Any] = {}
     last = logger.history[-1] if logger.history else {}
     for key in ("scale/ratio_geomean", "scale/ratio_min"):  # learned scales only
         if last.get(key) is not None:
@@ -93,18 +86,8 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     require_dataset()
     fresh_outputs(QAT_DIR, QAT_RESULTS)
     t0 = time.time()
-    recipe = recipe_of(cfg)
-    settings = QATSettings(
-        recipe=recipe.to_dict(), ema=cfg.ema, ema_decay=cfg.qat.ema_decay, ema_tau=cfg.qat.ema_tau,
-        track_every=cfg.qat.track_every, out_dir=str(QAT_DIR.resolve()),
-        dampening=cfg.qat.dampening, dampening_ramp=cfg.qat.dampening_ramp,
-        freeze_threshold=cfg.qat.freeze_threshold, bn_reestimate=cfg.qat.bn_reestimate,
-        lsq_grad_scale=cfg.qat.lsq_grad_scale, scale_weight_decay=cfg.qat.scale_weight_decay,
-        bn_momentum=cfg.qat.bn_momentum, fake_quant=cfg.qat.fake_quant,
-        repair_curves=cfg.qat.repair_curves, repair_bn_batches=cfg.qat.repair_bn_batches,
-        qc_lr=cfg.correction.lr, qc_epochs=cfg.correction.epochs, qc_batch=cfg.correction.batch,
-        qc_min_steps=cfg.correction.min_steps, qc_head=cfg.correction.head,
-    )
+    recipe = QuantRecipe.of(cfg.qat)
+    settings = QATSettings(cfg.qat, cfg.correction, ema=cfg.ema, out_dir=str(QAT_DIR.resolve()))
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
         overrides = ultralytics_overrides(

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from yoloqat.config import CorrectionConfig, QATConfig
+from yoloqat.config_checks import Bool, Text, build, param
 from yoloqat.numbers import finite_or_none
 from yoloqat.quant.convert import QuantRecipe, quantize_model, set_fake_quant_mode
 from yoloqat.quant.ema import make_ema
@@ -36,35 +38,18 @@ SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
 
 @dataclass(frozen=True)
 class QATSettings:
-    """What the QAT trainer needs beyond Ultralytics' own args.
+    """What the QAT trainer needs beyond Ultralytics' own args: the ``qat`` section whole, the
+    ``correction`` section (QC of the repair curves), whether EMA is on, where to save.
 
     Ultralytics rejects unknown keys in its args, and DDP workers rebuild the trainer from those
-    args alone, so these travel through an environment variable that child processes inherit.
+    args alone, so these travel as JSON through an environment variable that child processes
+    inherit, and come back through the config's own builder (and its checks).
     """
 
-    recipe: dict[str, Any]
-    ema: bool
-    ema_decay: float
-    ema_tau: float
-    track_every: int
-    out_dir: str
-    # Nagel et al.'s remedies (all off by default) and LSQ's gradient scale; see config.QATConfig.
-    dampening: float = 0.0
-    dampening_ramp: bool = False
-    freeze_threshold: float = 0.0
-    bn_reestimate: int = 0
-    lsq_grad_scale: bool = False
-    scale_weight_decay: float = 0.0  # weight decay of learned scales (0: a no-decay group)
-    bn_momentum: float | None = None  # BatchNorm momentum of the QAT model; None: Ultralytics'
-    fake_quant: str = "auto"  # convert.set_fake_quant_mode's mode for the QAT model
-    # per-epoch repair curves (train/repairs.py): which, BN batches, and the qc stage's settings
-    repair_curves: tuple[str, ...] = ()
-    repair_bn_batches: int = 50
-    qc_lr: float = 1e-3
-    qc_epochs: int = 1
-    qc_batch: int = 8
-    qc_min_steps: int = 48
-    qc_head: bool = True
+    qat: QATConfig = field(default_factory=QATConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    ema: bool = param(True, Bool())
+    out_dir: str = param(".", Text())
 
     def to_env(self) -> None:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
@@ -74,9 +59,7 @@ class QATSettings:
         raw = os.environ.get(SETTINGS_ENV)
         if not raw:
             raise RuntimeError(f"{SETTINGS_ENV} is not set; construct QATTrainer with settings=")
-        values = json.loads(raw)
-        values["repair_curves"] = tuple(values.get("repair_curves", ()))  # JSON has no tuples
-        return cls(**values)
+        return build(cls, json.loads(raw))
 
 
 # GPUs Ultralytics' own check_amp refuses AMP on (ultralytics/utils/checks.py, 8.4): fp16 on
@@ -204,7 +187,7 @@ def _stop_on_nonfinite_loss(trainer: Any) -> None:
 def _install_ema(trainer: Any) -> None:
     """Replace Ultralytics' always-on EMA with the one the experiment asks for."""
     s: QATSettings = trainer.qat_settings
-    trainer.ema = make_ema(trainer.model, enabled=s.ema, decay=s.ema_decay, tau=s.ema_tau)
+    trainer.ema = make_ema(trainer.model, enabled=s.ema, decay=s.qat.ema_decay, tau=s.qat.ema_tau)
 
 
 @contextmanager
@@ -277,7 +260,7 @@ class QATTrainer(FPTrainer):
         if settings is not None:
             settings.to_env()
         self.qat_settings = settings or QATSettings.from_env()
-        self.recipe = QuantRecipe.from_dict(self.qat_settings.recipe)
+        self.recipe = QuantRecipe.of(self.qat_settings.qat)
         self.tracker: Any = None
         self.saved_epochs: list[int] = []
         self.paired_metrics: dict[str, dict[str, float | None]] = {}
@@ -296,15 +279,16 @@ class QATTrainer(FPTrainer):
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         model = quantize_model(super().get_model(cfg=cfg, weights=weights, verbose=verbose), self.recipe)
-        set_fake_quant_mode(model, self.qat_settings.fake_quant)
-        if self.recipe.scaling != "maxabs" and self.qat_settings.lsq_grad_scale:
+        q = self.qat_settings.qat
+        set_fake_quant_mode(model, q.fake_quant)
+        if self.recipe.scaling != "maxabs" and q.lsq_grad_scale:
             from yoloqat.quant.scales import register_lsq_grad_scale
 
             register_lsq_grad_scale(model)
-        if self.qat_settings.bn_momentum is not None:
+        if q.bn_momentum is not None:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = self.qat_settings.bn_momentum
+                    m.momentum = q.bn_momentum
         return model
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -321,7 +305,7 @@ class QATTrainer(FPTrainer):
 
         optimizer = super().build_optimizer(model, *args, **kwargs)
         scales = [p for *_, p in scale_parameters(unwrap_model(model))]
-        move_to_group(optimizer, scales, "scale", weight_decay=self.qat_settings.scale_weight_decay)
+        move_to_group(optimizer, scales, "scale", weight_decay=self.qat_settings.qat.scale_weight_decay)
         optimizer.register_step_post_hook(self._after_optimizer_step)
         return optimizer
 
@@ -346,9 +330,9 @@ class QATTrainer(FPTrainer):
             self.paired_metrics["val_live"] = self._validate_live()
         else:
             self.paired_metrics["val_live"] = _map_pair(metrics)
-        if self.qat_settings.bn_reestimate > 0:
+        if self.qat_settings.qat.bn_reestimate > 0:
             self.paired_metrics["val_bnre"] = self._validate_bnre()
-        if self.qat_settings.repair_curves:
+        if self.qat_settings.qat.repair_curves:
             t0 = time.perf_counter()
             self.paired_metrics.update(self._validate_repairs())
             self.repair_seconds += time.perf_counter() - t0
@@ -360,15 +344,13 @@ class QATTrainer(FPTrainer):
         from yoloqat.train.repairs import RepairPlan, score_repairs
 
         s = self.qat_settings
-        plan = RepairPlan(repairs=tuple(s.repair_curves), bn_batches=s.repair_bn_batches,
-                          qc_lr=s.qc_lr, qc_steps_min=s.qc_min_steps, qc_epochs=s.qc_epochs,
-                          qc_head=s.qc_head)
+        plan = RepairPlan(s.qat.repair_curves, s.qat.repair_bn_batches, s.correction)
         models = {"live": unwrap_model(self.model)}
         if s.ema:
             models["ema"] = self.ema.ema
         with preserved_rng():
             return score_repairs(models, plan, self._repair_bn_images,
-                                 lambda: self._repair_loader("calib", s.qc_batch),
+                                 lambda: self._repair_loader("calib", s.correction.batch),
                                  self._score_copy, self.device)
 
     def _repair_loader(self, split: str, batch: int) -> Any:
@@ -410,7 +392,7 @@ class QATTrainer(FPTrainer):
         plain = bn_state(model)
         try:
             with preserved_rng():
-                reestimate_bn(model, self._bnre_images(), self.qat_settings.bn_reestimate)
+                reestimate_bn(model, self._bnre_images(), self.qat_settings.qat.bn_reestimate)
                 self.bnre_state = bn_state(model)
                 scored = self.validator(self)
         finally:
@@ -469,7 +451,7 @@ class QATTrainer(FPTrainer):
         info = {"epoch": self.epoch + 1, "fitness": finite_or_none(self.fitness)}
         with self._bnre_statistics(ema_model):
             if self.bnre_state is not None:
-                info["bn_reestimated"] = self.qat_settings.bn_reestimate
+                info["bn_reestimated"] = self.qat_settings.qat.bn_reestimate
             save_qat_checkpoint(ema_model, self.recipe, out / "last", info=info, names=self.data["names"])
             if is_best:
                 save_qat_checkpoint(ema_model, self.recipe, out / "best", info=info, names=self.data["names"])
@@ -532,19 +514,19 @@ def _install_tracker(trainer: QATTrainer) -> None:
     # Freezing acts on the weights, so every DDP rank must take the same decisions: each keeps
     # its own tracker (the weights are identical on all ranks).  Without freezing only the rank
     # that logs needs one.
-    if RANK in {-1, 0} or s.freeze_threshold > 0:
+    if RANK in {-1, 0} or s.qat.freeze_threshold > 0:
         trainer.tracker = OscillationTracker(
-            unwrap_model(trainer.model), every=s.track_every, headline_bits=trainer.recipe.bits
+            unwrap_model(trainer.model), every=s.qat.track_every, headline_bits=trainer.recipe.bits
         )
-    if s.freeze_threshold > 0:
+    if s.qat.freeze_threshold > 0:
         from yoloqat.quant.freezing import WeightFreezer
 
-        trainer.freezer = WeightFreezer(trainer.tracker, s.freeze_threshold)
+        trainer.freezer = WeightFreezer(trainer.tracker, s.qat.freeze_threshold)
 
 
 def _install_dampening(trainer: QATTrainer) -> None:
-    s = trainer.qat_settings
-    if s.dampening <= 0:
+    q = trainer.qat_settings.qat
+    if q.dampening <= 0:
         return
     from yoloqat.quant.dampening import Dampening
 
@@ -552,5 +534,5 @@ def _install_dampening(trainer: QATTrainer) -> None:
     if getattr(model, "criterion", None) is None:
         model.criterion = model.init_criterion()
     total = int(trainer.epochs) * len(trainer.train_loader)
-    trainer.dampening = Dampening(model, s.dampening, ramp=s.dampening_ramp, total_steps=total)
+    trainer.dampening = Dampening(model, q.dampening, ramp=q.dampening_ramp, total_steps=total)
     model.criterion = DampenedCriterion(model.criterion, trainer.dampening)
