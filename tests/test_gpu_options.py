@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, default_params
 from yoloqat.config import load_config
 from yoloqat.offline import configure_offline
 from yoloqat.train.overrides import device_is_cuda, resolve_workers, ultralytics_overrides
@@ -42,7 +42,7 @@ def test_device_is_cuda():
 def _overrides(tmp_path, monkeypatch, **changes):
     import yaml
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = default_params()
     raw.update(changes)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "params.yaml")
