@@ -67,7 +67,7 @@ def test_dampening_sums_layers_and_ramps_lambda():
 
 
 def test_dampened_criterion_adds_batch_size_times_penalty_only_in_training():
-    from yoloqat.train.trainer import DampenedCriterion
+    from yoloqat.quant.dampening import DampenedCriterion
 
     class Base:
         updated = False

@@ -7,12 +7,10 @@ QAT quantizes) the model.  Nothing Brevitas is ever pickled across processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ from yoloqat.config_checks import Bool, Text, build, param
 from yoloqat.numbers import finite_or_none
 from yoloqat.quant.convert import QuantRecipe, quantize_model, set_fake_quant_mode
 from yoloqat.quant.ema import make_ema
+from yoloqat.train.offline_setup import disk_cache_dir, offline_amp_check, redirect_disk_cache
 
 SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
 
@@ -60,71 +59,6 @@ class QATSettings:
         if not raw:
             raise RuntimeError(f"{SETTINGS_ENV} is not set; construct QATTrainer with settings=")
         return build(cls, json.loads(raw))
-
-
-# GPUs Ultralytics' own check_amp refuses AMP on (ultralytics/utils/checks.py, 8.4): fp16 on
-# them gives NaN losses or zero mAP.  Kept here because the check itself cannot run offline.
-AMP_UNSAFE_GPU = re.compile(
-    r"(nvidia|geforce|quadro|tesla).*?(1660|1650|1630|t400|t550|t600|t1000|t1200|t2000|k40m)",
-    re.IGNORECASE,
-)
-
-
-def offline_check_amp(model: nn.Module) -> bool:
-    """Stand-in for Ultralytics' ``check_amp`` that never loads or downloads anything.
-
-    Ultralytics' check compares fp32 and fp16 detections of ``yolo26n.pt``, downloading it when
-    missing; this project never downloads.  AMP is granted on CUDA unless the GPU is one that
-    Ultralytics refuses by name; the fp32-vs-fp16 comparison is skipped, so a run with AMP
-    watches its own losses (a non-finite loss stops it as ``diverged``).
-    """
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return False
-    gpu = torch.cuda.get_device_name(device)
-    if AMP_UNSAFE_GPU.search(gpu):
-        print(f"amp: off on {gpu} (Ultralytics lists it as unsafe for fp16 training)")
-        return False
-    print(f"amp: fp16 autocast + GradScaler on {gpu} (Ultralytics' yolo26n.pt check skipped: offline)")
-    return True
-
-
-@contextmanager
-def offline_amp_check() -> Iterator[None]:
-    """While Ultralytics sets up training, its trainer module's ``check_amp`` is
-    :func:`offline_check_amp`.  Ultralytics imports the name into ``ultralytics.engine.trainer``
-    and calls it from ``_setup_train``; replacing that one binding bypasses the download without
-    copying Ultralytics' set-up code.  Restored afterwards, whatever happens."""
-    import ultralytics.engine.trainer as engine
-
-    original = engine.check_amp
-    engine.check_amp = offline_check_amp
-    try:
-        yield
-    finally:
-        engine.check_amp = original
-
-
-def disk_cache_dir() -> Path:
-    """Where ``cache: disk`` keeps its ``.npy`` images: the project's state folder.  Ultralytics
-    would write them next to the images, inside ``data/prepared`` (a DVC output), and later
-    runs read any ``.npy`` there even with the cache off."""
-    from yoloqat.offline import project_state_dir
-
-    return project_state_dir() / "image_cache"
-
-
-def redirect_disk_cache(dataset: Any, folder: Path) -> None:
-    """Point an Ultralytics dataset's ``.npy`` cache at ``folder`` (one file per image path,
-    named by its hash) and fill it.  Ultralytics' own staleness rule (the .npy older than the
-    image is rewritten) still applies."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dataset.npy_files = [
-        folder / (hashlib.sha1(str(Path(f).resolve()).encode()).hexdigest() + ".npy")
-        for f in dataset.im_files
-    ]
-    dataset.cache = "disk"
-    dataset.cache_images()
 
 
 def loss_is_finite(trainer: Any) -> bool:
@@ -210,33 +144,6 @@ def _map_pair(metrics: dict[str, Any]) -> dict[str, float | None]:
         "mAP50-95": finite_or_none(metrics.get("metrics/mAP50-95(B)")),
         "mAP50": finite_or_none(metrics.get("metrics/mAP50(B)")),
     }
-
-
-class DampenedCriterion:
-    """Ultralytics' detection criterion plus the oscillation dampening penalty.
-
-    Ultralytics' loss is the per-image mean loss times the batch size, so the penalty is added
-    as ``batch_size * lambda * L_damp``: lambda keeps its meaning relative to the per-image
-    detection loss whatever the batch.  Only training calls (gradients enabled) add it; the
-    validator's loss calls (inference mode) get the plain criterion.  Every other attribute
-    (E2ELoss' ``update`` and friends) is the wrapped criterion's.
-    """
-
-    def __init__(self, base: Any, dampening: Any) -> None:
-        self.base = base
-        self.dampening = dampening
-
-    def __call__(self, preds: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-        loss, items = self.base(preds, batch)
-        if not torch.is_grad_enabled():
-            return loss, items
-        return loss.sum() + batch["img"].shape[0] * self.dampening(), items
-
-    def __getattr__(self, name: str) -> Any:
-        base = self.__dict__.get("base")
-        if base is None:  # during copy/unpickling, before __init__ ran
-            raise AttributeError(name)
-        return getattr(base, name)
 
 
 class QATTrainer(FPTrainer):
@@ -528,7 +435,7 @@ def _install_dampening(trainer: QATTrainer) -> None:
     q = trainer.qat_settings.qat
     if q.dampening <= 0:
         return
-    from yoloqat.quant.dampening import Dampening
+    from yoloqat.quant.dampening import DampenedCriterion, Dampening
 
     model = unwrap_model(trainer.model)
     if getattr(model, "criterion", None) is None:
