@@ -300,3 +300,23 @@ def test_qat_settings_travel_whole_through_the_environment(monkeypatch):
     with pytest.raises(ConfigError) as err:
         QATSettings.from_env()
     assert str(err.value) == "params: qat.bits=1 is not allowed; expected an integer in [2, 8]"
+
+
+def test_osc_momentum_reaches_every_tracked_layer_of_the_trainer():
+    """qat.osc_momentum is the momentum of the tracker's frequency EMA, the figure freezing
+    compares with its threshold."""
+    from torch import nn
+
+    from yoloqat.config import QATConfig
+    from yoloqat.quant.convert import QuantRecipe, quantize_model
+    from yoloqat.train.trainer import QATSettings, QATTrainer, _install_tracker
+
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)),
+                           QuantRecipe())
+    for momentum in (0.01, 0.05):
+        trainer = QATTrainer.__new__(QATTrainer)
+        trainer.model, trainer.recipe, trainer.freezer = model, QuantRecipe(), None
+        trainer.qat_settings = QATSettings(QATConfig(osc_momentum=momentum, freeze_threshold=0.2))
+        _install_tracker(trainer)
+        assert [state.momentum for *_, state in trainer.tracker.layers] == [momentum, momentum]
+        assert trainer.freezer.tracker is trainer.tracker

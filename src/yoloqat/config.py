@@ -145,6 +145,7 @@ class QATConfig:
     ema_decay: float = param(0.99, FRACTION)  # the paper's 0.9999 / 2000: for COCO-length runs
     ema_tau: float = param(60.0, FloatRange(0.0, lo_open=True))
     track_every: int = param(1, POSITIVE)
+    osc_momentum: float = param(0.01, OPEN_FRACTION)  # of the oscillation frequency's EMA
     workers: int | str = param(0, WORKERS)
     # Nagel et al.'s remedies, each off by default.
     dampening: float = param(0.0, FloatRange(0.0))  # lambda of the dampening loss; 0 = off

@@ -423,7 +423,8 @@ def _install_tracker(trainer: QATTrainer) -> None:
     # that logs needs one.
     if RANK in {-1, 0} or s.qat.freeze_threshold > 0:
         trainer.tracker = OscillationTracker(
-            unwrap_model(trainer.model), every=s.qat.track_every, headline_bits=trainer.recipe.bits
+            unwrap_model(trainer.model), momentum=s.qat.osc_momentum, every=s.qat.track_every,
+            headline_bits=trainer.recipe.bits,
         )
     if s.qat.freeze_threshold > 0:
         from yoloqat.quant.freezing import WeightFreezer
