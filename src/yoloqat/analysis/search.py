@@ -244,7 +244,7 @@ def write_search_report(
         "",
         "Written by `yoloqat search " + " ".join(r.name for r in rows) + "`; one row per DVC "
         "experiment, its setting given as the params it sets away from the defaults (after its "
-        "preset). Verdicts by the rules of README \"How the answer is decided\"; `scale ratio` is "
+        "preset). Verdicts by the rules of docs/decision.md; `scale ratio` is "
         "the geometric mean of |learned scale| / |initial| at the end (learned scalings only).",
         "",
         markdown_table(rows),

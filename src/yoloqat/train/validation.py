@@ -48,8 +48,8 @@ def validate_model(
     ``rect=True`` (with the trainer's batch, :func:`training_val_batch`) is how the trainer
     validates every epoch, and how ``yolo val`` does: images are batched by aspect ratio and
     padded by half a stride, so a 96-px image is scored at 128 x 128.  ``rect=False`` letterboxes
-    to ``imgsz`` x ``imgsz``.  The same weights score differently under the two (README "Why one
-    checkpoint has several numbers"), so a stage comparing its number with the training curve
+    to ``imgsz`` x ``imgsz``.  The same weights score differently under the two (docs/pipeline.md "Why
+    one checkpoint has several numbers"), so a stage comparing its number with the training curve
     must use the trainer's setting.
     """
     from ultralytics.cfg import get_cfg
