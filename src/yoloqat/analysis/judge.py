@@ -23,7 +23,9 @@ from typing import Any
 
 from yoloqat.config import StabilityConfig, load_config_for
 from yoloqat.curves.compare import baseline_of, curve_title, difference, difference_words
-from yoloqat.curves.reader import EMA, LIVE, PRIMARY, RunCurve, read_curve
+from yoloqat.curves.keys import EMA, LIVE, PRIMARY
+from yoloqat.curves.keys import curve_name as series_name
+from yoloqat.curves.reader import RunCurve, read_curve
 from yoloqat.curves.stability import Verdict, classify_run
 from yoloqat.errors import ConfigError, CurveError
 
@@ -73,7 +75,7 @@ def deployed_model(keys: set[str]) -> str | None:
 
 def curve_name(key: str, keys: set[str]) -> str:
     """The table's name of a curve; the deployed curve says which model it is."""
-    name = key.removesuffix("/mAP50-95")
+    name = series_name(key)
     model = deployed_model(keys) if key == PRIMARY else None
     return name if model is None else f"{name} (deployed: {'EMA' if model == 'ema' else 'live'})"
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from yoloqat.analysis.experiments import ExpRecord, read_archive, run_curves
 from yoloqat.config import StabilityConfig
-from yoloqat.curves.compare import CURVE_ROWS, row_key
+from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
+from yoloqat.curves.keys import curve_key
 from yoloqat.curves.stability import after_warmup, classify_run
 
 HEADER = "| run | curve | label (current rules) | best (epoch) | final | post-peak drawdown | mean after warm-up |"
@@ -33,7 +34,7 @@ def run_rows(rec: ExpRecord) -> list[str]:
     qat = run_curves(rec).get("qat", {})
     rows = []
     for prefix, name in CURVE_ROWS:
-        values = qat.get(row_key(prefix))
+        values = qat.get(curve_key(prefix))
         if not values:
             continue
         verdict = classify_run(values, None, rules, (rec.metrics.get("qat") or {}).get("status"))
