@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from yoloqat.curves.keys import curve_name as series_name
 from yoloqat.curves.reader import RunCurve, read_curve
 from yoloqat.curves.stability import Verdict, classify_run
 from yoloqat.errors import ConfigError, CurveError
+from yoloqat.numbers import fixed
 
 # --------------------------------------------------------------------------------------------
 # CLI
@@ -44,11 +44,8 @@ def stability_config(params: str | Path) -> StabilityConfig:
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return "nan" if not math.isfinite(x) else f"{x:.{digits}f}"
-    return str(x)
+    """Floats as numbers (NaN shown, a diverged curve's best is one); labels and counts as text."""
+    return fixed(x, digits, nonfinite="nan") if x is None or isinstance(x, float) else str(x)
 
 
 TABLE_COLUMNS = (

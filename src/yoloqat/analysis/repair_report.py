@@ -19,6 +19,7 @@ from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
 from yoloqat.curves.keys import curve_key
 from yoloqat.curves.stability import after_warmup, classify_run
+from yoloqat.numbers import fixed
 
 HEADER = "| run | curve | label (current rules) | best (epoch) | final | post-peak drawdown | mean after warm-up |"
 
@@ -41,7 +42,7 @@ def run_rows(rec: ExpRecord) -> list[str]:
         e = endpoints(values, warmup_skip(warmup))
 
         def f(x: float | None) -> str:
-            return "-" if x is None else f"{x:.3f}"
+            return fixed(x, 3, nonfinite="nan")
 
         rows.append(f"| {rec.name} | {name} | {verdict.label} | {f(e.best)} ({e.best_epoch}) | "
                     f"{f(e.final)} | {f(e.drawdown)} | {f(e.auc)} |")
