@@ -231,6 +231,19 @@ def resolved_params(params: dict[str, Any]) -> dict[str, Any]:
         return dict(params)
 
 
+# What makes a run's *setting* (the ladder pools seeds of one setting; search describes a run by
+# its setting's params away from the defaults): every param except those that say how a run
+# executes (the device; qat.fake_quant, per layer or batched, gives the same forward, and runs
+# from before the param existed record none) or how the tools report it (evaluate.*, ladder.*).
+NOT_SETTING = frozenset({"device", "qat.fake_quant"})
+NOT_SETTING_PREFIXES = ("evaluate.", "ladder.")
+
+
+def is_setting_param(key: str) -> bool:
+    """Whether a dotted param is part of a run's setting (see :data:`NOT_SETTING`)."""
+    return key not in NOT_SETTING and not key.startswith(NOT_SETTING_PREFIXES)
+
+
 def _params(data: dict[str, Any]) -> dict[str, Any]:
     """Every params.yaml value of the run as dotted keys; PARAM_KEYS are always present."""
     block = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
