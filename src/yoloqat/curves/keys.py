@@ -79,8 +79,10 @@ def model_key(model: str) -> str:
 def repair_prefix(model: str, repair: str) -> str:
     """The prefix of a repair curve (qat.repair_curves): ``ema``, ``qc`` -> ``ema_qc``."""
     if model not in MODELS or repair not in REPAIR_CURVES:
-        raise ValueError(f"no repair curve {model!r}/{repair!r}; expected {' | '.join(MODELS)} and "
-                         + " | ".join(REPAIR_CURVES))
+        raise ValueError(
+            f"no repair curve {model!r}/{repair!r}; expected {' | '.join(MODELS)} and "
+            + " | ".join(REPAIR_CURVES)
+        )
     return f"{model}_{repair}"
 
 
