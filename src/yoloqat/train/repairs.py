@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from yoloqat.curves.reader import repair_group
+from yoloqat.curves.keys import repair_group
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from yoloqat.curves.keys import MAP, MAP50
+
 
 @contextmanager
 def fusion_disabled(model: nn.Module) -> Iterator[nn.Module]:
@@ -66,7 +68,7 @@ def validate_model(
         model = model.float().eval()
         with fusion_disabled(model), torch.no_grad():
             stats = validator(model=model)
-    return {"mAP50-95": float(stats["metrics/mAP50-95(B)"]), "mAP50": float(stats["metrics/mAP50(B)"])}
+    return {MAP: float(stats[f"metrics/{MAP}(B)"]), MAP50: float(stats[f"metrics/{MAP50}(B)"])}
 
 
 def calibration_batches(data_yaml: str, imgsz: int, batch: int, split: str = "calib") -> Any:
