@@ -56,8 +56,7 @@ $(OPENVINO_STAMP): $(STAMP)
 	  || echo "make: OpenVINO could not be installed; its tests will be skipped"
 
 # One pytest worker per CPU (pytest-xdist), each on one thread, a test file per worker (its
-# module fixtures are built once): 552 s -> 357 s of pytest on 2 cores (README "Results
-# measured on this project's 2-core CPU").
+# module fixtures are built once): 552 s -> 357 s of pytest on 2 cores (docs/reproducibility.md).
 TEST_ARGS := -n auto --dist loadfile
 
 test: setup $(OPENVINO_STAMP)
@@ -70,7 +69,7 @@ bench: setup
 	$(PY) benchmarks/qat_step_time.py
 
 # On a one-GPU machine: the CUDA step benchmark, the CUDA tests and the pipeline at a bigger
-# budget on a temporary copy, then one summary (README "GPU").  Offline; without a CUDA device
+# budget on a temporary copy, then one summary (docs/gpu.md).  Offline; without a CUDA device
 # it prints one line and exits 0.  No `setup` prerequisite: a GPU box may have no registry,
 # so it runs with .venv's python when there is one, else python3 (packages on PYTHONPATH).
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
@@ -79,7 +78,7 @@ GPU_CHECK_ARGS ?=
 gpu-check:
 	PYTHONUNBUFFERED=1 PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
-# The failure found on the embedded data (preset collapse_cpu, README "Looking for the collapse"),
+# The failure found on the embedded data (preset collapse_cpu, reports/README.md "Looking for the collapse"),
 # run into the workspace, then its paired verdicts: the deployed (EMA), EMA and live curves.
 demo-collapse: setup repo
 	dvc exp run -S preset=collapse_cpu

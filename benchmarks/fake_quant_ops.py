@@ -1,7 +1,7 @@
 """Operator count of one W4A16 training step, fake quantization per layer vs batched, side by side.
 
 On a GPU every tensor operator is at least one kernel launch, and a small detector's step is
-launch-bound (README "GPU"), so the number of operators per step is the cost the batched pass
+launch-bound (docs/gpu.md), so the number of operators per step is the cost the batched pass
 removes.  This counts them with torch.profiler on any device (CPU works: the operators are the
 same; only their kernels differ) for one forward + backward of the same model in both modes.
 

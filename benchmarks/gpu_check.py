@@ -1,4 +1,4 @@
-"""`make gpu-check`: the GPU measurements the README's GPU section asks for, in one command.
+"""`make gpu-check`: the GPU measurements docs/gpu.md asks for, in one command.
 
 On a machine whose torch sees a CUDA device it runs, offline:
 

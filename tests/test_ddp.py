@@ -17,7 +17,7 @@ BatchNorm runs on its running statistics here: without SyncBatchNorm (Ultralytic
 rank normalises its half batch with its own statistics, which is a property of DDP training,
 not something to compare to float rounding.  What only a multi-GPU machine shows (NCCL, all-reduce
 overlapping backward, the batched pass's gradients arriving at the end of backward) is in
-docs: README "GPU".
+docs/gpu.md.
 """
 
 from __future__ import annotations

@@ -276,3 +276,49 @@ def test_fp_stages_depend_on_every_param_they_read():
     assert "fp.control" not in _stage_params("train_fp")
     schedule = {f"qat.{k}" for k in qat_schedule(load_config(REPO / "params.yaml"))}
     assert schedule <= _stage_params("fp_control")
+
+
+# curve names: spelled only in curves/keys.py (a DVCLive group, series or TSV path written
+# anywhere else would drift from what the readers look for)
+CURVE_NAME_PATTERNS = (
+    r"(^|/)val(_\w+)?/",  # a validation series: val/mAP50-95, val_ema/mAP50
+    r"^val_(live|ema|bnre)",  # a validation group
+    r"^val_$",  # the start of an f-string group name, f"val_{prefix}"
+    r"/mAP50-95",  # a series of the mAP50-95 metric
+    r"\.tsv$",  # a TSV file name or suffix
+    r"plots/metrics",  # DVCLive's folder
+)
+CURVE_KEYS_MODULE = PKG / "curves" / "keys.py"
+
+
+def hard_coded_curve_names(source: str, where: str) -> list[str]:
+    """``where:line: 'text'`` for each string constant (docstrings aside) that spells a curve name."""
+    import re
+
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0].value) for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                and any(re.search(p, node.value) for p in CURVE_NAME_PATTERNS)):
+            found.append((node.lineno, node.col_offset, f"{where}:{node.lineno}: {node.value!r}"))
+    return [hit for *_, hit in sorted(found)]
+
+
+def test_curve_names_are_spelled_only_in_the_keys_module():
+    bad = [hit for path in sorted(PKG.rglob("*.py")) if path != CURVE_KEYS_MODULE
+           for hit in hard_coded_curve_names(path.read_text(), str(path.relative_to(REPO)))]
+    assert not bad, "curve names outside curves/keys.py:\n" + "\n".join(bad)
+
+
+def test_the_curve_name_guard_sees_literals_but_not_docstrings():
+    source = ('"""val_ema/mAP50-95 in a docstring is fine."""\n'
+              'A = "val_ema/mAP50-95"\nB = f"val_{A}"\nC = "x.tsv"\nD = "val_images"\n'
+              'def f():\n    """val/mAP50-95"""\n    return "val_bnre"\n')
+    assert hard_coded_curve_names(source, "probe") == [
+        "probe:2: 'val_ema/mAP50-95'", "probe:3: 'val_'", "probe:4: 'x.tsv'", "probe:8: 'val_bnre'"]

@@ -20,12 +20,28 @@ def _rec(name: str, params: dict, verdict: dict | None = None, qat: dict | None 
 def test_setting_is_what_differs_from_the_defaults_after_the_preset():
     assert setting_text({"model": "yolo10n", "seed": 0, "qat.epochs": 10}) == "default"
     assert setting_text({"qat.lr0": 0.01, "qat.scaling": "learned", "data.path": "/x"}) == (
-        "qat.lr0=0.01 qat.scaling=learned"
+        "data.path=/x qat.lr0=0.01 qat.scaling=learned"
     )
     preset = setting_text({"preset": "reference_cpu", "qat.epochs": 12})
     assert preset.startswith("preset=reference_cpu ")
     assert "qat.epochs=12" in preset and "qat.scaling=decoupled" in preset and "qat.lrf=0.9" in preset
     assert "qat.init=scratch" in preset and "fp.control=false" in preset
+
+
+def test_search_and_the_ladder_share_one_rule_for_what_makes_a_setting():
+    """Other data, other stability rules or another export are other settings for both tools (the
+    ladder never pools them, so search must not describe them as ``default``); the device, the
+    fake-quant path and the tools' own params are nobody's setting."""
+    from yoloqat.analysis.ladder import setting_of
+
+    base = {"model": "yolo10n", "ema": True, "qc": True, "seed": 0}
+    for key, value in (("data.path", "/other"), ("stability.collapse_ratio", 0.4), ("export.opset", 20)):
+        assert setting_text({**base, key: value}) == f"{key}={value}"
+        assert (key, str(value)) in setting_of(_rec("x", {**base, key: value})).values
+    for key, value in (("device", "cuda:0"), ("qat.fake_quant", "batched"), ("evaluate.batch", 2),
+                       ("ladder.min_seeds", 3)):
+        assert setting_text({**base, key: value}) == "default"
+        assert key not in dict(setting_of(_rec("x", {**base, key: value})).values)
 
 
 def test_rows_read_the_paired_verdicts_and_the_scale_drift():

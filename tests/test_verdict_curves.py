@@ -12,7 +12,7 @@ import yaml
 
 from tests.helpers import REPO
 from tests.test_verdict import STABLE, make_cfg, write_live_ema, write_qat, write_tsv
-from yoloqat.curves.reader import EMA, LIVE
+from yoloqat.curves.keys import EMA, LIVE
 from yoloqat.curves.stability import fall_epochs
 from yoloqat.paths import VERDICT_CURVES, VERDICT_CURVES_PNG, VERDICT_METRICS
 from yoloqat.pipeline.verdict import judge_qat_run, plot_series

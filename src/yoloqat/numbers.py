@@ -27,3 +27,11 @@ def nan_if_none(x: Any) -> float:
     """A metric for arithmetic: its finite value, else NaN."""
     f = finite_number(x)
     return math.nan if f is None else f
+
+
+def fixed(x: float | None, digits: int = 4, nonfinite: str = "-") -> str:
+    """A number as a table shows it: ``digits`` decimals, ``-`` when missing, ``nonfinite``
+    for NaN or inf (tables that list judged curves say ``nan`` there, so a diverged value shows)."""
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}" if math.isfinite(x) else nonfinite

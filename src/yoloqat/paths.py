@@ -64,7 +64,6 @@ VERDICT_RESULTS = Path("results/verdict")
 # files inside a stage's results folder
 METRICS_NAME = "metrics.json"
 METADATA_NAME = "metadata.json"
-DVCLIVE_PLOTS = Path("plots/metrics")  # DVCLive's per-metric TSVs under a Live folder
 
 
 def metrics_file(results_dir: Path) -> Path:

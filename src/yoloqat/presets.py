@@ -10,12 +10,12 @@ resolved values, so what ran is never in doubt.
 (epoch 29) and collapsed to 0.012 (epoch 76), as closely as this project can express it: a
 stock Ultralytics trainer from scratch with SGD, Brevitas' decoupled per-tensor int4 weight
 quantizer on every conv (first and last included), learned scales in Ultralytics' weight-decay
-group, AMP, mosaic, and Ultralytics' EMA constants.  It is sized for COCO on a GPU (README,
-"Presets", gives the command and its cost).  ``reference_cpu`` is the same recipe cut to the
-embedded data and one CPU run (yolo10n, 96 px, 30 epochs; README says what differs and why).
+group, AMP, mosaic, and Ultralytics' EMA constants.  It is sized for COCO on a GPU (docs/presets.md
+gives the command and its cost).  ``reference_cpu`` is the same recipe cut to the
+embedded data and one CPU run (yolo10n, 96 px, 30 epochs; docs/presets.md says what differs and why).
 
-``collapse_cpu`` is the failure found on the embedded data (README, "Looking for the collapse";
-reports/failure_search): the reference recipe from the trained FP model for 15 epochs, with the
+``collapse_cpu`` is the failure found on the embedded data (reports/README.md, "Looking for the
+collapse"; reports/failure_search): the reference recipe from the trained FP model for 15 epochs, with the
 learned scales' weight decay raised 100x (0.0005 -> 0.05) so that ~900 CPU steps shrink them
 about as far as the reference's first ~10^5 steps would have.
 """

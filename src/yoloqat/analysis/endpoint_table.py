@@ -40,10 +40,10 @@ from yoloqat.analysis.ladder import Group, differing_keys, merge_order
 from yoloqat.analysis.paired import SignFlip, sign_flip
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
-from yoloqat.curves.reader import MAP_NAME
+from yoloqat.curves.keys import DVCLIVE_PLOTS, curve_key, series_of_tsv, tsv_of
 from yoloqat.curves.stability import LABELS, STABLE, TOO_SHORT
 from yoloqat.numbers import finite_number
-from yoloqat.paths import DVCLIVE_PLOTS, QAT_RESULTS
+from yoloqat.paths import QAT_RESULTS
 
 Reader = Callable[[ExpRecord, str], "list[float] | None"]
 ENDPOINTS = ("best", "final", "drawdown", "auc")
@@ -54,8 +54,8 @@ HEADER = ("curve", "stable", "best", "final", "drawdown", "AUC", "Δ AUC vs live
 
 
 def curve_tsv(key: str) -> str:
-    """The DVCLive TSV of a curve: ``val_<key>/mAP50-95.tsv`` (val_live, val_ema_qc, ...)."""
-    return (QAT_RESULTS / DVCLIVE_PLOTS / f"val_{key}" / MAP_NAME).as_posix()
+    """The DVCLive TSV of a curve prefix (live, ema_qc, ...) in the qat results."""
+    return tsv_of(QAT_RESULTS, curve_key(key))
 
 
 def default_reader(repo: str | Path = ".") -> Reader:
@@ -68,7 +68,7 @@ def default_reader(repo: str | Path = ".") -> Reader:
         if not path.startswith(folder):
             return None
         curves = runs.setdefault((rec.name, rec.rev), run_curves(rec, repo))
-        values = curves.get("qat", {}).get(path[len(folder):].removesuffix(".tsv"))
+        values = curves.get("qat", {}).get(series_of_tsv(path[len(folder):]))
         return list(values) if values else None
 
     return read

@@ -36,19 +36,21 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.config import apply_preset, set_dotted
-from yoloqat.curves.reader import (
+from yoloqat.curves.keys import (
     BNRE,
-    DVCLIVE_MAP,
+    DVCLIVE_PLOTS,
     EMA,
     LIVE,
+    OSC_FRACTION,
     PRIMARY,
-    dvclive_name,
-    on_run_epochs,
-    parse_tsv,
+    TSV_SUFFIX,
+    is_tsv,
+    series_of_tsv,
+    tsv_of,
 )
+from yoloqat.curves.reader import on_run_epochs, parse_tsv
 from yoloqat.errors import ConfigError, CurveError, ExperimentsError
 from yoloqat.paths import (
-    DVCLIVE_PLOTS,
     EVALUATE_METRICS,
     EXPORT_METRICS,
     FP_CONTROL_METRICS,
@@ -75,15 +77,11 @@ METRIC_FILES = {
 }
 # the DVCLive folders whose curves a run carries, by stage
 LIVE_FOLDERS = {"qat": QAT_RESULTS, "train_fp": FP_RESULTS, "fp_control": FP_CONTROL_RESULTS}
-OSC = "osc/frac_oscillating"
 Curves = dict[str, dict[str, list[float]]]  # stage -> DVCLive name -> one value per epoch
 PARAM_KEYS = ("model", "ema", "qc", "seed", "qat.bits", "qat.init")
-MAP_TSV = (QAT_RESULTS / DVCLIVE_MAP).as_posix()
-LIVE_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "val_live" / "mAP50-95.tsv").as_posix()
-EMA_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "val_ema" / "mAP50-95.tsv").as_posix()
-BNRE_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "val_bnre" / "mAP50-95.tsv").as_posix()
-OSC_TSV = (QAT_RESULTS / DVCLIVE_PLOTS / "osc" / "frac_oscillating.tsv").as_posix()
-FP_MAP_TSV = (FP_RESULTS / DVCLIVE_MAP).as_posix()
+MAP_TSV = tsv_of(QAT_RESULTS, PRIMARY)
+LIVE_TSV = tsv_of(QAT_RESULTS, LIVE)
+EMA_TSV = tsv_of(QAT_RESULTS, EMA)
 
 # states of a record; "done" = the run finished (its metrics may still say diverged)
 DONE, FAILED, QUEUED, RUNNING = "done", "failed", "queued", "running"
@@ -233,6 +231,19 @@ def resolved_params(params: dict[str, Any]) -> dict[str, Any]:
         return dict(params)
 
 
+# What makes a run's *setting* (the ladder pools seeds of one setting; search describes a run by
+# its setting's params away from the defaults): every param except those that say how a run
+# executes (the device; qat.fake_quant, per layer or batched, gives the same forward, and runs
+# from before the param existed record none) or how the tools report it (evaluate.*, ladder.*).
+NOT_SETTING = frozenset({"device", "qat.fake_quant"})
+NOT_SETTING_PREFIXES = ("evaluate.", "ladder.")
+
+
+def is_setting_param(key: str) -> bool:
+    """Whether a dotted param is part of a run's setting (see :data:`NOT_SETTING`)."""
+    return key not in NOT_SETTING and not key.startswith(NOT_SETTING_PREFIXES)
+
+
 def _params(data: dict[str, Any]) -> dict[str, Any]:
     """Every params.yaml value of the run as dotted keys; PARAM_KEYS are always present."""
     block = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
@@ -324,9 +335,9 @@ def _tsv_texts(repo: str | Path, rev: str, folder: Path, fs: Any) -> dict[str, s
     texts: dict[str, str] = {}
     if rev == "workspace":
         root = Path(repo) / base
-        for f in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
+        for f in sorted(root.rglob("*" + TSV_SUFFIX)) if root.is_dir() else []:
             try:
-                texts[dvclive_name(f.relative_to(root).as_posix())] = f.read_text()
+                texts[series_of_tsv(f.relative_to(root).as_posix())] = f.read_text()
             except (OSError, UnicodeDecodeError):
                 continue
         return texts
@@ -338,10 +349,10 @@ def _tsv_texts(repo: str | Path, rev: str, folder: Path, fs: Any) -> dict[str, s
         return texts
     for path in sorted(found):
         rel = Path(str(path).lstrip("/")).relative_to(base).as_posix()
-        if not rel.endswith(".tsv"):
+        if not is_tsv(rel):
             continue
         try:
-            texts[dvclive_name(rel)] = fs.read_text(path)
+            texts[series_of_tsv(rel)] = fs.read_text(path)
         except Exception:  # noqa: BLE001, S112 (a cached output whose object is not in the cache)
             continue
     return texts
@@ -357,7 +368,7 @@ def read_stage_curves(repo: str | Path, rev: str) -> Curves:
         parsed = {}
         for name, text in _tsv_texts(repo, rev, folder, fs).items():
             try:
-                parsed[name] = parse_tsv(text, f"{rev[:7]}:{folder}/{name}.tsv")
+                parsed[name] = parse_tsv(text, f"{rev[:7]}:{tsv_of(folder, name)}")
             except CurveError:
                 continue
         if parsed:
@@ -383,7 +394,7 @@ def curves_view(curves: Curves) -> dict[str, list[float] | None]:
         return list(values) if values is not None else None
 
     return {"map": pick(qat, PRIMARY), "live": pick(qat, LIVE), "ema": pick(qat, EMA),
-            "bnre": pick(qat, BNRE), "osc": pick(qat, OSC), "fp_map": pick(fp, PRIMARY)}
+            "bnre": pick(qat, BNRE), "osc": pick(qat, OSC_FRACTION), "fp_map": pick(fp, PRIMARY)}
 
 
 def read_curves(record: ExpRecord, repo: str | Path = ".") -> dict[str, list[float] | None]:

@@ -10,8 +10,8 @@ second table gives each repair minus the model it repairs (e.g. EMA + QC minus E
 
 Numbers of one checkpoint differ between columns for a reason: the curves (``live``/``ema``) are
 the qat stage's Ultralytics validation during training; ``W4A16`` and ``FP cont.`` are
-onnxruntime on the evaluate stage's fixed square input (README "Why one checkpoint has several
-numbers").
+onnxruntime on the evaluate stage's fixed square input (docs/pipeline.md "Why one checkpoint has
+several numbers").
 """
 
 from __future__ import annotations

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from yoloqat.config import StabilityConfig, load_config_for
 from yoloqat.curves.compare import baseline_of, curve_title, difference, difference_words
-from yoloqat.curves.reader import EMA, LIVE, PRIMARY, RunCurve, read_curve
+from yoloqat.curves.keys import EMA, LIVE, PRIMARY
+from yoloqat.curves.keys import curve_name as series_name
+from yoloqat.curves.reader import RunCurve, read_curve
 from yoloqat.curves.stability import Verdict, classify_run
 from yoloqat.errors import ConfigError, CurveError
+from yoloqat.numbers import fixed
 
 # --------------------------------------------------------------------------------------------
 # CLI
@@ -42,11 +44,8 @@ def stability_config(params: str | Path) -> StabilityConfig:
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return "nan" if not math.isfinite(x) else f"{x:.{digits}f}"
-    return str(x)
+    """Floats as numbers (NaN shown, a diverged curve's best is one); labels and counts as text."""
+    return fixed(x, digits, nonfinite="nan") if x is None or isinstance(x, float) else str(x)
 
 
 TABLE_COLUMNS = (
@@ -73,7 +72,7 @@ def deployed_model(keys: set[str]) -> str | None:
 
 def curve_name(key: str, keys: set[str]) -> str:
     """The table's name of a curve; the deployed curve says which model it is."""
-    name = key.removesuffix("/mAP50-95")
+    name = series_name(key)
     model = deployed_model(keys) if key == PRIMARY else None
     return name if model is None else f"{name} (deployed: {'EMA' if model == 'ema' else 'live'})"
 

@@ -37,7 +37,6 @@ both curves and the QC delta).
 
 from __future__ import annotations
 
-import math
 import shlex
 import statistics
 from collections.abc import Callable, Iterable, Sequence
@@ -52,6 +51,7 @@ from yoloqat.analysis.experiments import (
     PENDING,
     ExpRecord,
     flatten,
+    is_setting_param,
     resolved_params,
     run_dvc,
 )
@@ -60,14 +60,13 @@ from yoloqat.config import MODELS, LadderConfig, load_config_for
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.stability import STABLE, TOO_SHORT, mean_std
 from yoloqat.errors import ExperimentsError
-from yoloqat.numbers import finite_number
+from yoloqat.numbers import finite_number, fixed
 
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
-# Not part of a setting: what the seeds and rungs vary, and how a run executes rather than what
-# it computes (the device, and qat.fake_quant: per layer or batched give the same forward, and
-# runs from before the param existed must pool with runs that record its default).
-NOT_SETTING = frozenset({"seed", "ema", "qc", "model", "device", "qat.fake_quant"})
-NOT_SETTING_PREFIXES = ("evaluate.", "ladder.")
+# What the ladder varies within a setting (the seeds, EMA / QC on or off of one seed's runs) and
+# across rungs (the model): kept out of a Setting's values, which hold every other setting param
+# (experiments.is_setting_param).
+POOLED_AXES = frozenset({"seed", "ema", "qc", "model"})
 
 PASSED, FAILED_RUNG, NO_FAILURE = "passed", "failed", "no_failure"
 INCOMPLETE, NOT_STARTED = "incomplete", "not_started"
@@ -95,7 +94,7 @@ class Setting:
 def setting_values(params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(
         (k, _text(v)) for k, v in params.items()
-        if k not in NOT_SETTING and not k.startswith(NOT_SETTING_PREFIXES) and v is not None
+        if is_setting_param(k) and k not in POOLED_AXES and v is not None
     ))
 
 
@@ -356,14 +355,10 @@ def differing_keys(groups: Sequence[Group]) -> list[str]:
 # tables
 
 
-def _f(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
 def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
     if mean is None:
         return "-"
-    return _f(mean, digits) if std is None else f"{_f(mean, digits)} ± {_f(std, digits)}"
+    return fixed(mean, digits) if std is None else f"{fixed(mean, digits)} ± {fixed(std, digits)}"
 
 
 TABLE_HEADER = (
@@ -384,10 +379,10 @@ def table_cells(groups: Sequence[Group]) -> list[list[str]]:
             f"{s['live_failed']}/{s['live_n']} ({s['live_collapsed']} collapsed)",
             f"{s['ema_failed']}/{s['ema_n']} ({s['ema_collapsed']} collapsed)",
             f"{p['p_value']:.3f} ({p['pairs']} pairs)" if p["pairs"] else "-",
-            _f(s["live_max_drawdown_mean"], 3), _f(s["ema_max_drawdown_mean"], 3),
+            fixed(s["live_max_drawdown_mean"], 3), fixed(s["ema_max_drawdown_mean"], 3),
             f"{_pm(s['qc_delta_mean'], s['qc_delta_std'])} ({s['qc_improved']}/{s['qc_n']})"
             if s["qc_n"] else "-",
-            _pm(s["w4a16_mean"], s["w4a16_std"]), _f(s["gap_mean"]),
+            _pm(s["w4a16_mean"], s["w4a16_std"]), fixed(s["gap_mean"]),
             str(len(g.pending)), str(len(g.failed)),
         ])
     return out
@@ -414,9 +409,9 @@ def seed_rows_markdown(group: Group) -> str:
         live = r.live.label if r.live else (r.note or "-")
         ema = r.ema.label if r.ema else "-"
         lines.append(
-            f"| {r.seed} | {live} | {ema} | {_f(r.live.max_drawdown if r.live else None, 3)} "
-            f"| {_f(r.ema.max_drawdown if r.ema else None, 3)} | {_f(r.qc_delta)} "
-            f"| {_f(r.w4a16)} | {', '.join(r.names)} |"
+            f"| {r.seed} | {live} | {ema} | {fixed(r.live.max_drawdown if r.live else None, 3)} "
+            f"| {fixed(r.ema.max_drawdown if r.ema else None, 3)} | {fixed(r.qc_delta)} "
+            f"| {fixed(r.w4a16)} | {', '.join(r.names)} |"
         )
     return "\n".join(lines)
 

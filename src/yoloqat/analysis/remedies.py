@@ -180,7 +180,7 @@ def write_remedies_report(out_dir: Path, variants: Sequence[Variant], by_name: d
         f"# {title}", "",
         (f"Written by `{command}`. Each variant is one curve (live: plain QAT; ema: the EMA model; "
         "bnre: the deployed model after BN re-estimation) of a group of seed runs, judged by the "
-        "rules of README \"How the answer is decided\"; best and final are mean ± sd over the runs. "
+        "rules of docs/decision.md; best and final are mean ± sd over the runs. "
         "QC corrects the final deployed model of each run (after BN re-estimation when that is "
         "on, else the EMA model when EMA is on): `final + QC` is on that curve's row only."), "",
         tables, "", "![each variant's curve per seed](curves.png)", "",

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from yoloqat.analysis.experiments import ExpRecord, read_archive, run_curves
 from yoloqat.config import StabilityConfig
-from yoloqat.curves.compare import CURVE_ROWS, row_key
+from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
+from yoloqat.curves.keys import curve_key
 from yoloqat.curves.stability import after_warmup, classify_run
+from yoloqat.numbers import fixed
 
 HEADER = "| run | curve | label (current rules) | best (epoch) | final | post-peak drawdown | mean after warm-up |"
 
@@ -33,14 +35,14 @@ def run_rows(rec: ExpRecord) -> list[str]:
     qat = run_curves(rec).get("qat", {})
     rows = []
     for prefix, name in CURVE_ROWS:
-        values = qat.get(row_key(prefix))
+        values = qat.get(curve_key(prefix))
         if not values:
             continue
         verdict = classify_run(values, None, rules, (rec.metrics.get("qat") or {}).get("status"))
         e = endpoints(values, warmup_skip(warmup))
 
         def f(x: float | None) -> str:
-            return "-" if x is None else f"{x:.3f}"
+            return fixed(x, 3, nonfinite="nan")
 
         rows.append(f"| {rec.name} | {name} | {verdict.label} | {f(e.best)} ({e.best_epoch}) | "
                     f"{f(e.final)} | {f(e.drawdown)} | {f(e.auc)} |")

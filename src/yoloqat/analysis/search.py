@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yoloqat.analysis.experiments import ExpRecord, flatten, read_curves, resolved_params
+from yoloqat.analysis.experiments import (
+    ExpRecord,
+    flatten,
+    is_setting_param,
+    read_curves,
+    resolved_params,
+)
 from yoloqat.config import Config, StabilityConfig
 from yoloqat.curves.stability import classify_run
 from yoloqat.errors import ExperimentsError
-from yoloqat.numbers import finite_number
-
-# params that never describe a QAT setting (where the data lives, how results are judged)
-IGNORED_PREFIXES = ("stability.", "ladder.", "evaluate.", "export.", "data.path", "device")
+from yoloqat.numbers import finite_number, fixed
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def setting_text(params: dict[str, Any]) -> str:
     preset = resolved.get("preset", "none")
     diffs = [
         f"{k}={_text(v)}" for k, v in sorted(resolved.items())
-        if k != "preset" and not k.startswith(IGNORED_PREFIXES)
+        if k != "preset" and is_setting_param(k)
         and k in defaults and _norm(v) != _norm(defaults[k])
     ]
     head = [f"preset={preset}"] if preset not in (None, "none") else []
@@ -157,10 +160,6 @@ def _preference(r: ExpRecord) -> tuple[bool, str]:
     return (r.state == "done" and not r.error, r.timestamp or "")
 
 
-def _f(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def markdown_table(rows: Sequence[SearchRow]) -> str:
     head = ("| exp | setting (vs defaults) | epochs | live verdict | live best (epoch) | live final "
             "| max drawdown | EMA verdict / final | BN re-est. verdict / final | oscillating "
@@ -168,12 +167,12 @@ def markdown_table(rows: Sequence[SearchRow]) -> str:
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         best = "-" if r.live_best is None else f"{r.live_best:.4f} ({r.live_best_epoch})"
-        ema = "-" if r.ema_label is None else f"{r.ema_label} / {_f(r.ema_final, 4)}"
-        bnre = "-" if r.bnre_label is None else f"{r.bnre_label} / {_f(r.bnre_final, 4)}"
+        ema = "-" if r.ema_label is None else f"{r.ema_label} / {fixed(r.ema_final, 4, 'nan')}"
+        bnre = "-" if r.bnre_label is None else f"{r.bnre_label} / {fixed(r.bnre_final, 4, 'nan')}"
         lines.append(
             f"| {r.name} | `{r.setting}` | {r.epochs or '-'} | {r.live_label or r.status} | {best} "
-            f"| {_f(r.live_final, 4)} | {_f(r.live_max_drawdown)} | {ema} | {bnre} | {_f(r.osc_final, 4)} "
-            f"| {_f(r.scale_ratio_final, 3)} | {_f(r.seconds, 0)} |"
+            f"| {fixed(r.live_final, 4, 'nan')} | {fixed(r.live_max_drawdown, 3, 'nan')} | {ema} | {bnre} | {fixed(r.osc_final, 4, 'nan')} "
+            f"| {fixed(r.scale_ratio_final, 3, 'nan')} | {fixed(r.seconds, 0, 'nan')} |"
         )
     return "\n".join(lines)
 
@@ -244,7 +243,7 @@ def write_search_report(
         "",
         "Written by `yoloqat search " + " ".join(r.name for r in rows) + "`; one row per DVC "
         "experiment, its setting given as the params it sets away from the defaults (after its "
-        "preset). Verdicts by the rules of README \"How the answer is decided\"; `scale ratio` is "
+        "preset). Verdicts by the rules of docs/decision.md; `scale ratio` is "
         "the geometric mean of |learned scale| / |initial| at the end (learned scalings only).",
         "",
         markdown_table(rows),

@@ -1,6 +1,6 @@
 """Names of a QAT run's val curves and the differences that answer the question.
 
-One run logs several curves (:mod:`yoloqat.curves.reader`): ``val`` (the deployed model: EMA
+One run logs several curves (named in :mod:`yoloqat.curves.keys`): ``val`` (the deployed model: EMA
 when on, live when off), ``val_live``, ``val_ema``, ``val_bnre`` and the repair curves
 ``val_<model>_<repair>``.  The comparisons a reader wants are paired, on the same run:
 
@@ -19,7 +19,17 @@ import math
 from typing import Any
 
 from yoloqat.config import REPAIR_CURVES
-from yoloqat.curves.reader import BNRE, EMA, LIVE, PRIMARY, logged_repairs
+from yoloqat.curves.keys import (
+    BNRE,
+    EMA,
+    LIVE,
+    MODELS,
+    PRIMARY,
+    curve_name,
+    logged_repairs,
+    model_key,
+    repair_prefix,
+)
 from yoloqat.curves.stability import Verdict
 
 DIFFERENCE_FIELDS = ("best", "final", "max_drawdown")
@@ -30,18 +40,8 @@ REPAIR_TITLES = {"bnre": "BN re-est.", "qc": "QC", "bnre_qc": "BN re-est. + QC"}
 _ROW_REPAIRS = {"bnre": "BNre", "qc": "QC", "bnre_qc": "BNre+QC"}
 CURVE_ROWS: tuple[tuple[str, str], ...] = (
     ("live", "live"), ("ema", "EMA"),
-    *((f"{m}_{r}", f"{MODEL_TITLES[m]}+{_ROW_REPAIRS[r]}") for r in REPAIR_CURVES for m in ("live", "ema")),
+    *((repair_prefix(m, r), f"{MODEL_TITLES[m]}+{_ROW_REPAIRS[r]}") for r in REPAIR_CURVES for m in MODELS),
 )
-
-
-def row_key(prefix: str) -> str:
-    """The mAP50-95 series of a :data:`CURVE_ROWS` prefix: ``val_<prefix>/mAP50-95``."""
-    return f"val_{prefix}/mAP50-95"
-
-
-def model_key(model: str) -> str:
-    """The curve of ``live`` or ``ema``."""
-    return {"live": LIVE, "ema": EMA}[model]
 
 
 def repair_curves() -> list[tuple[str, str, str]]:
@@ -65,7 +65,7 @@ def curve_title(key: str, ema: bool | None = None) -> str:
     for model, repair, rkey in repair_curves():
         if key == rkey:
             return f"{MODEL_TITLES[model]} + {REPAIR_TITLES[repair]}"
-    return key.removesuffix("/mAP50-95")
+    return curve_name(key)
 
 
 def baseline_of(key: str) -> str | None:

@@ -26,39 +26,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yoloqat.config import REPAIR_CURVES
+from yoloqat.curves.keys import (
+    DVCLIVE_PLOTS,
+    MAP,
+    PRIMARY,
+    PRIMARY_TSV,
+    TRAIN,
+    TRAIN_DIR,
+    TSV_SUFFIX,
+    is_tsv,
+    is_val_curve,
+    series_of_tsv,
+)
 from yoloqat.errors import CurveError
-from yoloqat.paths import DVCLIVE_PLOTS
 
-MAP_NAME = "mAP50-95.tsv"
-PRIMARY = "val/mAP50-95"  # the curve of the model a run deploys
-LIVE, EMA = "val_live/mAP50-95", "val_ema/mAP50-95"
-BNRE = "val_bnre/mAP50-95"  # the deployed model after BN re-estimation (qat.bn_reestimate > 0)
-
-
-def repair_group(model: str, repair: str) -> str:
-    """The DVCLive group of a repair curve (qat.repair_curves): ``val_<model>_<repair>``, e.g.
-    ``val_ema_qc`` for the EMA model after Quantization Correction."""
-    if model not in ("live", "ema") or repair not in REPAIR_CURVES:
-        raise ValueError(f"no repair curve {model!r}/{repair!r}; expected live | ema and "
-                         + " | ".join(REPAIR_CURVES))
-    return f"val_{model}_{repair}"
-
-
-def repair_key(model: str, repair: str) -> str:
-    """The mAP50-95 series of a repair curve, as :attr:`RunCurve.series` names it."""
-    return f"{repair_group(model, repair)}/mAP50-95"
-
-
-def logged_repairs(ema: bool, repairs: Iterable[str]) -> list[tuple[str, str, str]]:
-    """(model, repair, series key) of every repair curve a run with ``ema`` and
-    ``qat.repair_curves = repairs`` logs: each repair of the live model, and of the EMA model
-    when EMA is on; live first, in ``repairs`` order."""
-    repairs = tuple(repairs)
-    return [(m, r, repair_key(m, r)) for m in (("live", "ema") if ema else ("live",)) for r in repairs]
-DVCLIVE_MAP = DVCLIVE_PLOTS / "val" / MAP_NAME
-DVCLIVE_LOSS_DIR = DVCLIVE_PLOTS / "train"
-MAP_COLUMNS = ("metrics/mAP50-95(B)", "metrics/mAP_0.5:0.95", "metrics/mAP50-95", "val/mAP50-95")
+# Ultralytics results.csv columns of the val mAP50-95, by version
+MAP_COLUMNS = (f"metrics/{MAP}(B)", "metrics/mAP_0.5:0.95", f"metrics/{MAP}", PRIMARY)
 TSV_INDEX_COLUMNS = ("step", "timestamp")
 
 
@@ -75,7 +58,7 @@ class RunCurve:
 def expected_inputs() -> str:
     return (
         "an Ultralytics results.csv, a DVCLive metric .tsv, or a DVCLive directory with "
-        f"{DVCLIVE_MAP}"
+        f"{PRIMARY_TSV}"
     )
 
 
@@ -160,10 +143,6 @@ def steps_up_to(*series: dict[int, float]) -> list[int]:
     return list(range(last + 1))
 
 
-def dvclive_name(relative: str) -> str:
-    """A metric's DVCLive name from its TSV path under ``plots/metrics``:
-    ``val_ema/mAP50-95.tsv`` -> ``val_ema/mAP50-95``."""
-    return relative.removesuffix(".tsv")
 
 
 def on_run_epochs(by_name: dict[str, dict[int, float]]) -> dict[str, list[float]]:
@@ -187,7 +166,7 @@ def read_results_csv(path: Path, name: str | None = None) -> RunCurve:
         col = next((lower[c.lower()] for c in MAP_COLUMNS if c.lower() in lower), None)
     if col is None:
         raise CurveError(f"{where} has no mAP50-95 column (looked for {', '.join(MAP_COLUMNS)})")
-    loss_cols = [i for i, h in enumerate(header) if h.startswith("train/") and h.endswith("loss")]
+    loss_cols = [i for i, h in enumerate(header) if h.startswith(TRAIN + "/") and h.endswith("loss")]
     epoch_col = lookup.get("epoch")
     keyed: dict[float, tuple[float, float | None]] = {}
     for n, row in enumerate(body, start=2):
@@ -217,16 +196,13 @@ def read_tsv(path: Path, name: str | None = None) -> RunCurve:
 def read_live_dir(path: Path, name: str | None = None) -> RunCurve:
     """Every val curve and the summed training loss of a DVCLive folder, on the run's epochs."""
     plots = path / DVCLIVE_PLOTS
-    every = {f: parse_tsv(_read_text(f), str(f)) for f in sorted(plots.rglob("*.tsv"))}
+    every = {f: parse_tsv(_read_text(f), str(f)) for f in sorted(plots.rglob("*" + TSV_SUFFIX))}
     steps = steps_up_to(*every.values())
-    aligned = on_run_epochs({dvclive_name(f.relative_to(plots).as_posix()): s for f, s in every.items()})
-    series = {
-        name: values for name, values in aligned.items()
-        if name.endswith("/" + dvclive_name(MAP_NAME)) and name.split("/")[-2].startswith("val")
-    }
+    aligned = on_run_epochs({series_of_tsv(f.relative_to(plots).as_posix()): s for f, s in every.items()})
+    series = {name: values for name, values in aligned.items() if is_val_curve(name)}
     if PRIMARY not in series:
-        raise CurveError(f"{path} has no {DVCLIVE_MAP}; expected {expected_inputs()}")
-    loss_files = [f for f in every if f.parent == path / DVCLIVE_LOSS_DIR and "loss" in f.name]
+        raise CurveError(f"{path} has no {PRIMARY_TSV}; expected {expected_inputs()}")
+    loss_files = [f for f in every if f.parent == path / TRAIN_DIR and "loss" in f.name]
     losses = None
     if loss_files:
         losses = [math.fsum(every[f].get(s, math.nan) for f in loss_files) for s in steps]
@@ -241,14 +217,14 @@ def read_curve(path: str | Path) -> RunCurve:
     if not p.exists():
         raise CurveError(f"{p} does not exist; expected {expected_inputs()}")
     if p.is_dir():
-        if (p / DVCLIVE_MAP).is_file():
+        if (p / PRIMARY_TSV).is_file():
             return read_live_dir(p, name)
         if (p / "results.csv").is_file():
             return read_results_csv(p / "results.csv", name)
         raise CurveError(
-            f"{p} is a directory without {DVCLIVE_MAP} or results.csv; "
+            f"{p} is a directory without {PRIMARY_TSV} or results.csv; "
             "expected a DVCLive or Ultralytics run directory"
         )
-    if p.suffix.lower() == ".tsv":
+    if is_tsv(p.suffix.lower()):
         return read_tsv(p, name)
     return read_results_csv(p, name)

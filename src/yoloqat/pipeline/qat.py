@@ -8,6 +8,16 @@ import time
 from typing import Any
 
 from yoloqat.config import Config
+from yoloqat.curves.keys import (
+    BNRE,
+    DAMP,
+    EMA,
+    LIVE,
+    PRIMARY_MAP50,
+    SCALE,
+    logged_repairs,
+    series,
+)
 from yoloqat.errors import CheckpointError
 from yoloqat.paths import (
     FP_CHECKPOINT,
@@ -56,23 +66,21 @@ def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, 
     q = cfg.qat
     out: dict[str, Any] = {}
     last = logger.history[-1] if logger.history else {}
-    for key in ("scale/ratio_geomean", "scale/ratio_min"):  # learned scales only
+    for key in (series(SCALE, "ratio_geomean"), series(SCALE, "ratio_min")):  # learned scales only
         if last.get(key) is not None:
             out[f"{key.replace('/', '_')}_final"] = last[key]
     if q.dampening > 0:
-        out["dampening_penalty_final"] = last.get("damp/penalty")
-        out["dampening_lambda_final"] = last.get("damp/lambda")
+        out["dampening_penalty_final"] = last.get(series(DAMP, "penalty"))
+        out["dampening_lambda_final"] = last.get(series(DAMP, "lambda"))
     if trainer.freezer is not None:
         out["frac_frozen_final"] = trainer.freezer.frac_frozen()
     if q.bn_reestimate > 0:
-        out.update(curve_summary(logger.curve("val_bnre/mAP50-95"), prefix="bnre_"))
+        out.update(curve_summary(logger.curve(BNRE), prefix="bnre_"))
     return out
 
 
 def repair_summary(cfg: Config, logger: EpochLogger) -> dict[str, Any]:
     """Best/final of every repair curve the run logged, e.g. ``ema_qc_best``."""
-    from yoloqat.curves.reader import logged_repairs
-
     out: dict[str, Any] = {}
     for model, repair, key in logged_repairs(cfg.ema, cfg.qat.repair_curves):
         out.update(curve_summary(logger.curve(key), prefix=f"{model}_{repair}_"))
@@ -109,15 +117,15 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         tracker.write_layer_csv(QAT_LAYER_CSV)
     steps = int(trainer.ema.updates) if trainer.ema is not None else 0
     curve = logger.curve()
-    curve50 = logger.curve("val/mAP50")
+    curve50 = logger.curve(PRIMARY_MAP50)
     status = "diverged" if trainer.diverged or any(not math.isfinite(v) for v in curve) else "completed"
     summary: dict[str, Any] = {
         "status": status,
         "epochs": len(curve),
         **curve_summary(curve),
         **curve_summary(curve50, prefix="mAP50_"),
-        **curve_summary(logger.curve("val_live/mAP50-95"), prefix="live_"),
-        **(curve_summary(logger.curve("val_ema/mAP50-95"), prefix="ema_") if cfg.ema else {}),
+        **curve_summary(logger.curve(LIVE), prefix="live_"),
+        **(curve_summary(logger.curve(EMA), prefix="ema_") if cfg.ema else {}),
         **repair_summary(cfg, logger),
         "steps": steps,
         "ema": cfg.ema,

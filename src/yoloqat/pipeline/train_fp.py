@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.config import Config
+from yoloqat.curves.keys import DVCLIVE_PLOTS, PRIMARY, PRIMARY_MAP50
 from yoloqat.errors import CheckpointError
 from yoloqat.paths import (
-    DVCLIVE_PLOTS,
     FP_CHECKPOINT,
     FP_CONTROL_DIR,
     FP_CONTROL_RESULTS,
@@ -120,7 +120,7 @@ def _train(
         status = "diverged" if trainer.diverged else "completed"
     curve = logger.curve()
     summary = {"status": status, "epochs": len(curve), **curve_summary(curve)}
-    summary["best_mAP50"] = max((r.get("val/mAP50") or 0.0 for r in logger.history), default=None)
+    summary["best_mAP50"] = max((r.get(PRIMARY_MAP50) or 0.0 for r in logger.history), default=None)
     summary.update(timer.summary())
     return summary
 
@@ -138,9 +138,9 @@ def _evaluate_only(cfg: Config, init: str | None, logger: EpochLogger) -> dict[s
             device=cfg.device, plots=False, verbose=False, project=project, name="val",
             nms=False,  # the end-to-end head, as in training validation and export
         )
-    row = {"epoch": 1.0, "val/mAP50-95": float(metrics.box.map), "val/mAP50": float(metrics.box.map50)}
+    row = {"epoch": 1.0, PRIMARY: float(metrics.box.map), PRIMARY_MAP50: float(metrics.box.map50)}
     logger.history.append(row)
     logger.log_row(row)
     shutil.copy2(init, FP_CHECKPOINT)
-    return {"status": "evaluated", "epochs": 0, **curve_summary([row["val/mAP50-95"]]),
-            "best_mAP50": row["val/mAP50"]}
+    return {"status": "evaluated", "epochs": 0, **curve_summary([row[PRIMARY]]),
+            "best_mAP50": row[PRIMARY_MAP50]}

@@ -31,10 +31,22 @@ from yoloqat.curves.compare import (
     curve_title,
     difference,
     difference_words,
-    model_key,
     repair_curves,
 )
-from yoloqat.curves.reader import BNRE, DVCLIVE_MAP, EMA, LIVE, PRIMARY, logged_repairs, read_curve
+from yoloqat.curves.keys import (
+    BNRE,
+    BNRE_PREFIX,
+    EMA,
+    LIVE,
+    MAP,
+    PRIMARY,
+    PRIMARY_TSV,
+    logged_repairs,
+    model_key,
+    repair_prefix,
+    val_group,
+)
+from yoloqat.curves.reader import read_curve
 from yoloqat.curves.stability import Verdict, after_warmup, classify_run, fall_epochs
 from yoloqat.errors import CurveError, VerdictError
 from yoloqat.numbers import finite_number
@@ -69,7 +81,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def _fp_curve(cfg: Config) -> list[float]:
     """The FP baseline's per-epoch val mAP50-95 ([] when train_fp logged none)."""
     live = cfg.resolve(FP_RESULTS)
-    if not (live / DVCLIVE_MAP).is_file():
+    if not (live / PRIMARY_TSV).is_file():
         return []
     try:
         return read_curve(live).values
@@ -113,10 +125,9 @@ def run_params(cfg: Config) -> dict[str, Any]:
     }
 
 
-CURVE_PREFIXES = {PRIMARY: "", LIVE: "live_", EMA: "ema_"}
 PER_CURVE_FIELDS = ("label", "best", "best_epoch", "final", "max_drawdown", "collapse_events",
                     "dips", "reason")
-CURVES_CSV_COLUMNS = ("epoch", "series", "mAP50-95")
+CURVES_CSV_COLUMNS = ("epoch", "series", MAP)
 
 
 def _curve_fields(prefix: str, verdict: Verdict | None) -> dict[str, Any]:
@@ -142,7 +153,7 @@ def _control(cfg: Config) -> tuple[float | None, list[float]]:
         return None, []
     best = finite_number(_read_json(path, "fp_control metrics").get("best"))
     live = cfg.resolve(FP_CONTROL_RESULTS)
-    curve = read_curve(live).values if (live / DVCLIVE_MAP).is_file() else []
+    curve = read_curve(live).values if (live / PRIMARY_TSV).is_file() else []
     return best, curve
 
 
@@ -232,7 +243,7 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     live_dir = cfg.resolve(QAT_RESULTS)
     series: dict[str, list[float]] = {}
     losses: list[float] | None = None
-    if (live_dir / DVCLIVE_MAP).is_file():
+    if (live_dir / PRIMARY_TSV).is_file():
         try:
             run = read_curve(live_dir)
         except CurveError as exc:
@@ -240,7 +251,7 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
         series, losses = run.series, run.losses
     elif status != DIVERGED:
         raise VerdictError(
-            f"{QAT_RESULTS / DVCLIVE_MAP} not found; the qat stage logs val mAP50-95 per epoch there"
+            f"{QAT_RESULTS / PRIMARY_TSV} not found; the qat stage logs val mAP50-95 per epoch there"
         )
     if LIVE not in series and not cfg.ema:
         series[LIVE] = series.get(PRIMARY, [])  # EMA off: the deployed curve is the live one
@@ -260,7 +271,7 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     primary = verdicts[BNRE] or verdicts[PRIMARY]
     assert primary is not None
     out: dict[str, Any] = {**primary.as_dict(), "status": status, **run_params(cfg),
-                           "deployed_curve": "val_bnre" if verdicts[BNRE] else "val"}
+                           "deployed_curve": val_group(BNRE_PREFIX) if verdicts[BNRE] else val_group()}
     out.update(_curve_fields("live_", verdicts[LIVE]))
     out.update(_curve_fields("ema_", verdicts[EMA]))
     # the answer as numbers: EMA minus live on the same training run (None when EMA is off)
@@ -270,8 +281,9 @@ def judge_qat_run(cfg: Config) -> dict[str, Any]:
     # ema_qc_minus_ema_best, what the repair adds to its model
     for model, repair, key in logged_repairs(cfg.ema, cfg.qat.repair_curves):
         verdicts[key] = judge(key) if key in series else None
-        out.update(_curve_fields(f"{model}_{repair}_", verdicts[key]))
-        out.update(_difference_fields(f"{model}_{repair}_minus_{model}_", verdicts[key],
+        prefix = repair_prefix(model, repair)
+        out.update(_curve_fields(f"{prefix}_", verdicts[key]))
+        out.update(_difference_fields(f"{prefix}_minus_{model}_", verdicts[key],
                                       verdicts[model_key(model)]))
     out["qc_delta_mAP50-95"] = _qc_delta(cfg)
     fp_curve = _fp_curve(cfg)  # read once: the FP best's fallback and the curves table

@@ -12,16 +12,18 @@ Companions: the flip rate (fraction of weights whose integer changed this step),
 sitting on a rounding boundary (``|x - round(x)| > 0.5 - boundary``) and how far the scales
 moved since tracking began.
 
-:class:`LayerOscillationState` holds one layer's state and does a handful of whole-tensor ops
-per update (int8 for the integer state, counts kept as device tensors so a GPU is never
-synchronised until the stats are read).  :class:`OscillationTracker` finds the quantized convs
-of a live model and feeds every layer's ``w / s`` to its state after optimizer steps.
+One engine, :class:`OscillationGroup`, holds the state of one or more layers in flat buffers
+and does the update as a handful of whole-buffer ops (int8 for the integer state, counts kept
+as device tensors so a GPU is never synchronised until the stats are read);
+:class:`LayerOscillationState` is one layer's view of it and its statistics.  A layer tracked
+alone is a group of one.  :class:`OscillationTracker` finds the quantized convs of a live model
+and updates their groups after optimizer steps.
 
-Fused tracking (:class:`FusedOscillationGroup`, the default for max-abs layers): the same
-arithmetic on one flat buffer per bit width, so an update is ~20 whole-model kernels instead
-of ~20 per layer.  On a GPU the per-layer path is launch-bound (about a hundred layers, each a
-few kernels on small tensors); the flat path does the same element-wise operations in the
-same order and the counts are integers, so every statistic is bit-identical (tested).
+Fused tracking (:class:`FusedOscillationGroup`, the default for max-abs layers on CUDA): every
+layer of one bit width in one group, so an update is ~20 whole-model kernels instead of ~20 per
+layer.  On a GPU per-layer updates are launch-bound (about a hundred layers, each a few kernels
+on small tensors); the same element-wise operations on the same values, with integer counts,
+give every statistic bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ LAYER_COLUMNS = (
 
 
 class LayerOscillationState:
-    """Oscillation state of one quantized weight tensor.
+    """Oscillation state of one quantized weight tensor: a view of its segment of an
+    :class:`OscillationGroup` (the one engine), created by the group or, for a state used on its
+    own, at its first :meth:`update` (a group of one).
 
     ``update(x, scale)`` takes ``x = w / s`` (float, any shape) and the scale it was computed
     with.  The first call only initialises; every later call produces one delta per weight.
@@ -86,12 +90,14 @@ class LayerOscillationState:
         self.threshold = float(threshold)
         self.boundary = float(boundary)
         self.numel = 0
-        self.prev_int: torch.Tensor | None = None  # int8 (int16 above 7 bits), last integers
-        self.last_sign: torch.Tensor | None = None  # {-1, 0, 1}, sign of the last non-zero delta
-        self.freq: torch.Tensor | None = None  # float32 EMA of oscillations
-        self.scale0: torch.Tensor | None = None  # float32 scale at the first update
-        self.scale: torch.Tensor | None = None  # latest scale (reference, read lazily)
-        self._x: torch.Tensor | None = None  # clamped copy of the latest x (own allocation)
+        # where this layer lives in its group: weights [offset, offset + numel), scale rows
+        # [row, row + rows) shaped scale_shape (set by the group)
+        self.group: OscillationGroup | None = None
+        self.offset = 0
+        self.shape: torch.Size | None = None
+        self.row = 0
+        self.rows = 0
+        self.scale_shape: torch.Size | None = None
         # Window accumulators (0-d int64 tensors on the weight's device) and run totals.
         self._n = 0
         self._flips: torch.Tensor | None = None
@@ -100,55 +106,80 @@ class LayerOscillationState:
         self._run_flips = 0
         self._run_oscs = 0
 
+    # the layer's part of the group's buffers (None before the first update)
+    def _weights(self, flat: torch.Tensor | None) -> torch.Tensor | None:
+        if flat is None or self.shape is None:
+            return None
+        return flat[self.offset : self.offset + self.numel].view(self.shape)
+
+    def _rows(self, flat: torch.Tensor | None) -> torch.Tensor | None:
+        if flat is None or self.scale_shape is None:
+            return None
+        return flat[self.row : self.row + self.rows].view(self.scale_shape)
+
+    @property
+    def prev_int(self) -> torch.Tensor | None:
+        """int8 (int16 above 7 bits): the integers of the latest update."""
+        return self._weights(self.group.prev_int) if self.group is not None else None
+
+    @property
+    def last_sign(self) -> torch.Tensor | None:
+        """{-1, 0, 1}: the sign of each weight's last non-zero delta."""
+        return self._weights(self.group.last_sign) if self.group is not None else None
+
+    @property
+    def freq(self) -> torch.Tensor | None:
+        """float32 EMA of oscillations."""
+        return self._weights(self.group.freq) if self.group is not None else None
+
+    @property
+    def _x(self) -> torch.Tensor | None:
+        """The clamped ``x`` of the latest update."""
+        return self._weights(self.group.x) if self.group is not None else None
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """The latest scale (kept by reference, read lazily)."""
+        return self._rows(self.group.scale) if self.group is not None else None
+
+    @property
+    def scale0(self) -> torch.Tensor | None:
+        """float32 scale at the first update that gave one."""
+        return self._rows(self.group.scale0) if self.group is not None else None
+
     @property
     def initialised(self) -> bool:
-        return self.prev_int is not None
+        return self.group is not None and self.group.prev_int is not None
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """One tracked step.  ``x`` is neither modified nor kept; ``scale`` is kept by
         reference until the next update (pass a fresh tensor, as the tracker does)."""
+        if self.group is None:
+            OscillationGroup([self], [x.shape], self.int_max)
+        assert self.group is not None and self.shape is not None
+        if len(self.group.states) > 1:
+            raise TypeError("a fused layer is updated by its OscillationGroup")
+        if x.shape != self.shape:
+            raise ValueError(f"shape changed: {tuple(self.shape)} -> {tuple(x.shape)}")
         # round(clamp(x)) == clamp(round(x)) for integer bounds.  The clamped x is kept for the
         # near-boundary statistic (a weight clamped at the range edge cannot flip there).
         xc = x.detach().to(torch.float32).clamp(-self.int_max, self.int_max)
-        w_int = torch.round(xc).to(self.int_dtype)
-        self._x = xc
+        rows = None
         if scale is not None:
-            self.scale = scale.detach()
-            if self.scale0 is None:
-                self.scale0 = scale.detach().to(torch.float32).clone()
-        if self.prev_int is None:
-            self.numel = w_int.numel()
-            self.prev_int = w_int
-            self.last_sign = torch.zeros_like(w_int)
-            self.freq = torch.zeros(w_int.shape, dtype=torch.float32, device=w_int.device)
-            self._flips = torch.zeros((), dtype=torch.int64, device=w_int.device)
-            self._oscs = torch.zeros((), dtype=torch.int64, device=w_int.device)
-            return
-        if w_int.shape != self.prev_int.shape:
-            raise ValueError(f"shape changed: {tuple(self.prev_int.shape)} -> {tuple(w_int.shape)}")
-        assert self.last_sign is not None and self.freq is not None
-        assert self._flips is not None and self._oscs is not None
-        # Integer arithmetic only (comparisons to bool and torch.where are several times slower
-        # on CPU).  sign in {-1, 0, 1}; sign * last_sign == -1 exactly when the weight moved
-        # against its last move (last_sign == 0, never moved, gives 0).
-        sign = torch.sub(w_int, self.prev_int).sign_()
-        neg_osc = torch.mul(sign, self.last_sign).clamp_(max=0)  # -1 where oscillating, else 0
-        # Keep the last non-zero sign: clamp(2 * sign + last, -1, 1) is sign if sign != 0.
-        self.last_sign.add_(sign, alpha=2).clamp_(-1, 1)
-        # f = m * o + (1 - m) * f
-        self.freq.mul_(1.0 - self.momentum).sub_(neg_osc, alpha=self.momentum)
-        self._flips += torch.count_nonzero(sign)
-        self._oscs += torch.count_nonzero(neg_osc)
-        self._n += 1
-        self.prev_int = w_int
+            rows = scale.detach()
+            if self.scale_shape is None:
+                self.scale_shape, self.rows = rows.shape, rows.numel()
+            rows = rows.reshape(-1)
+        self.group.advance(xc.reshape(-1), rows)
 
     # ---------------------------------------------------------------------------------------
     # reading
 
     def _latest(self) -> dict[str, float]:
         """Statistics of the current state (not windowed)."""
-        if self.freq is None or self._x is None or self.prev_int is None:
+        freq, x, prev_int = self.freq, self._x, self.prev_int
+        if freq is None or x is None or prev_int is None:
             return {
                 "frac_oscillating": 0.0,
                 "mean_freq": 0.0,
@@ -157,24 +188,27 @@ class LayerOscillationState:
             }
         n = float(self.numel)
         # prev_int == round(clamped x) of the latest update
-        near = torch.count_nonzero((self._x - self.prev_int).abs_() > 0.5 - self.boundary)
-        frac_osc = torch.count_nonzero(self.freq > self.threshold)
+        near = torch.count_nonzero((x - prev_int).abs_() > 0.5 - self.boundary)
+        frac_osc = torch.count_nonzero(freq > self.threshold)
         return {
             "frac_oscillating": frac_osc.item() / n,
-            "mean_freq": self.freq.double().mean().item(),
+            "mean_freq": freq.double().mean().item(),
             "frac_near_boundary": near.item() / n,
             "scale_drift": self.scale_drift(),
         }
 
     def scale_drift(self) -> float:
         """Mean over channels of ``|s_now - s_first| / s_first`` (nan when no scale was given)."""
-        if self.scale is None or self.scale0 is None:
+        scale, scale0 = self.scale, self.scale0
+        if scale is None or scale0 is None:
             return math.nan
-        s0 = self.scale0.double().reshape(-1)
-        s = self.scale.detach().to(device=s0.device, dtype=torch.float64).reshape(-1)
+        s0 = scale0.double().reshape(-1)
+        s = scale.detach().to(device=s0.device, dtype=torch.float64).reshape(-1)
         return ((s - s0).abs() / s0.clamp_min(1e-30)).mean().item()
 
     def _window(self) -> tuple[int, int, int]:
+        if self.group is not None:
+            self.group.flush()
         if self._n == 0 or self._flips is None or self._oscs is None:
             return 0, 0, 0
         return self._n, int(self._flips.item()), int(self._oscs.item())
@@ -219,55 +253,130 @@ class LayerOscillationState:
 
 
 # -------------------------------------------------------------------------------------------
-# fused tracking of max-abs layers
+# the engine
 
 
-class _FusedLayerState(LayerOscillationState):
-    """One layer of a :class:`FusedOscillationGroup`: its tensors are views into the group's
-    flat buffers (so readers such as the freezer see them as before); its window counts are
-    folded in from the group's per-weight counters when they are read."""
+class OscillationGroup:
+    """The oscillation state of one or more weight tensors of one integer range, in flat
+    buffers: the one engine, for a single layer (a group of one) and for every max-abs layer of
+    one bit width at once (:class:`FusedOscillationGroup`).
 
-    group: FusedOscillationGroup
-
-    def update(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        raise TypeError("a fused layer is updated by its FusedOscillationGroup")
-
-    def _window(self) -> tuple[int, int, int]:
-        self.group.flush()
-        return super()._window()
-
-
-class FusedOscillationGroup:
-    """The max-abs (FastQuantConv2d) layers of one bit width, tracked in flat buffers.
-
-    Per update: one ``cat`` of the weights, the per-channel (or per-tensor) max-abs of every
-    layer in one ``segment_absmax`` (shared with the batched fake-quant pass), and
-    :meth:`LayerOscillationState.update`'s arithmetic once over all weights.  Flips and oscillations are counted per weight (int32) and summed
-    per layer only when statistics are read, so nothing waits for the device per step.
-
-    Why it is exact: every step is element-wise or a max (both order-free), with the same
-    operands and Python-number scalars as ``convert.weight_scale`` and the per-layer update;
-    the counts are integers; the float reductions of the statistics (mean frequency, scale
-    drift) run per layer on fresh copies of the same values, as before.
+    :meth:`advance` does Nagel's update once over all the group's weights, a fixed number of
+    whole-buffer kernels whatever the number of layers.  Flips and oscillations are counted per
+    weight (int32) and summed per layer only when statistics are read (:meth:`flush`), so
+    nothing waits for the device per step.  Each layer's :class:`LayerOscillationState` reads
+    its segment of the buffers as views; the float reductions of its statistics run per layer.
     """
 
     def __init__(
-        self, modules: list[FastQuantConv2d], states: list[_FusedLayerState], int_max: int
+        self,
+        states: list[LayerOscillationState],
+        shapes: list[torch.Size],
+        int_max: int,
+        scale_shapes: list[torch.Size] | None = None,
     ) -> None:
-        self.modules = modules
         self.states = states
         self.int_max = int(int_max)
         self.int_dtype = states[0].int_dtype
         self.momentum = states[0].momentum
-        self.numels = [m.weight.numel() for m in modules]
-        self.rows = [m.weight.shape[0] if m.fast_per_channel else 1 for m in modules]
-        self.row_lengths = segment_lengths(
-            [m.weight for m in modules], [bool(m.fast_per_channel) for m in modules])
+        self.numels = [math.prod(shape) for shape in shapes]
         self.total = sum(self.numels)
+        self.prev_int: torch.Tensor | None = None
+        self.last_sign: torch.Tensor | None = None
+        self.freq: torch.Tensor | None = None
+        self.x: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None  # per row, flat
+        self.scale0: torch.Tensor | None = None
+        self.flips: torch.Tensor | None = None  # int32 per weight, since the last flush
+        self.oscs: torch.Tensor | None = None
         self.pending = 0  # updates not yet folded into the layers' window counts
+        offset = row = 0
+        for i, (st, shape, n) in enumerate(zip(states, shapes, self.numels, strict=True)):
+            st.group, st.offset, st.shape, st.numel = self, offset, torch.Size(shape), n
+            offset += n
+            if scale_shapes is not None:
+                st.scale_shape = torch.Size(scale_shapes[i])
+                st.row, st.rows = row, math.prod(st.scale_shape)
+                row += st.rows
+
+    @torch.no_grad()
+    def advance(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """One tracked step: ``x`` is the clamped ``w / s`` of every weight (flat float32; the
+        group keeps it), ``scale`` the scale of every row (flat; None keeps the last one)."""
+        w_int = torch.round(x).to(self.int_dtype)
+        if scale is not None:
+            if self.scale0 is None:
+                self.scale0 = scale.to(torch.float32).clone()
+            self.scale = scale
+        if self.prev_int is None or self.last_sign is None or self.freq is None:
+            self._start(x, w_int)
+            return
+        assert self.flips is not None and self.oscs is not None
+        # Integer arithmetic only (comparisons to bool and torch.where are several times slower
+        # on CPU).  sign in {-1, 0, 1}; sign * last_sign == -1 exactly when the weight moved
+        # against its last move (last_sign == 0, never moved, gives 0).
+        sign = torch.sub(w_int, self.prev_int).sign_()
+        neg_osc = torch.mul(sign, self.last_sign).clamp_(max=0)  # -1 where oscillating, else 0
+        # Keep the last non-zero sign: clamp(2 * sign + last, -1, 1) is sign if sign != 0.
+        self.last_sign.add_(sign, alpha=2).clamp_(-1, 1)
+        # f = m * o + (1 - m) * f
+        self.freq.mul_(1.0 - self.momentum).sub_(neg_osc, alpha=self.momentum)
+        self.flips.add_(sign.abs_())
+        self.oscs.sub_(neg_osc)
+        self.prev_int, self.x = w_int, x
+        self.pending += 1
+
+    def _start(self, x: torch.Tensor, w_int: torch.Tensor) -> None:
+        dev = x.device
+        self.prev_int, self.x = w_int, x
+        self.last_sign = torch.zeros_like(w_int)
+        self.freq = torch.zeros(w_int.shape, dtype=torch.float32, device=dev)
+        self.flips = torch.zeros(w_int.shape, dtype=torch.int32, device=dev)
+        self.oscs = torch.zeros(w_int.shape, dtype=torch.int32, device=dev)
+        for st in self.states:
+            st._flips = torch.zeros((), dtype=torch.int64, device=dev)
+            st._oscs = torch.zeros((), dtype=torch.int64, device=dev)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Fold the per-weight counts of the pending updates into each layer's window."""
+        if not self.pending or self.flips is None or self.oscs is None:
+            return
+        for st in self.states:
+            assert st._flips is not None and st._oscs is not None
+            st._flips += self.flips[st.offset : st.offset + st.numel].sum()
+            st._oscs += self.oscs[st.offset : st.offset + st.numel].sum()
+            st._n += self.pending
+        self.flips.zero_()
+        self.oscs.zero_()
+        self.pending = 0
+
+
+class FusedOscillationGroup(OscillationGroup):
+    """The max-abs (FastQuantConv2d) layers of one bit width, as one group: per update one
+    ``cat`` of the weights, the per-channel (or per-tensor) max-abs of every layer in one
+    ``segment_absmax`` (shared with the batched fake-quant pass), then :meth:`advance`.
+
+    Why it equals tracking each layer alone, bit for bit: every step is element-wise or a max
+    (both order-free), with the same operands and Python-number scalars as
+    ``convert.weight_scale``; the counts are integers; the float reductions of the statistics
+    (mean frequency, scale drift) run per layer on the same values.
+    """
+
+    def __init__(
+        self, modules: list[FastQuantConv2d], states: list[LayerOscillationState], int_max: int
+    ) -> None:
+        self.modules = modules
+        rows = [m.weight.shape[0] if m.fast_per_channel else 1 for m in modules]
+        scale_shapes = [
+            torch.Size((r, *([1] * (m.weight.dim() - 1)))) if m.fast_per_channel else torch.Size(())
+            for m, r in zip(modules, rows, strict=True)
+        ]
+        super().__init__(states, [m.weight.shape for m in modules], int_max, scale_shapes)
+        self.row_lengths = segment_lengths(
+            [m.weight for m in modules], [bool(m.fast_per_channel) for m in modules]
+        )
         self._lengths: torch.Tensor | None = None
-        for st in states:
-            st.group = self
 
     @torch.no_grad()
     def _scale_and_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,61 +394,7 @@ class FusedOscillationGroup:
     @torch.no_grad()
     def update(self) -> None:
         scale, x = self._scale_and_latent()
-        w_int = torch.round(x).to(self.int_dtype)
-        if not self.states[0].initialised:
-            self._start(scale, x, w_int)
-            return
-        # LayerOscillationState.update's arithmetic, over every weight of the group at once
-        sign = torch.sub(w_int, self.prev_int).sign_()
-        neg_osc = torch.mul(sign, self.last_sign).clamp_(max=0)
-        self.last_sign.add_(sign, alpha=2).clamp_(-1, 1)
-        self.freq.mul_(1.0 - self.momentum).sub_(neg_osc, alpha=self.momentum)
-        self.flips.add_(sign.abs_())
-        self.oscs.sub_(neg_osc)
-        # in place: the layers' views stay valid
-        self.prev_int.copy_(w_int)
-        self.x.copy_(x)
-        self.scale.copy_(scale)
-        self.pending += 1
-
-    def _start(self, scale: torch.Tensor, x: torch.Tensor, w_int: torch.Tensor) -> None:
-        dev = x.device
-        self.x, self.scale, self.prev_int = x, scale, w_int
-        self.scale0 = scale.clone()
-        self.last_sign = torch.zeros_like(w_int)
-        self.freq = torch.zeros(w_int.shape, dtype=torch.float32, device=dev)
-        self.flips = torch.zeros(w_int.shape, dtype=torch.int32, device=dev)
-        self.oscs = torch.zeros(w_int.shape, dtype=torch.int32, device=dev)
-        a = r = 0
-        for m, st, n, rows in zip(self.modules, self.states, self.numels, self.rows, strict=True):
-            shape = m.weight.shape
-            sshape = (rows, *([1] * (len(shape) - 1))) if m.fast_per_channel else ()
-            st.numel = n
-            st.prev_int = self.prev_int[a:a + n].view(shape)
-            st.last_sign = self.last_sign[a:a + n].view(shape)
-            st.freq = self.freq[a:a + n].view(shape)
-            st._x = self.x[a:a + n].view(shape)
-            st.scale = self.scale[r:r + rows].view(sshape)
-            st.scale0 = self.scale0[r:r + rows].view(sshape)
-            st._flips = torch.zeros((), dtype=torch.int64, device=dev)
-            st._oscs = torch.zeros((), dtype=torch.int64, device=dev)
-            a, r = a + n, r + rows
-
-    @torch.no_grad()
-    def flush(self) -> None:
-        """Fold the per-weight counts of the pending updates into each layer's window."""
-        if not self.pending:
-            return
-        a = 0
-        for st, n in zip(self.states, self.numels, strict=True):
-            assert st._flips is not None and st._oscs is not None
-            st._flips += self.flips[a:a + n].sum()
-            st._oscs += self.oscs[a:a + n].sum()
-            st._n += self.pending
-            a += n
-        self.flips.zero_()
-        self.oscs.zero_()
-        self.pending = 0
+        self.advance(x, scale)
 
 
 def _fusable(m: nn.Module) -> bool:
@@ -410,7 +465,7 @@ class OscillationTracker:
         self.layers: list[tuple[str, QuantConv2d, int, LayerOscillationState]] = []
         self.groups: list[FusedOscillationGroup] = []
         self._single: list[tuple[QuantConv2d, LayerOscillationState]] = []  # per-layer path
-        members: dict[int, list[tuple[FastQuantConv2d, _FusedLayerState]]] = {}
+        members: dict[int, list[tuple[FastQuantConv2d, LayerOscillationState]]] = {}
         if fused is None:
             first = next((m.weight for m in model.modules() if isinstance(m, QuantConv2d)), None)
             fused = first is not None and first.is_cuda
@@ -418,13 +473,11 @@ class OscillationTracker:
             if isinstance(m, QuantConv2d):
                 bits = _bits_of(m)
                 int_max = 2 ** (bits - 1) - 1
-                state: LayerOscillationState
+                state = LayerOscillationState(int_max, momentum, threshold, boundary)
                 if fused and _fusable(m):
-                    fs = _FusedLayerState(int_max, momentum, threshold, boundary)
-                    members.setdefault(int_max, []).append((m, fs))  # type: ignore[arg-type]
-                    state = fs
+                    members.setdefault(int_max, []).append((m, state))  # type: ignore[arg-type]
                 else:
-                    state = LayerOscillationState(int_max, momentum, threshold, boundary)
+                    OscillationGroup([state], [m.weight.shape], int_max)  # a group of one
                     self._single.append((m, state))
                 state.numel = m.weight.numel()
                 self.layers.append((name, m, bits, state))
@@ -462,9 +515,13 @@ class OscillationTracker:
         if len(widths) <= 1:
             return _aggregate(stats)
         headline = self.headline_bits if self.headline_bits in widths else widths[0]
-        out = _aggregate([s for s, (_, _, b, _) in zip(stats, self.layers, strict=True) if b == headline])
+        out = _aggregate(
+            [s for s, (_, _, b, _) in zip(stats, self.layers, strict=True) if b == headline]
+        )
         for width in widths:
-            part = _aggregate([s for s, (_, _, b, _) in zip(stats, self.layers, strict=True) if b == width])
+            part = _aggregate(
+                [s for s, (_, _, b, _) in zip(stats, self.layers, strict=True) if b == width]
+            )
             out.update({f"{k}_w{width}": v for k, v in part.items()})
         return out
 
@@ -472,16 +529,18 @@ class OscillationTracker:
         rows = []
         for name, _, bits, state in self.layers:
             s = state.run_stats()
-            rows.append({
-                "name": name,
-                "bits": bits,
-                "weights": int(s["weights"]),
-                "frac_oscillating": s["frac_oscillating"],
-                "mean_freq": s["mean_freq"],
-                "flip_rate": s["flip_rate"],
-                "frac_near_boundary": s["frac_near_boundary"],
-                "scale_drift": s["scale_drift"],
-            })
+            rows.append(
+                {
+                    "name": name,
+                    "bits": bits,
+                    "weights": int(s["weights"]),
+                    "frac_oscillating": s["frac_oscillating"],
+                    "mean_freq": s["mean_freq"],
+                    "flip_rate": s["flip_rate"],
+                    "frac_near_boundary": s["frac_near_boundary"],
+                    "scale_drift": s["scale_drift"],
+                }
+            )
         return rows
 
     def write_layer_csv(self, path: str | Path) -> Path:

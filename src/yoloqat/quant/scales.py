@@ -75,7 +75,7 @@ def scale_ratio_stats(model: nn.Module, initial: dict[str, torch.Tensor]) -> dic
 
     Why it is logged: before a BatchNorm the loss is blind to a conv's output scale, so nothing
     but weight decay moves a per-tensor learned scale's magnitude; a steady fall of the geometric
-    mean is that decay at work (README, "Looking for the collapse").
+    mean is that decay at work (reports/README.md, "Looking for the collapse").
     """
     logs = []
     for name, _, p in scale_parameters(model):

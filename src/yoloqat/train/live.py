@@ -13,13 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from yoloqat.curves.keys import PRIMARY, VAL
 from yoloqat.numbers import finite_or_none
 
 
 def clean_metric_name(name: str) -> str:
     """``metrics/mAP50-95(B)`` -> ``val/mAP50-95``; ``lr/pg0`` and ``train/box_loss`` kept."""
     if name.startswith("metrics/"):
-        name = "val/" + name[len("metrics/") :]
+        name = f"{VAL}/" + name[len("metrics/") :]
     return name.replace("(B)", "")
 
 
@@ -85,7 +86,7 @@ class EpochLogger:
                 self._live.log_metric(k, v)
         self._live.next_step()
 
-    def curve(self, key: str = "val/mAP50-95") -> list[float]:
+    def curve(self, key: str = PRIMARY) -> list[float]:
         return [float("nan") if r.get(key) is None else float(r[key]) for r in self.history]
 
     def finish(self, summary: dict[str, Any]) -> None:

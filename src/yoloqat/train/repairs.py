@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from yoloqat.config import CorrectionConfig
-from yoloqat.curves.reader import repair_group
+from yoloqat.curves.keys import repair_group
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from yoloqat.config import CorrectionConfig, QATConfig
 from yoloqat.config_checks import Bool, Text, build, param
+from yoloqat.curves.keys import BNRE_PREFIX, MAP, MAP50, OSC, series, val_group
 from yoloqat.numbers import finite_or_none
 from yoloqat.quant.convert import QuantRecipe, quantize_model, set_fake_quant_mode
 from yoloqat.quant.ema import make_ema
@@ -141,8 +142,8 @@ def preserved_rng() -> Iterator[None]:
 
 def _map_pair(metrics: dict[str, Any]) -> dict[str, float | None]:
     return {
-        "mAP50-95": finite_or_none(metrics.get("metrics/mAP50-95(B)")),
-        "mAP50": finite_or_none(metrics.get("metrics/mAP50(B)")),
+        MAP: finite_or_none(metrics.get(f"metrics/{MAP}(B)")),
+        MAP50: finite_or_none(metrics.get(f"metrics/{MAP50}(B)")),
     }
 
 
@@ -233,12 +234,12 @@ class QATTrainer(FPTrainer):
         if metrics is None:
             return metrics, fitness
         if self.qat_settings.ema:
-            self.paired_metrics["val_ema"] = _map_pair(metrics)
-            self.paired_metrics["val_live"] = self._validate_live()
+            self.paired_metrics[val_group("ema")] = _map_pair(metrics)
+            self.paired_metrics[val_group("live")] = self._validate_live()
         else:
-            self.paired_metrics["val_live"] = _map_pair(metrics)
+            self.paired_metrics[val_group("live")] = _map_pair(metrics)
         if self.qat_settings.qat.bn_reestimate > 0:
-            self.paired_metrics["val_bnre"] = self._validate_bnre()
+            self.paired_metrics[val_group(BNRE_PREFIX)] = self._validate_bnre()
         if self.qat_settings.qat.repair_curves:
             t0 = time.perf_counter()
             self.paired_metrics.update(self._validate_repairs())
@@ -333,11 +334,11 @@ class QATTrainer(FPTrainer):
         """What the epoch logger adds for QAT: paired val curves and oscillation statistics."""
         row: dict[str, float | None] = {}
         for group, values in self.paired_metrics.items():
-            row.update({f"{group}/{k}": v for k, v in values.items()})
+            row.update({series(group, k): v for k, v in values.items()})
         if self.tracker is not None:
             row.update(self.tracker.epoch_summary())
         if self.freezer is not None:
-            row["osc/frac_frozen"] = self.freezer.frac_frozen()
+            row[series(OSC, "frac_frozen")] = self.freezer.frac_frozen()
         if self.dampening is not None:
             row.update(self.dampening.pop_stats())
         if self.initial_scales:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from yoloqat.curves.keys import MAP, MAP50
+
 
 @contextmanager
 def fusion_disabled(model: nn.Module) -> Iterator[nn.Module]:
@@ -48,8 +50,8 @@ def validate_model(
     ``rect=True`` (with the trainer's batch, :func:`training_val_batch`) is how the trainer
     validates every epoch, and how ``yolo val`` does: images are batched by aspect ratio and
     padded by half a stride, so a 96-px image is scored at 128 x 128.  ``rect=False`` letterboxes
-    to ``imgsz`` x ``imgsz``.  The same weights score differently under the two (README "Why one
-    checkpoint has several numbers"), so a stage comparing its number with the training curve
+    to ``imgsz`` x ``imgsz``.  The same weights score differently under the two (docs/pipeline.md "Why
+    one checkpoint has several numbers"), so a stage comparing its number with the training curve
     must use the trainer's setting.
     """
     from ultralytics.cfg import get_cfg
@@ -66,7 +68,7 @@ def validate_model(
         model = model.float().eval()
         with fusion_disabled(model), torch.no_grad():
             stats = validator(model=model)
-    return {"mAP50-95": float(stats["metrics/mAP50-95(B)"]), "mAP50": float(stats["metrics/mAP50(B)"])}
+    return {MAP: float(stats[f"metrics/{MAP}(B)"]), MAP50: float(stats[f"metrics/{MAP50}(B)"])}
 
 
 def calibration_batches(data_yaml: str, imgsz: int, batch: int, split: str = "calib") -> Any:
