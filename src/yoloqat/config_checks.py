@@ -1,11 +1,12 @@
-"""The check vocabulary of params.yaml and the one builder that applies it.
+"""The check vocabulary of params.yaml, the one builder that applies it, and the params-file
+plumbing (reading the file, dotted keys).
 
-Each config field carries its own rule (``field(default=4, metadata=check(IntRange(2, 8)))``);
-a rule takes the raw value and returns it typed, or raises :class:`Invalid` with what is
-allowed.  :func:`build` reads a mapping into any config dataclass: unknown keys, each field's
-rule, nested sections, then the class's ``cross_check`` for rules that tie fields together.
-Every failure is one :class:`ConfigError` line naming the dotted key, the value and what is
-allowed.
+Each config field carries its own rule: ``bits: int = param(4, IntRange(2, 8))`` is
+``field(default=4, metadata=check(IntRange(2, 8)))``.  A rule takes the raw value and returns it
+typed, or raises :class:`Invalid` with what is allowed.  :func:`build` reads a mapping into any
+config dataclass: unknown keys, each field's rule, nested sections, then the class's
+``cross_check`` (rules that tie fields together, raising :class:`Conflict`).  Every failure is
+one :class:`ConfigError` line naming the dotted key, the value and what is allowed.
 """
 
 from __future__ import annotations
