@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, committed_params, committed_params_file
 from tools.dvc_deps import (
     FIX_COMMAND,
     SOURCE_PREFIXES,
@@ -141,9 +141,9 @@ def test_every_artifact_path_is_a_declared_output_or_inside_one():
         assert any(d == p or d.startswith(p + "/") or p.startswith(d + "/") for d in declared), name
 
 
-def test_dataclass_defaults_equal_params_yaml():
+def test_dataclass_defaults_equal_params_yaml(tmp_path):
     """params.yaml is the source of the pipeline's defaults; Config() must not disagree."""
-    from_file = load_config(REPO / "params.yaml").as_dict()
+    from_file = load_config(committed_params_file(tmp_path)).as_dict()
     defaults = Config().as_dict()
     diffs = {}
     for section, values in from_file.items():
@@ -153,11 +153,11 @@ def test_dataclass_defaults_equal_params_yaml():
                     diffs[f"{section}.{k}"] = (defaults[section][k], v)
         elif defaults[section] != values:
             diffs[section] = (defaults[section], values)
-    assert not diffs, f"Config() defaults differ from params.yaml (default, file): {diffs}"
+    assert not diffs, f"Config() defaults differ from params.yaml at HEAD (default, file): {diffs}"
 
 
 def test_params_yaml_names_every_config_key():
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = committed_params()
     for f in dataclasses.fields(Config):
         if f.name == "root":
             continue
@@ -206,13 +206,13 @@ def _resolved_keys(stage: str) -> list[str]:
     return out
 
 
-def test_resolved_params_keys_exist_and_fp_stages_ignore_preset_name_and_qat_seed():
+def test_resolved_params_keys_exist_and_fp_stages_ignore_preset_name_and_qat_seed(tmp_path):
     """prepare and train_fp read the resolved file (a preset's values, the FP seed): every key
     they list is in it, and neither depends on params.yaml's preset or seed, so runs that differ
     only in the QAT seed share their results (DVC's run-cache)."""
     from yoloqat.provenance import resolved_params_doc
 
-    doc = resolved_params_doc(load_config(REPO / "params.yaml"))
+    doc = resolved_params_doc(load_config(committed_params_file(tmp_path)))
     for stage in ("prepare", "train_fp"):
         listed = _resolved_keys(stage)
         assert listed, stage
@@ -237,7 +237,7 @@ def test_train_fp_outputs_are_all_cached_so_the_run_cache_can_restore_it():
             assert (opts or {}).get("cache", True), path
 
 
-def test_fp_stages_depend_on_every_param_they_read():
+def test_fp_stages_depend_on_every_param_they_read(tmp_path):
     """train_fp lists the fp keys one by one (all but fp.control, so turning the control off does
     not retrain the FP model); fp_control follows QAT's schedule, so it needs every key of it."""
     import dataclasses
@@ -249,7 +249,7 @@ def test_fp_stages_depend_on_every_param_they_read():
     assert fp_keys <= _stage_params("train_fp")
     assert {"model", "device", "deterministic", "cache", "data.imgsz"} <= _stage_params("train_fp")
     assert "fp.control" not in _stage_params("train_fp")
-    schedule = {f"qat.{k}" for k in qat_schedule(load_config(REPO / "params.yaml"))}
+    schedule = {f"qat.{k}" for k in qat_schedule(load_config(committed_params_file(tmp_path)))}
     assert schedule <= _stage_params("fp_control")
 
 
