@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import committed_params_file, committed_params_text
 from yoloqat.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +28,14 @@ def write_params(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def test_repo_params_load_with_documented_defaults():
-    cfg = load_config(REPO / "params.yaml")
+def test_repo_params_load_with_documented_defaults(tmp_path):
+    cfg = load_config(committed_params_file(tmp_path))
     assert isinstance(cfg, Config)
     assert cfg.model == "yolo10n" and cfg.ema is True and cfg.qc is True and cfg.seed == 0
     assert cfg.data.source == "synthetic" and cfg.data.imgsz % 32 == 0
     assert cfg.qat.bits == 4 and cfg.qat.edge_bits == 4
-    assert cfg.root == REPO
+    assert cfg.root == tmp_path
+    assert load_config(REPO / "params.yaml").root == REPO  # whatever experiment it holds now
 
 
 @pytest.mark.parametrize(
@@ -181,7 +183,7 @@ def test_input_pipeline_values_that_are_allowed(tmp_path):
     assert (cfg.deterministic, cfg.cache, cfg.fp.workers, cfg.qat.workers, cfg.fp.amp) == (
         False, "disk", "auto", 3, True)
     assert load_config(write_params(tmp_path, cache="ram")).cache == "ram"
-    default = load_config(REPO / "params.yaml")
+    default = load_config(committed_params_file(tmp_path / "committed"))
     assert (default.deterministic, default.cache, default.fp.amp) == (True, False, False)
 
 
@@ -300,16 +302,16 @@ def test_a_key_set_away_from_its_default_beats_the_preset(tmp_path):
 
 def test_preset_none_changes_nothing(tmp_path):
     none = load_config(write_params(tmp_path, preset="none"))
-    assert none.as_dict() == load_config(REPO / "params.yaml").as_dict()
+    assert none.as_dict() == load_config(committed_params_file(tmp_path / "committed")).as_dict()
 
 
 def test_scientific_notation_written_by_dvc_is_a_number(tmp_path):
     """`dvc exp run -S qat.dampening=1e-5` writes `1e-05`, which PyYAML reads as a string."""
     path = tmp_path / "params.yaml"
-    path.write_text((REPO / "params.yaml").read_text().replace("dampening: 0.0 ", "dampening: 1e-05 "))
+    path.write_text(committed_params_text().replace("dampening: 0.0 ", "dampening: 1e-05 "))
     assert yaml.safe_load(path.read_text())["qat"]["dampening"] == "1e-05"
     assert load_config(path).qat.dampening == 1e-05
-    path.write_text((REPO / "params.yaml").read_text().replace("dampening: 0.0 ", "dampening: 1e-x "))
+    path.write_text(committed_params_text().replace("dampening: 0.0 ", "dampening: 1e-x "))
     with pytest.raises(ConfigError, match=r"qat.dampening='1e-x'"):
         load_config(path)
 

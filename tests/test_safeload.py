@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import committed_params
 from yoloqat.offline import configure_offline
 
 configure_offline()
@@ -288,7 +289,7 @@ def test_an_ultralytics_checkpoint_whose_yaml_runs_code_is_refused(tmp_path, yol
 
 
 def _params(root: Path, **changes) -> Path:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = committed_params()
     raw["fp"]["control"] = False  # export's FP input is models/fp/best.pt
     for dotted, value in changes.items():
         block, key = dotted.split(".")
