@@ -222,6 +222,43 @@ def test_freezing_uses_the_running_integer_and_stops_updates():
     assert freezer.frozen_count() == (1, 4)  # the non-oscillating weights never froze
 
 
+def test_annealed_freeze_threshold_at_given_steps():
+    # 8 steps, annealing from step 0.5 x 8 = 4: none before it, then 0.5 -> 0.125 along a half
+    # cosine: 0.125 + 0.1875 (1 + cos(pi r)), r = (step - 4) / 4
+    at = [freeze_threshold_at(step, 8, 0.5, 0.125, 0.5) for step in range(11)]
+    assert at[:4] == [None] * 4
+    assert at[4] == 0.5 and at[6] == 0.3125 and at[8] == at[9] == at[10] == 0.125
+    assert at[5] == 0.125 + 0.1875 * (1 + math.cos(math.pi / 4))  # 0.4450..., not linear's 0.40625
+    assert at[7] == 0.125 + 0.1875 * (1 + math.cos(3 * math.pi / 4))
+    # no end: the start threshold from the first step, whatever anneal_start says
+    assert [freeze_threshold_at(step, 8, 0.5, None, 0.5) for step in (0, 3, 8)] == [0.5] * 3
+
+
+def test_freezer_freezes_nothing_before_the_annealing_starts():
+    # The oscillating weight of test_freezing_uses_the_running_integer_and_stops_updates passes
+    # 0.4 at the 4th update; with the annealing starting at step 0.75 x 8 = 6 it waits until then.
+    model = one_row_conv([7.0, 2.2, 0.2, -0.3])
+    w = model[0].weight
+    tracker = OscillationTracker(model, momentum=0.25)
+    freezer = WeightFreezer(tracker, threshold=0.4, threshold_end=0.4, anneal_start=0.75, total_steps=8)
+    seen = []
+    for value in [2.2, 3.2, 2.2, 3.2, 2.2, 3.2]:
+        with torch.no_grad():
+            w[0, 0, 0, 1] = value
+        tracker.step()
+        freezer.update()
+        seen.append((freezer.last_threshold, freezer.frozen_count()[0]))
+    assert seen == [(None, 0)] * 5 + [(0.4, 1)]
+    # the integer EMA ran all along: 2, 2.25, 2.1875, 2.390625, 2.29296875, 2.4697265625
+    assert freezer.int_ema[0].flatten().tolist()[1] == 2.4697265625
+    assert w.flatten()[1].item() == 2.0
+
+
+def test_freezer_rejects_an_end_above_the_start():
+    with pytest.raises(ValueError, match=r"freeze threshold end must be in \(0, 0.1\], got 0.2"):
+        WeightFreezer(OscillationTracker(one_row_conv([7.0, 0, 0, 0])), threshold=0.1, threshold_end=0.2)
+
+
 def test_freezer_rejects_a_threshold_of_zero():
     with pytest.raises(ValueError):
         WeightFreezer(OscillationTracker(one_row_conv([7.0, 0, 0, 0])), threshold=0.0)
