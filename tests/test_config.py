@@ -346,20 +346,20 @@ REMEDY_ERRORS = [
     ({"qat__dampening_form": "bins"},
      "params: qat.dampening_form='bins' is not allowed; expected one of weight | scale"),
     ({"qat__freeze_threshold": 0.1, "qat__freeze_threshold_end": 0.2},
-     "params: qat.freeze_threshold_end=0.2 is not allowed; expected null or a number in "
-     "(0, qat.freeze_threshold] = (0, 0.1]"),
+     ("params: qat.freeze_threshold_end=0.2 is not allowed; expected null or a number in "
+     "(0, qat.freeze_threshold] = (0, 0.1]")),
     ({"qat__freeze_threshold": 0.1, "qat__freeze_threshold_end": 0},
-     "params: qat.freeze_threshold_end=0 is not allowed; expected null or a number in "
-     "(0, qat.freeze_threshold] = (0, 0.1]"),
+     ("params: qat.freeze_threshold_end=0 is not allowed; expected null or a number in "
+     "(0, qat.freeze_threshold] = (0, 0.1]")),
     ({"qat__freeze_threshold": 0.1, "qat__freeze_threshold_end": "low"},
-     "params: qat.freeze_threshold_end='low' is not allowed; expected null or a number in "
-     "(0, qat.freeze_threshold] = (0, 0.1]"),
+     ("params: qat.freeze_threshold_end='low' is not allowed; expected null or a number in "
+     "(0, qat.freeze_threshold] = (0, 0.1]")),
     ({"qat__freeze_threshold_end": 0.02},  # freezing off: nothing to anneal
-     "params: qat.freeze_threshold_end=0.02 is not allowed; expected null unless "
-     "qat.freeze_threshold > 0 (it anneals that threshold)"),
+     ("params: qat.freeze_threshold_end=0.02 is not allowed; expected null unless "
+     "qat.freeze_threshold > 0 (it anneals that threshold)")),
     ({"qat__freeze_threshold": 0.1, "qat__freeze_anneal_start": 0.5},  # without an end: a no-op
-     "params: qat.freeze_anneal_start=0.5 is not allowed; expected 0.25 unless "
-     "qat.freeze_threshold_end is set (it starts the annealing)"),
+     ("params: qat.freeze_anneal_start=0.5 is not allowed; expected 0.25 unless "
+     "qat.freeze_threshold_end is set (it starts the annealing)")),
     ({"qat__freeze_threshold": 0.1, "qat__freeze_threshold_end": 0.03, "qat__freeze_anneal_start": 1.0},
      "params: qat.freeze_anneal_start=1.0 is not allowed; expected a finite number in [0.0, 1.0)"),
     ({"qat__repair_every": 0}, "params: qat.repair_every=0 is not allowed; expected an integer >= 1"),

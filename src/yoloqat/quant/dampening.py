@@ -56,10 +56,14 @@ def bin_centres(q: QuantConv2d, int_max: int | None = None) -> tuple[torch.Tenso
     return integers, scale
 
 
-def layer_dampening(q: QuantConv2d, int_max: int | None = None, form: str = "weight") -> torch.Tensor:
+def layer_dampening(
+    q: QuantConv2d, int_max: int | None = None, form: str = "weight"
+) -> torch.Tensor:
     """L_damp of one quantized conv (a 0-d tensor with a gradient into ``q.weight`` only)."""
     if form not in DAMPENING_FORMS:
-        raise ValueError(f"dampening form {form!r} is not allowed; expected one of {' | '.join(DAMPENING_FORMS)}")
+        raise ValueError(
+            f"dampening form {form!r} is not allowed; expected one of {' | '.join(DAMPENING_FORMS)}"
+        )
     limit = float(weight_int_max(q) if int_max is None else int_max)
     integers, scale = bin_centres(q, int_max)
     if form == "scale":
@@ -88,12 +92,20 @@ class Dampening:
     The modules are held by reference: pass the model that is really being optimized.
     """
 
-    def __init__(self, model: nn.Module, weight: float, ramp: bool = False, total_steps: int = 1,
-                 form: str = "weight") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        weight: float,
+        ramp: bool = False,
+        total_steps: int = 1,
+        form: str = "weight",
+    ) -> None:
         if weight < 0 or not math.isfinite(weight):
             raise ValueError(f"dampening weight must be a finite number >= 0, got {weight}")
         if form not in DAMPENING_FORMS:
-            raise ValueError(f"dampening form {form!r} is not allowed; expected one of {' | '.join(DAMPENING_FORMS)}")
+            raise ValueError(
+                f"dampening form {form!r} is not allowed; expected one of {' | '.join(DAMPENING_FORMS)}"
+            )
         # the bit width is fixed: read it once (a Brevitas quant_weight() call per layer)
         self.layers = [(q, weight_int_max(q)) for _, q in quant_convs(model)]
         self.weight = float(weight)
@@ -110,7 +122,9 @@ class Dampening:
 
     def penalty(self) -> torch.Tensor:
         """The unweighted sum of L_damp over every layer (differentiable in the weights)."""
-        return torch.stack([layer_dampening(q, int_max, self.form) for q, int_max in self.layers]).sum()
+        return torch.stack(
+            [layer_dampening(q, int_max, self.form) for q, int_max in self.layers]
+        ).sum()
 
     def __call__(self) -> torch.Tensor:
         lam = self.lambda_at(self.steps)

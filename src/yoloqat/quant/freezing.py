@@ -68,12 +68,20 @@ class WeightFreezer:
     :func:`freeze_threshold_at`, over the tracker's step count (its calls, one per optimizer step).
     """
 
-    def __init__(self, tracker: OscillationTracker, threshold: float, threshold_end: float | None = None,
-                 anneal_start: float = 0.0, total_steps: int = 1) -> None:
+    def __init__(
+        self,
+        tracker: OscillationTracker,
+        threshold: float,
+        threshold_end: float | None = None,
+        anneal_start: float = 0.0,
+        total_steps: int = 1,
+    ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"freeze threshold must be in (0, 1], got {threshold}")
         if threshold_end is not None and not 0.0 < threshold_end <= threshold:
-            raise ValueError(f"freeze threshold end must be in (0, {threshold}], got {threshold_end}")
+            raise ValueError(
+                f"freeze threshold end must be in (0, {threshold}], got {threshold_end}"
+            )
         self.tracker = tracker
         self.threshold = float(threshold)
         self.threshold_end = threshold_end
@@ -92,7 +100,12 @@ class WeightFreezer:
     def update(self) -> None:
         """Advance the integer EMAs, freeze newly oscillating weights and set them at once."""
         threshold = self.last_threshold = freeze_threshold_at(
-            self.tracker.calls, self.total_steps, self.threshold, self.threshold_end, self.anneal_start)
+            self.tracker.calls,
+            self.total_steps,
+            self.threshold,
+            self.threshold_end,
+            self.anneal_start,
+        )
         for i, (_, _, _, state) in enumerate(self.tracker.layers):
             if state.prev_int is None or state.freq is None:
                 continue
