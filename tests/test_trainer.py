@@ -140,9 +140,16 @@ def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_u
     assert any(not sd[k].equal(v) for k, v in plain_sd.items() if k.endswith("running_mean"))
     assert all(int(sd[k]) == 2 for k in sd if k.endswith("num_batches_tracked"))
 
+    # annealed freezing from the first step, 0.005 -> 0.004 (under 2x the tracker's momentum:
+    # a warning, not an error), and the weight-unit dampening
     both = _run_qat_stage(qat_repo, {"qat": {**base, "dampening": 1e-4, "dampening_ramp": True,
-                                             "freeze_threshold": 0.005}})
+                                             "freeze_threshold": 0.005, "freeze_threshold_end": 0.004,
+                                             "freeze_anneal_start": 0.0}})
     assert both["status"] == "completed"
+    # the schedule ends on the last optimizer step: the run's step count is the freezer's total
+    assert _tsv(qat_repo, "osc/freeze_threshold.tsv").splitlines()[-1].split("\t")[-1] == "0.004"
+    meta = json.loads((qat_repo / "models/qat/metadata.json").read_text())["summary"]
+    assert (meta["dampening_form"], meta["freeze_threshold_end"]) == ("weight", 0.004)
     # freezing must actually fire on this tiny run (threshold 0.005), not merely be switched on
     assert 0.0 < both["frac_frozen_final"] < 1.0 and both["dampening_penalty_final"] > 0
     assert 0.0 < both["dampening_lambda_final"] <= 1e-4
