@@ -409,3 +409,18 @@ def test_scale_ratio_stats_are_the_geometric_mean_and_minimum_of_the_moves():
         params[1].div_(4.0)
     assert scale_ratio_stats(model, initial)["scale/ratio_geomean"] == pytest.approx(0.5, abs=1e-12)
     assert scale_ratio_stats(quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3)), QuantRecipe()), {}) == {}
+
+
+def test_freezing_under_twice_the_tracker_momentum_is_a_warning_naming_the_key():
+    from yoloqat.config import QATConfig
+    from yoloqat.pipeline.qat import freeze_threshold_warning
+
+    assert freeze_threshold_warning(QATConfig()) is None  # freezing off
+    assert freeze_threshold_warning(QATConfig(freeze_threshold=0.02)) is None  # 2 x 0.01
+    assert freeze_threshold_warning(QATConfig(freeze_threshold=0.1, freeze_threshold_end=0.03)) is None
+    assert freeze_threshold_warning(QATConfig(freeze_threshold=0.01)) == (
+        "qat.freeze_threshold=0.01 is under 2x the oscillation tracker's momentum (0.01): a weight "
+        "that oscillates twice within ~100 steps freezes (Nagel et al.'s code advises a threshold "
+        "of at least 2-3x the momentum)")
+    assert freeze_threshold_warning(
+        QATConfig(freeze_threshold=0.1, freeze_threshold_end=0.015)).startswith("qat.freeze_threshold_end=0.015 ")
