@@ -140,9 +140,16 @@ def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_u
     assert any(not sd[k].equal(v) for k, v in plain_sd.items() if k.endswith("running_mean"))
     assert all(int(sd[k]) == 2 for k in sd if k.endswith("num_batches_tracked"))
 
+    # annealed freezing from the first step, 0.005 -> 0.004 (under 2x the tracker's momentum:
+    # a warning, not an error), and the weight-unit dampening
     both = _run_qat_stage(qat_repo, {"qat": {**base, "dampening": 1e-4, "dampening_ramp": True,
-                                             "freeze_threshold": 0.005}})
+                                             "freeze_threshold": 0.005, "freeze_threshold_end": 0.004,
+                                             "freeze_anneal_start": 0.0}})
     assert both["status"] == "completed"
+    # the schedule ends on the last optimizer step: the run's step count is the freezer's total
+    assert _tsv(qat_repo, "osc/freeze_threshold.tsv").splitlines()[-1].split("\t")[-1] == "0.004"
+    meta = json.loads((qat_repo / "models/qat/metadata.json").read_text())["summary"]
+    assert (meta["dampening_form"], meta["freeze_threshold_end"]) == ("weight", 0.004)
     # freezing must actually fire on this tiny run (threshold 0.005), not merely be switched on
     assert 0.0 < both["frac_frozen_final"] < 1.0 and both["dampening_penalty_final"] > 0
     assert 0.0 < both["dampening_lambda_final"] <= 1e-4
@@ -282,3 +289,30 @@ def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_mod
     assert 0 < repaired["repair_seconds"] < repaired["seconds"] and repaired["repair_time_ratio"] > 1
     assert "repair_seconds" not in plain
     assert not (qat_repo / "results/qat/plots/metrics/val_live_qc_bnre").exists()
+
+
+@pytest.mark.parametrize(("every", "stop_at", "scored"), [
+    (3, 8, [3, 6, 8]),  # every 3rd epoch and the planned last
+    (3, 7, [3, 6, 7]),  # early stopping at epoch 7: the epoch training stops at is scored
+    (1, 8, [1, 2, 3, 4, 5, 6, 7, 8]),
+    (10, 8, [8]),
+])
+def test_repair_curves_are_scored_every_kth_epoch_and_when_training_stops(every, stop_at, scored):
+    """qat.repair_every: the scoring runs at on_fit_epoch_end, where Ultralytics has already
+    decided whether this epoch is the last (``stop``); epochs in between log no repair value."""
+    from yoloqat.train.trainer import QATSettings, QATTrainer
+
+    trainer = QATTrainer.__new__(QATTrainer)  # the scheduling alone, without a model or data
+    trainer.qat_settings = QATSettings(recipe={}, ema=True, ema_decay=0.9, ema_tau=1.0, track_every=1,
+                                       out_dir=".", repair_curves=("qc",), repair_every=every)
+    trainer.repair_seconds, trainer.paired_metrics = 0.0, {}
+    seen = []
+    trainer._validate_repairs = lambda: seen.append(trainer.epoch + 1) or {"val_ema_qc": {}}
+    for epoch in range(stop_at):
+        trainer.epoch, trainer.stop = epoch, epoch + 1 == stop_at
+        trainer._repairs_pending = True  # what validate() sets when it scored the epoch
+        trainer._score_repairs()
+        assert not trainer._repairs_pending
+    assert seen == scored
+    trainer._score_repairs()  # no validation since: nothing scored twice
+    assert seen == scored

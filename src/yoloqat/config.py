@@ -42,6 +42,9 @@ FAKE_QUANT_MODES = ("auto", "per_layer", "batched")
 # Repairs scored every epoch on copies of the live and the EMA model (qat.repair_curves;
 # train/repairs.py): BN re-estimation, the qc stage's Quantization Correction, and both.
 REPAIR_CURVES = ("bnre", "qc", "bnre_qc")
+# The oscillation dampening loss's units (quant/dampening.py): weight = Nagel et al.'s
+# ||s * round(clip(w / s)) - clip(w)||^2; scale = the same per weight divided by s^2.
+DAMPENING_FORMS = ("weight", "scale")
 AUTO = "auto"  # fp.workers / qat.workers: resolved per machine by train.overrides.resolve_workers
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -238,7 +241,12 @@ class QATConfig:
     # Nagel et al.'s remedies, each off by default.
     dampening: float = 0.0  # lambda of the dampening loss; 0 = off
     dampening_ramp: bool = False  # cosine ramp of lambda from 0 over training
+    dampening_form: str = "weight"  # DAMPENING_FORMS: the loss in weight units (Nagel's) or scale units
     freeze_threshold: float = 0.0  # freeze weights whose oscillation frequency exceeds it; 0 = off
+    # None: freeze_threshold throughout.  Set: no freezing before freeze_anneal_start (a fraction
+    # of the optimizer steps), then a half cosine from freeze_threshold down to this value.
+    freeze_threshold_end: float | None = None
+    freeze_anneal_start: float = 0.25
     bn_reestimate: int = 0  # training batches for BN re-estimation before val / save; 0 = off
     lsq_grad_scale: bool = False  # learned scales only: LSQ's 1/sqrt(N * Qp) gradient scale
     # learned scales only: their weight decay (0: none).  Stock Ultralytics (the reference run)
@@ -255,6 +263,7 @@ class QATConfig:
     # never changes.  QC uses the `correction` section's settings, as the qc stage does.
     repair_curves: tuple[str, ...] = ()
     repair_bn_batches: int = 50  # training batches each repair's BN re-estimation uses (Nagel: ~50)
+    repair_every: int = 1  # score the repair curves every k-th epoch (and the last); >= 1
     # Ultralytics' nominal batch: gradients accumulate over round(nbs / batch) batches per
     # optimizer step.  None: nbs = batch, one step per batch (the reference run's stock
     # Ultralytics used 64, i.e. two batches of 32 per step).
@@ -435,6 +444,8 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
     if scale_wd > 0 and scaling not in LEARNED_SCALINGS:
         raise _fail("qat.scale_weight_decay", scale_wd, "0 unless qat.scaling is learned or decoupled (max-abs scales have no parameter)")
     batch = _int("qat.batch", b.get("batch", d.batch), 1)
+    freeze = _float("qat.freeze_threshold", b.get("freeze_threshold", d.freeze_threshold), 0.0, 1.0)
+    freeze_end, anneal_start = _freeze_schedule(b, d, freeze)
     nbs = b.get("nbs", d.nbs)
     if nbs is not None:
         nbs = _int("qat.nbs", nbs, 1)
@@ -466,9 +477,11 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         workers=_workers("qat.workers", b.get("workers", d.workers)),
         dampening=_float("qat.dampening", b.get("dampening", d.dampening), 0.0),
         dampening_ramp=_bool("qat.dampening_ramp", b.get("dampening_ramp", d.dampening_ramp)),
-        freeze_threshold=_float(
-            "qat.freeze_threshold", b.get("freeze_threshold", d.freeze_threshold), 0.0, 1.0
-        ),
+        dampening_form=_choice(
+            "qat.dampening_form", b.get("dampening_form", d.dampening_form), DAMPENING_FORMS),
+        freeze_threshold=freeze,
+        freeze_threshold_end=freeze_end,
+        freeze_anneal_start=anneal_start,
         bn_reestimate=_int("qat.bn_reestimate", b.get("bn_reestimate", d.bn_reestimate), 0),
         lsq_grad_scale=lsq,
         scale_weight_decay=scale_wd,
@@ -479,7 +492,30 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         repair_curves=_repairs("qat.repair_curves", b.get("repair_curves", d.repair_curves)),
         repair_bn_batches=_int(
             "qat.repair_bn_batches", b.get("repair_bn_batches", d.repair_bn_batches), 1),
+        repair_every=_int("qat.repair_every", b.get("repair_every", d.repair_every), 1),
     )
+
+
+def _freeze_schedule(b: dict[str, Any], d: QATConfig, start: float) -> tuple[float | None, float]:
+    """qat.freeze_threshold_end and qat.freeze_anneal_start, checked against the start threshold:
+    the threshold anneals down (a rising one would freeze first what it later lets oscillate)."""
+    end = b.get("freeze_threshold_end", d.freeze_threshold_end)
+    anneal_start = _float("qat.freeze_anneal_start",
+                          b.get("freeze_anneal_start", d.freeze_anneal_start), 0.0, 1.0, hi_open=True)
+    if end is not None:
+        if start <= 0:
+            raise _fail("qat.freeze_threshold_end", end,
+                        "null unless qat.freeze_threshold > 0 (it anneals that threshold)")
+        end = _scientific(end)
+        if isinstance(end, bool) or not isinstance(end, (int, float)) or not 0.0 < end <= start:
+            raise _fail("qat.freeze_threshold_end", end,
+                        f"null or a number in (0, qat.freeze_threshold] = (0, {start}]")
+        end = float(end)
+    elif anneal_start != d.freeze_anneal_start:
+        # a silent no-op would make a grid cell look like a tested variant
+        raise _fail("qat.freeze_anneal_start", anneal_start,
+                    f"{d.freeze_anneal_start} unless qat.freeze_threshold_end is set (it starts the annealing)")
+    return end, anneal_start
 
 
 def _repairs(key: str, value: Any) -> tuple[str, ...]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from typing import Any
 
-from yoloqat.config import Config
+from yoloqat.config import Config, QATConfig
 from yoloqat.curves.keys import (
     BNRE,
     DAMP,
@@ -65,6 +66,24 @@ def init_model_arg(cfg: Config) -> str:
     return str(path)
 
 
+def freeze_threshold_warning(q: QATConfig) -> str | None:
+    """One line when freezing's lowest threshold is under twice the tracker's momentum.
+
+    A warning, not an error: the earlier remedies runs froze at 0.01 = the momentum, and
+    replicating them must stay possible."""
+    from yoloqat.quant.oscillation import DEFAULT_MOMENTUM
+
+    if q.freeze_threshold <= 0:
+        return None
+    lowest = q.freeze_threshold if q.freeze_threshold_end is None else q.freeze_threshold_end
+    if lowest >= 2 * DEFAULT_MOMENTUM:
+        return None
+    key = "qat.freeze_threshold" if q.freeze_threshold_end is None else "qat.freeze_threshold_end"
+    return (f"{key}={lowest:g} is under 2x the oscillation tracker's momentum ({DEFAULT_MOMENTUM:g}): "
+            f"a weight that oscillates twice within ~{1 / DEFAULT_MOMENTUM:.0f} steps freezes "
+            f"(Nagel et al.'s code advises a threshold of at least 2-3x the momentum)")
+
+
 def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, Any]:
     """The remedies' settings and, for those that are on, their end-of-run figures."""
     q = cfg.qat
@@ -72,6 +91,11 @@ def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, 
         "dampening": q.dampening, "dampening_ramp": q.dampening_ramp,
         "freeze_threshold": q.freeze_threshold, "bn_reestimate": q.bn_reestimate,
     }
+    if q.dampening > 0:
+        out["dampening_form"] = q.dampening_form
+    if q.freeze_threshold_end is not None:
+        out["freeze_threshold_end"] = q.freeze_threshold_end
+        out["freeze_anneal_start"] = q.freeze_anneal_start
     last = logger.history[-1] if logger.history else {}
     for key in (series(SCALE, "ratio_geomean"), series(SCALE, "ratio_min")):  # learned scales only
         if last.get(key) is not None:
@@ -98,6 +122,9 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
     model_arg = init_model_arg(cfg)  # a bad checkpoint fails here, before any output exists
+    note = freeze_threshold_warning(cfg.qat)
+    if note is not None:
+        print(f"qat: warning: {note}", file=sys.stderr)
     require_dataset()
     fresh_outputs(QAT_DIR, QAT_RESULTS)
     t0 = time.time()
@@ -106,11 +133,13 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         recipe=recipe.to_dict(), ema=cfg.ema, ema_decay=cfg.qat.ema_decay, ema_tau=cfg.qat.ema_tau,
         track_every=cfg.qat.track_every, out_dir=str(QAT_DIR.resolve()),
         dampening=cfg.qat.dampening, dampening_ramp=cfg.qat.dampening_ramp,
-        freeze_threshold=cfg.qat.freeze_threshold, bn_reestimate=cfg.qat.bn_reestimate,
+        dampening_form=cfg.qat.dampening_form, freeze_threshold=cfg.qat.freeze_threshold,
+        freeze_threshold_end=cfg.qat.freeze_threshold_end,
+        freeze_anneal_start=cfg.qat.freeze_anneal_start, bn_reestimate=cfg.qat.bn_reestimate,
         lsq_grad_scale=cfg.qat.lsq_grad_scale, scale_weight_decay=cfg.qat.scale_weight_decay,
         bn_momentum=cfg.qat.bn_momentum, fake_quant=cfg.qat.fake_quant,
         repair_curves=cfg.qat.repair_curves, repair_bn_batches=cfg.qat.repair_bn_batches,
-        qc_lr=cfg.correction.lr, qc_epochs=cfg.correction.epochs, qc_batch=cfg.correction.batch,
+        repair_every=cfg.qat.repair_every, qc_lr=cfg.correction.lr, qc_epochs=cfg.correction.epochs, qc_batch=cfg.correction.batch,
         qc_min_steps=cfg.correction.min_steps, qc_head=cfg.correction.head,
     )
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())

@@ -61,9 +61,11 @@ def _quantizer(recipe: QuantRecipe) -> type:
         # Brevitas' decoupled quantizers (the reference collapse run's choice, per tensor): the
         # integers are round(w / pre_scale), the output is integers * scale with a separately
         # learned scale (initialised from the statistic).  Per tensor the pre-scale's statistic
-        # is AbsMaxL2: the L2 norm over output channels of each channel's max |w| (not max |w|),
-        # so |w / pre_scale| never exceeds the integer range: nothing is clipped, and the grid is
-        # coarser than max-abs by L2(channel maxes) / max|w| (between 1 and sqrt(channels)).
+        # is AbsMaxL2: the root mean square over output channels of each channel's max |w|
+        # (Brevitas divides the L2 norm by sqrt(channels)), at most max |w|: the grid is finer
+        # than max-abs by RMS(channel maxes) / max|w| (between 1/sqrt(channels) and 1), and the
+        # weights of every channel whose max |w| exceeds that RMS are clipped at the range edge
+        # (tested).  Per channel the pre-scale is each channel's max |w|: nothing is clipped.
         if recipe.granularity == "per_tensor":
             return Int4WeightPerTensorFloatDecoupled
         return Int8WeightPerChannelFloatDecoupled

@@ -52,7 +52,10 @@ class QATSettings:
     # Nagel et al.'s remedies (all off by default) and LSQ's gradient scale; see config.QATConfig.
     dampening: float = 0.0
     dampening_ramp: bool = False
+    dampening_form: str = "weight"
     freeze_threshold: float = 0.0
+    freeze_threshold_end: float | None = None
+    freeze_anneal_start: float = 0.25
     bn_reestimate: int = 0
     lsq_grad_scale: bool = False
     scale_weight_decay: float = 0.0  # weight decay of learned scales (0: a no-decay group)
@@ -61,6 +64,7 @@ class QATSettings:
     # per-epoch repair curves (train/repairs.py): which, BN batches, and the qc stage's settings
     repair_curves: tuple[str, ...] = ()
     repair_bn_batches: int = 50
+    repair_every: int = 1
     qc_lr: float = 1e-3
     qc_epochs: int = 1
     qc_batch: int = 8
@@ -288,12 +292,15 @@ class QATTrainer(FPTrainer):
         self._bnre_loader: Any = None
         self._repair_loaders: dict[str, Any] = {}  # "bn" (training split) and "calib"
         self.repair_seconds = 0.0  # wall time spent on the repair curves, for their cost
+        self._repairs_pending = False  # a validation ran whose repair curves are not scored yet
         self.initial_scales: dict[str, torch.Tensor] = {}  # learned scales at the start
         super().__init__(*args, **kwargs)
         self.add_callback("on_pretrain_routine_end", _install_ema)
         self.add_callback("on_pretrain_routine_end", _install_tracker)
         self.add_callback("on_pretrain_routine_end", _install_dampening)
         self.add_callback("on_pretrain_routine_end", _snapshot_scales)
+        # before any callback added later (the stage's epoch logger reads paired_metrics)
+        self.add_callback("on_fit_epoch_end", QATTrainer._score_repairs)
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         model = quantize_model(super().get_model(cfg=cfg, weights=weights, verbose=verbose), self.recipe)
@@ -349,11 +356,23 @@ class QATTrainer(FPTrainer):
             self.paired_metrics[val_group("live")] = _map_pair(metrics)
         if self.qat_settings.bn_reestimate > 0:
             self.paired_metrics[val_group(BNRE_PREFIX)] = self._validate_bnre()
-        if self.qat_settings.repair_curves:
-            t0 = time.perf_counter()
-            self.paired_metrics.update(self._validate_repairs())
-            self.repair_seconds += time.perf_counter() - t0
+        self._repairs_pending = bool(self.qat_settings.repair_curves)
         return metrics, fitness
+
+    def _score_repairs(self) -> None:
+        """The repair curves of a validated epoch, when ``qat.repair_every`` schedules them:
+        every k-th epoch and the epoch training stops at.  Run at ``on_fit_epoch_end``, before
+        the epoch logger, because only then is the stop known (the planned last epoch, early
+        stopping or the time limit all set ``self.stop`` after validation)."""
+        if not self._repairs_pending:
+            return
+        self._repairs_pending = False
+        epoch = int(self.epoch) + 1
+        if epoch % self.qat_settings.repair_every and not self.stop:
+            return
+        t0 = time.perf_counter()
+        self.paired_metrics.update(self._validate_repairs())
+        self.repair_seconds += time.perf_counter() - t0
 
     def _validate_repairs(self) -> dict[str, dict[str, float | None]]:
         """The repair curves of this epoch (train/repairs.py), on copies of the live and EMA
@@ -450,6 +469,7 @@ class QATTrainer(FPTrainer):
             row.update(self.tracker.epoch_summary())
         if self.freezer is not None:
             row[series(OSC, "frac_frozen")] = self.freezer.frac_frozen()
+            row[series(OSC, "freeze_threshold")] = self.freezer.last_threshold  # None: not freezing yet
         if self.dampening is not None:
             row.update(self.dampening.pop_stats())
         if self.initial_scales:
@@ -540,7 +560,16 @@ def _install_tracker(trainer: QATTrainer) -> None:
     if s.freeze_threshold > 0:
         from yoloqat.quant.freezing import WeightFreezer
 
-        trainer.freezer = WeightFreezer(trainer.tracker, s.freeze_threshold)
+        trainer.freezer = WeightFreezer(
+            trainer.tracker, s.freeze_threshold, s.freeze_threshold_end, s.freeze_anneal_start,
+            total_steps=optimizer_steps(trainer))
+
+
+def optimizer_steps(trainer: QATTrainer) -> int:
+    """The optimizer steps of the whole run: one per ``accumulate`` batches (Ultralytics' nominal
+    batch; during warm-up it steps more often, so the annealing ends a little early then)."""
+    per_epoch = math.ceil(len(trainer.train_loader) / max(int(trainer.accumulate), 1))
+    return int(trainer.epochs) * per_epoch
 
 
 def _install_dampening(trainer: QATTrainer) -> None:
@@ -553,5 +582,6 @@ def _install_dampening(trainer: QATTrainer) -> None:
     if getattr(model, "criterion", None) is None:
         model.criterion = model.init_criterion()
     total = int(trainer.epochs) * len(trainer.train_loader)
-    trainer.dampening = Dampening(model, s.dampening, ramp=s.dampening_ramp, total_steps=total)
+    trainer.dampening = Dampening(model, s.dampening, ramp=s.dampening_ramp, total_steps=total,
+                                  form=s.dampening_form)
     model.criterion = DampenedCriterion(model.criterion, trainer.dampening)
