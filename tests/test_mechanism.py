@@ -32,7 +32,10 @@ def _conv_bn_bn(eps: float = 0.25) -> nn.Sequential:
 
 # four pixel values over two one-image batches: channel 0 sees 0, 2, 1, 3 (mean 1.5, biased
 # variance 1.25); channel 1 sees twice that (mean 3, variance 5)
-IMAGES = [torch.tensor([0.0, 2.0]).reshape(1, 1, 1, 2), torch.tensor([1.0, 3.0]).reshape(1, 1, 1, 2)]
+IMAGES = [
+    torch.tensor([0.0, 2.0]).reshape(1, 1, 1, 2),
+    torch.tensor([1.0, 3.0]).reshape(1, 1, 1, 2),
+]
 
 
 def test_bn_mismatch_is_the_hand_computed_one_over_all_batches_in_eval_mode():
@@ -92,7 +95,10 @@ def test_bn_variance_floor_counts_channels_below_fp16_tiny():
     with torch.no_grad():
         bn.running_var.copy_(torch.tensor([2.0**-20, 2.0**-14, 2.0**-15, 1.0]))
     assert FP16_TINY == 2.0**-14
-    assert bn_variance_floor(nn.Sequential(bn)) == {"bn_var_min": 2.0**-20, "bn_var_below_fp16": 2.0}
+    assert bn_variance_floor(nn.Sequential(bn)) == {
+        "bn_var_min": 2.0**-20,
+        "bn_var_below_fp16": 2.0,
+    }
     assert bn_variance_floor(nn.Sequential(nn.Conv2d(1, 1, 1))) == {}
 
 
@@ -118,7 +124,9 @@ def test_weight_mechanism_clipped_fraction_and_scale_ratios_are_exact():
         convs = [q for _, q in quant_convs(model)]
         s = weight_scale(convs[0])
         # w / s: 7.4 and -7.2 round into the range (not clipped), 7.6, 8, -9, -20 are clipped
-        convs[0].weight.copy_((s * torch.tensor([0, 1, 7, 7.4, 7.6, 8, -9, -7.2, -20, 3.0])).reshape(1, 1, 1, 10))
+        convs[0].weight.copy_(
+            (s * torch.tensor([0, 1, 7, 7.4, 7.6, 8, -9, -7.2, -20, 3.0])).reshape(1, 1, 1, 10)
+        )
         for q in convs[1:]:
             q.weight.copy_(weight_scale(q) * torch.linspace(-7, 7, 10).reshape(1, 1, 1, 10))
     layers, summary = weight_mechanism(model, initial)
@@ -130,6 +138,10 @@ def test_weight_mechanism_clipped_fraction_and_scale_ratios_are_exact():
         "scale_ratio_median": 0.5,
         "scale_ratio_min": 0.25,
     }
+    # an EMA copy's parameters do not require gradients: its scales are found all the same
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert weight_mechanism(model, initial) == (layers, summary)
     # without a snapshot (max-abs, or a plain model) there is no ratio; a plain model has nothing
     assert set(weight_mechanism(model, {})[1]) == {"clipped_mean", "clipped_max"}
     assert weight_mechanism(nn.Sequential(nn.Conv2d(1, 1, 1)), {}) == ([], {})

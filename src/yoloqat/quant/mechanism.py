@@ -17,7 +17,8 @@ which repair works:
   (``|s| / |s_0|``, every scale value: one per tensor or per channel), and the fraction of
   weights the quantizer's clamp moves: ``|round(w / s)| > int_max``, ``s`` being the scale
   that sets the integers (:func:`~yoloqat.quant.convert.weight_scale`: for Brevitas' decoupled
-  quantizer its AbsMaxL2 pre-scale, which by construction clips nothing).
+  quantizer its AbsMaxL2 pre-scale, the RMS of the channel maxes, which clips every channel whose
+  max is above it).
 * **BN variance floor.**  The smallest running variance in the network and how many channels
   are below float16's smallest normal number (they underflow to subnormals under fp16 AMP).
 """

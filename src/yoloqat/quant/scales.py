@@ -71,14 +71,18 @@ def scale_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def scale_ratios(model: nn.Module, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``|s| / |s_initial|`` (float64, flat) of every learned scale named in ``initial``, by the
-    name of its quantized conv (one value per tensor or per channel)."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for name, q, p in scale_parameters(model):
-        if name in initial:
-            conv = name.split(".weight_quant.")[0]
-            ratio = p.detach().abs().double() / initial[name].abs().double().clamp_min(1e-30)
-            out.setdefault(conv, []).append(ratio.reshape(-1))
-    return {conv: torch.cat(parts) for conv, parts in out.items()}
+    name of its quantized conv (one value per tensor or per channel).  Matched by name, trainable
+    or not: an EMA copy's parameters do not require gradients."""
+    out: dict[str, torch.Tensor] = {}
+    for conv, q in quant_convs(model):
+        parts = [
+            p.detach().abs().double() / initial[key].abs().double().clamp_min(1e-30)
+            for pname, p in q.weight_quant.named_parameters()
+            if (key := f"{conv}.weight_quant.{pname}") in initial
+        ]
+        if parts:
+            out[conv] = torch.cat([r.reshape(-1) for r in parts])
+    return out
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from yoloqat.quant.convert import constant_quant_weights
 from yoloqat.quant.mechanism import (
     bn_mismatch,
     bn_variance_floor,
@@ -108,7 +109,9 @@ class MechanismProbe:
             self.layers.setdefault("quant", [q.name for q in quant_layers])
         for images in self.images:
             group = mechanism_group(model_name, images, bnre)
-            bn_layers = bn_mismatch(model, self._inputs(images, model))
+            # quantized once for all the batches: the weights do not change during the block
+            with torch.no_grad(), constant_quant_weights(model):
+                bn_layers = bn_mismatch(model, self._inputs(images, model))
             self.layers.setdefault("bn", [b.name for b in bn_layers])
             values, worst = mismatch_summary(bn_layers)
             if images == PLAIN:
@@ -117,14 +120,18 @@ class MechanismProbe:
             row.update({f"{group}/{k}": rounded(v) for k, v in values.items()})
             detail: dict[str, Any] = {k: rounded(v) for k, v in values.items()}
             detail.update(worst)
-            detail["bn_logvar"] = [rounded(b.logvar) for b in bn_layers]
-            detail["bn_mean_shift"] = [rounded(b.mean_shift) for b in bn_layers]
+            # per layer, in the order of the document's bn_layers / quant_layers
+            layers: dict[str, list[float | None]] = {
+                "bn_logvar": [rounded(b.logvar) for b in bn_layers],
+                "bn_mean_shift": [rounded(b.mean_shift) for b in bn_layers],
+            }
             if images == PLAIN and not bnre:
-                detail["clipped"] = [rounded(q.clipped) for q in quant_layers]
-                detail["scale_ratio_median"] = [
+                layers["clipped"] = [rounded(q.clipped) for q in quant_layers]
+                layers["scale_ratio_median"] = [
                     None if q.scale_ratio_median is None else rounded(q.scale_ratio_median)
                     for q in quant_layers
                 ]
+            detail["layers"] = layers
             record[group] = detail
         self.seconds += time.perf_counter() - t0
         return row
