@@ -118,3 +118,41 @@ def test_monitor_rejects_bad_counts_in_one_line(kwargs):
         add_qat_monitor(Target(), **kwargs)
     ((name, value),) = kwargs.items()
     assert str(err.value).startswith(f"add_qat_monitor: {name}={value!r} is not allowed")
+
+
+def test_augmented_draw_is_fixed_by_its_seed_and_leaves_the_random_state(tiny_dataset):
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.utils import DEFAULT_CFG
+
+    from yoloqat.train.mechanism import augmented_batches
+
+    data = check_det_dataset(str(tiny_dataset))
+    cfg = get_cfg(DEFAULT_CFG, {"imgsz": 64, "mosaic": 1.0})
+    trainer = SimpleNamespace(
+        data=data,
+        batch_size=4,
+        build_dataset=lambda path, mode, batch: build_yolo_dataset(
+            cfg, path, batch, data, mode=mode, stride=32
+        ),
+    )
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    first = augmented_batches(trainer, 2, seed=0)
+    assert random.getstate() == before[0]
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])
+    assert [(b.dtype, tuple(b.shape)) for b in first] == [(torch.uint8, (4, 3, 64, 64))] * 2
+    again = augmented_batches(trainer, 2, seed=0)
+    assert all(a.equal(b) for a, b in zip(first, again, strict=True))
+    assert not all(
+        a.equal(b) for a, b in zip(first, augmented_batches(trainer, 2, seed=1), strict=True)
+    )
