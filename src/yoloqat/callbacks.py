@@ -29,7 +29,6 @@ so the EMA keeps averaging what it would have without the monitor.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -45,6 +44,7 @@ from yoloqat.train.mechanism import (
     PLAIN,
     MechanismProbe,
     augmented_batches,
+    document_text,
     first_batches,
 )
 from yoloqat.train.rng import preserved_rng
@@ -144,7 +144,7 @@ class QATMonitor:
             writer.writeheader()
             writer.writerows(self.history)
         assert self.probe is not None
-        (save_dir / JSON_NAME).write_text(json.dumps(self.probe.document(), indent=1) + "\n")
+        (save_dir / JSON_NAME).write_text(document_text(self.probe.document()))
         live = _ultralytics_dvclive()
         if live is not None:
             for key, value in row.items():

@@ -93,10 +93,11 @@ def write_mechanism(probe: Any, batches: int) -> None:
     mechanism.csv (long-format plot data); both exist, empty, when the measurement is off."""
     import csv
 
-    from yoloqat.train.mechanism import CSV_COLUMNS
+    from yoloqat.train.mechanism import CSV_COLUMNS, document_text
 
     doc = {"mechanism_batches": batches, **(probe.document() if probe is not None else {"epochs": []})}
-    write_json(QAT_MECHANISM, doc)
+    QAT_MECHANISM.parent.mkdir(parents=True, exist_ok=True)
+    QAT_MECHANISM.write_text(document_text(doc))
     with QAT_MECHANISM_CSV.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()

@@ -25,6 +25,7 @@ The worst layers' names and every layer's values go to the per-epoch JSON
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,6 +81,15 @@ def augmented_batches(trainer: Any, batches: int, seed: int) -> list[torch.Tenso
             items = [dataset[order[(b * batch + i) % len(order)]] for i in range(batch)]
             out.append(dataset.collate_fn(items)["img"].cpu().clone())
     return out
+
+
+def document_text(doc: dict[str, Any]) -> str:
+    """:meth:`MechanismProbe.document` as JSON with one line per key and per epoch (an epoch of
+    yolov10n is ~13 kB on one line; indented, the file would be ~2.5x larger)."""
+    head = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items() if k != "epochs"]
+    epochs = ",\n".join(f"  {json.dumps(e)}" for e in doc.get("epochs", []))
+    epochs = f"[\n{epochs}\n ]" if epochs else "[]"
+    return "{\n" + ",\n".join([*head, f' "epochs": {epochs}']) + "\n}\n"
 
 
 @dataclass
