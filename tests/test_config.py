@@ -388,3 +388,29 @@ def test_remedy_defaults_leave_dampening_and_freezing_off_and_repairs_every_epoc
     # the threshold may equal the start (annealing to a constant after a delay)
     assert load_config(write_params(tmp_path, qat__freeze_threshold=0.1,
                                     qat__freeze_threshold_end=0.1)).qat.freeze_threshold_end == 0.1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "two", True])
+def test_mechanism_batches_is_a_count_of_batches_in_one_line(tmp_path, bad):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_params(tmp_path, qat__mechanism_batches=bad))
+    assert str(err.value) == (
+        f"params: qat.mechanism_batches={bad!r} is not allowed; expected an integer >= 0")
+
+
+def test_mechanism_is_off_by_default_and_on_in_collapse_cpu(tmp_path):
+    assert load_config(REPO / "params.yaml").qat.mechanism_batches == 0
+    assert load_config(write_params(tmp_path, preset="collapse_cpu")).qat.mechanism_batches == 2
+    assert load_config(write_params(tmp_path, qat__mechanism_batches=3)).qat.mechanism_batches == 3
+
+
+def test_qat_stage_rejects_a_negative_mechanism_batch_count_in_one_line(tmp_path):
+    path = write_params(tmp_path, qat__mechanism_batches=-2)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "qat.py"), "--params", str(path)],
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines == ["qat: error: params: qat.mechanism_batches=-2 is not allowed; expected an integer >= 0"]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "models").exists()

@@ -31,7 +31,7 @@ PKG = SRC / "yoloqat"
 # what each layer may import (a module may always import its own package)
 LAYERS = {
     "base": {"config", "errors", "paths", "numbers", "offline", "provenance"},
-    "algorithms": {"data", "quant", "train", "deploy", "curves"},
+    "algorithms": {"data", "quant", "train", "deploy", "curves", "callbacks"},
     "pipeline": {"pipeline"},
     "tools": {"analysis", "cli"},
 }

@@ -261,9 +261,10 @@ def test_bn_momentum_setting_reaches_every_batchnorm_of_the_qat_model(monkeypatc
 
 def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_models(qat_repo):
     """qat.repair_curves scores BN re-estimation, QC and both on copies of the live and EMA
-    models every epoch: training (losses, oscillation statistics, the plain curves, the saved
-    weights) is bit-identical to a run without them, and the six curves and their summary and
-    verdict keys appear."""
+    models every epoch, and qat.mechanism_batches measures the mechanism of both models and of
+    the EMA's BN-re-estimated copy: training (losses, oscillation statistics, the plain curves,
+    the saved weights) is bit-identical to a run without them, and the six curves and their
+    summary and verdict keys appear, as do the mechanism series and files."""
     from yoloqat.quant.checkpoint import load_qat_checkpoint
 
     base = {"epochs": 2, "batch": 8, "init": "scratch"}
@@ -272,8 +273,13 @@ def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_mod
     plain = _run_qat_stage(qat_repo, {"qat": base})
     plain_tsv = {n: _tsv(qat_repo, n).splitlines()[1:] for n in names}
     plain_sd = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")[0].state_dict()
+    assert json.loads((qat_repo / "results/qat/mechanism.json").read_text()) == {
+        "mechanism_batches": 0, "epochs": []}
+    assert (qat_repo / "results/qat/mechanism.csv").read_text().splitlines() == [
+        "epoch,series,bn_logvar_mean,bn_mean_shift_mean"]
+    assert "mechanism_seconds" not in plain
     repaired = _run_qat_stage(qat_repo, {"qat": {**base, "repair_curves": ["bnre", "qc", "bnre_qc"],
-                                                 "repair_bn_batches": 2},
+                                                 "repair_bn_batches": 2, "mechanism_batches": 1},
                                          "correction": {"min_steps": 2}})
     for n in names:
         assert _tsv(qat_repo, n).splitlines()[1:] == plain_tsv[n], n
@@ -289,6 +295,7 @@ def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_mod
     assert 0 < repaired["repair_seconds"] < repaired["seconds"] and repaired["repair_time_ratio"] > 1
     assert "repair_seconds" not in plain
     assert not (qat_repo / "results/qat/plots/metrics/val_live_qc_bnre").exists()
+    _check_mechanism_outputs(qat_repo, repaired)
 
 
 @pytest.mark.parametrize(("every", "stop_at", "scored"), [
@@ -316,3 +323,34 @@ def test_repair_curves_are_scored_every_kth_epoch_and_when_training_stops(every,
     assert seen == scored
     trainer._score_repairs()  # no validation since: nothing scored twice
     assert seen == scored
+
+
+
+
+def _check_mechanism_outputs(repo, summary):
+    """What qat.mechanism_batches=1 leaves after 2 epochs of a yolov10n with max-abs scales."""
+    groups = {"mech_live": 10 - 2, "mech_ema": 10 - 2, "mech_live_aug": 4, "mech_ema_aug": 4,
+              "mech_ema_bnre": 6, "mech_ema_bnre_aug": 4}  # max-abs: no scale-ratio series
+    metrics = repo / "results/qat/plots/metrics"
+    for group, count in groups.items():
+        series = sorted(p.stem for p in (metrics / group).glob("*.tsv"))
+        assert len(series) == count, (group, series)
+        for name in series:
+            assert len(_tsv(repo, f"{group}/{name}.tsv").splitlines()[1:]) == 2, (group, name)
+    assert not (metrics / "mech_live_bnre").exists()  # only the deployed (EMA) model's copy
+    assert float(_tsv(repo, "mech_ema/clipped_max.tsv").splitlines()[-1].split("\t")[-1]) == 0.0
+    doc = json.loads((repo / "results/qat/mechanism.json").read_text())
+    assert doc["mechanism_batches"] == 1 and doc["batches"] == {"plain": 1, "aug": 1}
+    assert doc["images_per_set"] == {"plain": 8, "aug": 8}
+    assert len(doc["quant_layers"]) == 107 and len(doc["bn_layers"]) > 50
+    assert [e["epoch"] for e in doc["epochs"]] == [1, 2]
+    for epoch in doc["epochs"]:
+        assert set(epoch["sets"]) == set(groups)
+        ema = epoch["sets"]["mech_ema"]
+        assert ema["bn_logvar_worst_layer"] in doc["bn_layers"]
+        assert max(ema["layers"]["bn_logvar"]) == ema["bn_logvar_worst"]
+        assert len(ema["layers"]["clipped"]) == 107
+        assert ema["layers"]["scale_ratio_median"] == [None] * 107  # max-abs: no learned scale
+    rows = (repo / "results/qat/mechanism.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(groups)
+    assert 0 < summary["mechanism_seconds"] < summary["seconds"]

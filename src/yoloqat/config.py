@@ -264,6 +264,10 @@ class QATConfig:
     repair_curves: tuple[str, ...] = ()
     repair_bn_batches: int = 50  # training batches each repair's BN re-estimation uses (Nagel: ~50)
     repair_every: int = 1  # score the repair curves every k-th epoch (and the last); >= 1
+    # The collapse's mechanism measured every epoch on the live and EMA models (BN statistics
+    # mismatch, learned-scale shrink, clipping; train/mechanism.py): batches of each of its two
+    # fixed image sets; 0 = off.
+    mechanism_batches: int = 0
     # Ultralytics' nominal batch: gradients accumulate over round(nbs / batch) batches per
     # optimizer step.  None: nbs = batch, one step per batch (the reference run's stock
     # Ultralytics used 64, i.e. two batches of 32 per step).
@@ -493,6 +497,8 @@ def _qat(raw: dict[str, Any], root: Path) -> QATConfig:
         repair_bn_batches=_int(
             "qat.repair_bn_batches", b.get("repair_bn_batches", d.repair_bn_batches), 1),
         repair_every=_int("qat.repair_every", b.get("repair_every", d.repair_every), 1),
+        mechanism_batches=_int(
+            "qat.mechanism_batches", b.get("mechanism_batches", d.mechanism_batches), 0),
     )
 
 

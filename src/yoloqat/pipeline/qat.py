@@ -26,6 +26,8 @@ from yoloqat.paths import (
     QAT_DIR,
     QAT_LAST_STEM,
     QAT_LAYER_CSV,
+    QAT_MECHANISM,
+    QAT_MECHANISM_CSV,
     QAT_RESULTS,
 )
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
@@ -118,6 +120,22 @@ def repair_summary(cfg: Config, logger: EpochLogger) -> dict[str, Any]:
     return out
 
 
+def write_mechanism(probe: Any, batches: int) -> None:
+    """results/qat/mechanism.json (every epoch's per-layer detail and worst layers) and
+    mechanism.csv (long-format plot data); both exist, empty, when the measurement is off."""
+    import csv
+
+    from yoloqat.train.mechanism import CSV_COLUMNS, document_text
+
+    doc = {"mechanism_batches": batches, **(probe.document() if probe is not None else {"epochs": []})}
+    QAT_MECHANISM.parent.mkdir(parents=True, exist_ok=True)
+    QAT_MECHANISM.write_text(document_text(doc))
+    with QAT_MECHANISM_CSV.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(probe.csv_rows() if probe is not None else [])
+
+
 def train_qat(cfg: Config) -> dict[str, Any]:
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
@@ -141,6 +159,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         repair_curves=cfg.qat.repair_curves, repair_bn_batches=cfg.qat.repair_bn_batches,
         repair_every=cfg.qat.repair_every, qc_lr=cfg.correction.lr, qc_epochs=cfg.correction.epochs, qc_batch=cfg.correction.batch,
         qc_min_steps=cfg.correction.min_steps, qc_head=cfg.correction.head,
+        mechanism_batches=cfg.qat.mechanism_batches,
     )
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
@@ -161,6 +180,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     QAT_LAYER_CSV.parent.mkdir(parents=True, exist_ok=True)
     if tracker is not None:
         tracker.write_layer_csv(QAT_LAYER_CSV)
+    write_mechanism(trainer.mechanism, cfg.qat.mechanism_batches)
     steps = int(trainer.ema.updates) if trainer.ema is not None else 0
     curve = logger.curve()
     curve50 = logger.curve(PRIMARY_MAP50)
@@ -191,6 +211,8 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         summary["repair_seconds"] = round(trainer.repair_seconds, 1)
         rest = summary["seconds"] - summary["repair_seconds"]
         summary["repair_time_ratio"] = round(summary["seconds"] / rest, 2) if rest > 0 else None
+    if trainer.mechanism is not None:
+        summary["mechanism_seconds"] = round(trainer.mechanism.seconds, 1)
     logger.finish(summary)
     write_json(
         QAT_DIR / "metadata.json",

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import time
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -31,6 +29,7 @@ from yoloqat.curves.keys import BNRE_PREFIX, MAP, MAP50, OSC, series, val_group
 from yoloqat.numbers import finite_or_none
 from yoloqat.quant.convert import QuantRecipe, quantize_model, set_fake_quant_mode
 from yoloqat.quant.ema import make_ema
+from yoloqat.train.rng import preserved_rng
 
 SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
 
@@ -70,6 +69,8 @@ class QATSettings:
     qc_batch: int = 8
     qc_min_steps: int = 48
     qc_head: bool = True
+    # the collapse's mechanism measured every epoch (train/mechanism.py): batches per image set
+    mechanism_batches: int = 0
 
     def to_env(self) -> None:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
@@ -212,21 +213,6 @@ def _install_ema(trainer: Any) -> None:
     trainer.ema = make_ema(trainer.model, enabled=s.ema, decay=s.ema_decay, tau=s.ema_tau)
 
 
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Run a block without moving Python's, NumPy's or torch's (CPU and CUDA) random state."""
-    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
 def _map_pair(metrics: dict[str, Any]) -> dict[str, float | None]:
     return {
         MAP: finite_or_none(metrics.get(f"metrics/{MAP}(B)")),
@@ -294,6 +280,8 @@ class QATTrainer(FPTrainer):
         self.repair_seconds = 0.0  # wall time spent on the repair curves, for their cost
         self._repairs_pending = False  # a validation ran whose repair curves are not scored yet
         self.initial_scales: dict[str, torch.Tensor] = {}  # learned scales at the start
+        self.mechanism: Any = None  # train.mechanism.MechanismProbe, built at the first validation
+        self.mechanism_row: dict[str, float] = {}  # this epoch's mechanism series
         super().__init__(*args, **kwargs)
         self.add_callback("on_pretrain_routine_end", _install_ema)
         self.add_callback("on_pretrain_routine_end", _install_tracker)
@@ -347,6 +335,7 @@ class QATTrainer(FPTrainer):
     def validate(self) -> tuple[Any, Any]:
         metrics, fitness = super().validate()
         self.paired_metrics = {}
+        self.mechanism_row = {}
         if metrics is None:
             return metrics, fitness
         if self.qat_settings.ema:
@@ -356,6 +345,8 @@ class QATTrainer(FPTrainer):
             self.paired_metrics[val_group("live")] = _map_pair(metrics)
         if self.qat_settings.bn_reestimate > 0:
             self.paired_metrics[val_group(BNRE_PREFIX)] = self._validate_bnre()
+        if self.qat_settings.mechanism_batches > 0 and RANK in {-1, 0}:
+            self.mechanism_row = self._measure_mechanism()
         self._repairs_pending = bool(self.qat_settings.repair_curves)
         return metrics, fitness
 
@@ -371,8 +362,47 @@ class QATTrainer(FPTrainer):
         if epoch % self.qat_settings.repair_every and not self.stop:
             return
         t0 = time.perf_counter()
+        measured = self.mechanism.seconds if self.mechanism is not None else 0.0
         self.paired_metrics.update(self._validate_repairs())
-        self.repair_seconds += time.perf_counter() - t0
+        # the BN-re-estimated copy's mechanism is measured inside; its time is the probe's
+        measured = (self.mechanism.seconds if self.mechanism is not None else 0.0) - measured
+        self.repair_seconds += time.perf_counter() - t0 - measured
+
+    def _measure_models(self) -> dict[str, nn.Module]:
+        models = {"live": unwrap_model(self.model)}
+        if self.qat_settings.ema:
+            models["ema"] = self.ema.ema
+        return models
+
+    def _measure_mechanism(self) -> dict[str, float]:
+        """This epoch's mechanism series of the live and EMA models (train/mechanism.py), with
+        the random state restored: training is unchanged."""
+        from yoloqat.train.mechanism import (
+            AUGMENTED,
+            PLAIN,
+            MechanismProbe,
+            augmented_batches,
+            first_batches,
+        )
+
+        n = self.qat_settings.mechanism_batches
+        row: dict[str, float] = {}
+        with preserved_rng():
+            if self.mechanism is None:
+                self.mechanism = MechanismProbe(
+                    images={PLAIN: first_batches(self._repair_loader("train", int(self.batch_size)), n),
+                            AUGMENTED: augmented_batches(self, n, seed=int(self.args.seed))},
+                    initial_scales=self.initial_scales, device=self.device)
+            for name, model in self._measure_models().items():
+                row.update(self.mechanism.measure(self.epoch + 1, name, model))
+        return row
+
+    def _measure_bnre_copy(self, name: str, model: nn.Module) -> None:
+        """The mechanism of the deployed model's BN-re-estimated repair copy (called by
+        score_repairs, inside its preserved random state)."""
+        deployed = "ema" if self.qat_settings.ema else "live"
+        if self.mechanism is not None and name == deployed:
+            self.mechanism_row.update(self.mechanism.measure(self.epoch + 1, name, model, bnre=True))
 
     def _validate_repairs(self) -> dict[str, dict[str, float | None]]:
         """The repair curves of this epoch (train/repairs.py), on copies of the live and EMA
@@ -383,13 +413,11 @@ class QATTrainer(FPTrainer):
         plan = RepairPlan(repairs=tuple(s.repair_curves), bn_batches=s.repair_bn_batches,
                           qc_lr=s.qc_lr, qc_steps_min=s.qc_min_steps, qc_epochs=s.qc_epochs,
                           qc_head=s.qc_head)
-        models = {"live": unwrap_model(self.model)}
-        if s.ema:
-            models["ema"] = self.ema.ema
+        inspect = self._measure_bnre_copy if self.mechanism is not None else None
         with preserved_rng():
-            return score_repairs(models, plan, self._repair_bn_images,
+            return score_repairs(self._measure_models(), plan, self._repair_bn_images,
                                  lambda: self._repair_loader("calib", s.qc_batch),
-                                 self._score_copy, self.device)
+                                 self._score_copy, self.device, inspect_bnre=inspect)
 
     def _repair_loader(self, split: str, batch: int) -> Any:
         """An augmentation-free, fixed-order loader over ``split``, rewound on every call so that
@@ -476,6 +504,7 @@ class QATTrainer(FPTrainer):
             from yoloqat.quant.scales import scale_ratio_stats
 
             row.update(scale_ratio_stats(unwrap_model(self.model), self.initial_scales))
+        row.update(self.mechanism_row)
         return row
 
     def save_model(self) -> bool:
