@@ -312,7 +312,7 @@ def test_repair_curves_are_scored_every_kth_epoch_and_when_training_stops(every,
     trainer = QATTrainer.__new__(QATTrainer)  # the scheduling alone, without a model or data
     trainer.qat_settings = QATSettings(recipe={}, ema=True, ema_decay=0.9, ema_tau=1.0, track_every=1,
                                        out_dir=".", repair_curves=("qc",), repair_every=every)
-    trainer.repair_seconds, trainer.paired_metrics = 0.0, {}
+    trainer.repair_seconds, trainer.paired_metrics, trainer.mechanism = 0.0, {}, None
     seen = []
     trainer._validate_repairs = lambda: seen.append(trainer.epoch + 1) or {"val_ema_qc": {}}
     for epoch in range(stop_at):
