@@ -19,20 +19,47 @@ export GIT_AUTHOR_EMAIL ?= yoloqat@localhost
 export GIT_COMMITTER_EMAIL ?= yoloqat@localhost
 endif
 
-.PHONY: setup repo run pipeline test lint bench gpu-check demo-collapse clean-results
+.PHONY: setup lock dvc-yaml repo run pipeline test lint bench gpu-check demo-collapse clean-results
 
 setup: $(STAMP)
 
+# The pinned dependency set `make setup` installs (every package, version and file hash), one
+# per set of extras make uses; `make lock` writes them from pyproject.toml (see there).
+LOCK := locks/cpu-dev.txt
+OPENVINO_LOCK := locks/cpu-dev-openvino.txt
+
 # TORCH_INDEX: an extra wheel index for torch, e.g. PyTorch's CPU-only one
 # (https://download.pytorch.org/whl/cpu), which makes .venv several GB smaller; default: none.
+# The lock pins PyPI's torch (with its CUDA libraries), so TORCH_INDEX installs unlocked.
 TORCH_INDEX ?=
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "make: installing the project and its dependencies into $(VENV) (a few minutes; torch is large)"
-	$(PY) -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[cpu,dev]'
+ifeq ($(TORCH_INDEX),)
+	$(PY) -m pip install -r $(LOCK)
+	$(PY) -m pip install --no-deps -e .
+else
+	$(PY) -m pip install --extra-index-url $(TORCH_INDEX) -e '.[cpu,dev]'
+endif
 	@touch $@
+
+# Rewrites the locks from pyproject.toml with uv (installed into $(VENV) on first use), for every
+# platform and Python that requires-python admits. Versions already in a lock are kept unless
+# pyproject.toml excludes them: `make lock LOCK_ARGS=--upgrade` moves everything to the newest
+# release, `LOCK_ARGS='--upgrade-package dvc'` one package. The OpenVINO lock is the same set
+# plus openvino (constrained by the first lock).
+PYTHON_MIN := $(shell sed -n 's/^requires-python = ">=\([0-9.]*\).*/\1/p' pyproject.toml)
+UV_COMPILE = $(PY) -m uv pip compile pyproject.toml --quiet --universal --python-version $(PYTHON_MIN) \
+	--generate-hashes --custom-compile-command "make lock" $(LOCK_ARGS)
+LOCK_ARGS ?=
+
+lock:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install --quiet 'uv>=0.9,<1'
+	$(UV_COMPILE) --extra cpu --extra dev -o $(LOCK)
+	$(UV_COMPILE) --extra cpu --extra dev --extra openvino -c $(LOCK) -o $(OPENVINO_LOCK)
 
 # dvc exp run needs a git repository with at least one commit and an initialised DVC.
 repo:
@@ -51,8 +78,8 @@ pipeline:
 # skip (the stamp is only written on success, so the next `make test` tries again).
 OPENVINO_STAMP := $(VENV)/.yoloqat-openvino
 
-$(OPENVINO_STAMP): $(STAMP)
-	@$(PY) -m pip install --quiet -e '.[openvino]' && touch $@ \
+$(OPENVINO_STAMP): $(STAMP) $(OPENVINO_LOCK)
+	@$(PY) -m pip install --quiet -r $(OPENVINO_LOCK) && touch $@ \
 	  || echo "make: OpenVINO could not be installed; its tests will be skipped"
 
 # One pytest worker per CPU (pytest-xdist), each on one thread, a test file per worker (its
@@ -63,7 +90,12 @@ test: setup $(OPENVINO_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check src stages tests benchmarks
+	$(VENV)/bin/ruff check src stages tests benchmarks tools
+
+# dvc.yaml's source deps from the stages' imports, after adding, removing or moving an import
+# (tests/test_layout.py fails and names this command when they differ).
+dvc-yaml: setup
+	$(PY) tools/dvc_deps.py
 
 bench: setup
 	$(PY) benchmarks/qat_step_time.py

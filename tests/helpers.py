@@ -94,3 +94,27 @@ def write_ladder_params(folder: Path) -> Path:
     path.write_text(yaml.safe_dump({"qat": {"bits": 4, "init": "fp"},
                                     "ladder": {"min_seeds": 3, "seeds": [0, 1, 2]}}))
     return path
+
+
+def committed_params_text() -> str:
+    """params.yaml as committed at HEAD (the file itself outside a git checkout).
+
+    ``dvc exp run`` and ``dvc exp apply`` leave an experiment's values in the workspace's
+    params.yaml (rewritten in DVC's YAML style); the tests about the project's defaults read
+    this instead, so ``make test`` passes right after an experiment."""
+    res = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    return res.stdout if res.returncode == 0 else (REPO / "params.yaml").read_text()
+
+
+def committed_params() -> dict[str, Any]:
+    return yaml.safe_load(committed_params_text())
+
+
+def committed_params_file(folder: Path) -> Path:
+    """:func:`committed_params_text` written to ``folder/params.yaml`` (comments and layout kept)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(committed_params_text())
+    return path

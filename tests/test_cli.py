@@ -41,7 +41,7 @@ def test_judge_table_and_json(tmp_path, capsys):
 
 
 def test_judge_error_is_one_line_exit_2(tmp_path, capsys):
-    assert main(["judge", str(tmp_path / "nope.tsv")]) == 2
+    assert main(["judge", str(tmp_path / "nope.tsv"), "--params", str(tmp_path / "none.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("yoloqat judge: error:") and err.count("\n") == 1
 

@@ -342,3 +342,75 @@ def test_qat_nbs_accumulates_to_a_nominal_batch_never_below_the_batch(tmp_path):
         load_config(write_params(tmp_path, qat__nbs=4))  # batch 8
     assert str(err.value) == ("params: qat.nbs=4 is not allowed; expected null or an integer >= "
                               "qat.batch (8)")
+
+
+REMEDY_ERRORS = [
+    ({"qat__dampening_form": "bins"},
+     "params: qat.dampening_form='bins' is not allowed; expected one of weight | scale"),
+    ({"qat__freeze_threshold": 0.1, "qat__freeze_threshold_end": 0.2},
+     ("params: qat.freeze_threshold_end=0.2 is not allowed; expected null or a number in "
+     "(0, qat.freeze_threshold] = (0, 0.1]")),
+    ({"qat__freeze_threshold": 0.1, "qat__freeze_threshold_end": 0},
+     ("params: qat.freeze_threshold_end=0 is not allowed; expected null or a number in "
+     "(0, qat.freeze_threshold] = (0, 0.1]")),
+    ({"qat__freeze_threshold": 0.1, "qat__freeze_threshold_end": "low"},
+     ("params: qat.freeze_threshold_end='low' is not allowed; expected null or a number in "
+     "(0, qat.freeze_threshold] = (0, 0.1]")),
+    ({"qat__freeze_threshold_end": 0.02},  # freezing off: nothing to anneal
+     ("params: qat.freeze_threshold_end=0.02 is not allowed; expected null unless "
+     "qat.freeze_threshold > 0 (it anneals that threshold)")),
+    ({"qat__freeze_threshold": 0.1, "qat__freeze_anneal_start": 0.5},  # without an end: a no-op
+     ("params: qat.freeze_anneal_start=0.5 is not allowed; expected 0.25 unless "
+     "qat.freeze_threshold_end is set (it starts the annealing)")),
+    ({"qat__freeze_threshold": 0.1, "qat__freeze_threshold_end": 0.03, "qat__freeze_anneal_start": 1.0},
+     "params: qat.freeze_anneal_start=1.0 is not allowed; expected a finite number in [0.0, 1.0)"),
+    ({"qat__repair_every": 0}, "params: qat.repair_every=0 is not allowed; expected an integer >= 1"),
+    ({"qat__repair_every": 2.5}, "params: qat.repair_every=2.5 is not allowed; expected an integer >= 1"),
+    ({"qat__repair_every": True}, "params: qat.repair_every=True is not allowed; expected an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), REMEDY_ERRORS)
+def test_remedy_settings_reject_impossible_values_in_one_line(tmp_path, change, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_params(tmp_path, **change))
+    assert str(err.value) == message
+
+
+def test_remedy_defaults_leave_dampening_and_freezing_off_and_repairs_every_epoch(tmp_path):
+    q = load_config(write_params(tmp_path)).qat
+    assert (q.dampening, q.dampening_form, q.freeze_threshold, q.freeze_threshold_end) == (0.0, "weight", 0.0, None)
+    assert (q.freeze_anneal_start, q.repair_every) == (0.25, 1)
+    q = load_config(write_params(tmp_path, qat__freeze_threshold=0.1, qat__freeze_threshold_end="3e-2",
+                                 qat__freeze_anneal_start=0, qat__dampening_form="scale",
+                                 qat__repair_every=5)).qat
+    assert (q.freeze_threshold_end, q.freeze_anneal_start, q.dampening_form, q.repair_every) == (0.03, 0.0, "scale", 5)
+    # the threshold may equal the start (annealing to a constant after a delay)
+    assert load_config(write_params(tmp_path, qat__freeze_threshold=0.1,
+                                    qat__freeze_threshold_end=0.1)).qat.freeze_threshold_end == 0.1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "two", True])
+def test_mechanism_batches_is_a_count_of_batches_in_one_line(tmp_path, bad):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_params(tmp_path, qat__mechanism_batches=bad))
+    assert str(err.value) == (
+        f"params: qat.mechanism_batches={bad!r} is not allowed; expected an integer >= 0")
+
+
+def test_mechanism_is_off_by_default_and_on_in_collapse_cpu(tmp_path):
+    assert load_config(write_params(tmp_path)).qat.mechanism_batches == 0
+    assert load_config(write_params(tmp_path, preset="collapse_cpu")).qat.mechanism_batches == 2
+    assert load_config(write_params(tmp_path, qat__mechanism_batches=3)).qat.mechanism_batches == 3
+
+
+def test_qat_stage_rejects_a_negative_mechanism_batch_count_in_one_line(tmp_path):
+    path = write_params(tmp_path, qat__mechanism_batches=-2)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "qat.py"), "--params", str(path)],
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines == ["qat: error: params: qat.mechanism_batches=-2 is not allowed; expected an integer >= 0"]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "models").exists()

@@ -258,3 +258,14 @@ def test_remedies_rows_pair_each_variant_with_the_first_live_row_by_seed():
         "| 0.125/0.250 | - |" in text
     assert "| BN re-est. | 0/0 | - | - | - | - | - | - | - |" in text
     assert max(len(line) for line in text.splitlines()[:5]) <= 160
+
+
+def test_endpoints_of_a_thinned_curve_use_its_scored_epochs():
+    # repair_every=2 over 8 epochs: scored 2, 4, 6, 8; the AUC after 3 warm-up epochs is the
+    # mean of the scored epochs 4, 6, 8
+    nan = math.nan
+    e = endpoints([nan, 0.2, nan, 0.28, nan, 0.01, nan, 0.012], skip=3)
+    assert (e.epochs, e.diverged, e.best, e.best_epoch, e.final) == (8, False, 0.28, 4, 0.012)
+    assert e.drawdown == 0.28 - 0.01
+    assert e.auc == math.fsum([0.28, 0.01, 0.012]) / 3
+    assert endpoints([nan, 0.2, nan, 0.28, nan, 0.01, nan, nan]).diverged  # the last is missing

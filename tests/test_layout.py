@@ -1,7 +1,7 @@
 """The house rules: layers import one way, dvc.yaml deps match imports, paths and defaults once.
 
-Imports are read statically (every ``import``/``from`` anywhere in a module, function-level
-ones included), so a lazy import inside a function counts like a top-level one.
+Imports are read statically (tools/dvc_deps.py, which also writes dvc.yaml's source deps), so a
+lazy import inside a function counts like a top-level one.
 """
 
 from __future__ import annotations
@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, committed_params, committed_params_file
+from tools.dvc_deps import (
+    FIX_COMMAND,
+    SOURCE_PREFIXES,
+    all_modules,
+    closure,
+    imports_of,
+    source_deps,
+)
 from yoloqat import paths
 from yoloqat.config import Config, load_config
 
@@ -23,7 +31,7 @@ PKG = SRC / "yoloqat"
 # what each layer may import (a module may always import its own package)
 LAYERS = {
     "base": {"config", "errors", "paths", "numbers", "offline", "provenance"},
-    "algorithms": {"data", "quant", "train", "deploy", "curves"},
+    "algorithms": {"data", "quant", "train", "deploy", "curves", "callbacks"},
     "pipeline": {"pipeline"},
     "tools": {"analysis", "cli"},
 }
@@ -36,61 +44,6 @@ def layer_of(module: str) -> str:
         if top in members:
             return name
     return "base"  # yoloqat/__init__.py
-
-
-def module_name(path: Path) -> str:
-    rel = path.relative_to(SRC).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def module_file(module: str) -> Path:
-    base = SRC.joinpath(*module.split("."))
-    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
-
-
-def all_modules() -> dict[str, Path]:
-    return {module_name(p): p for p in PKG.rglob("*.py")}
-
-
-def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
-    """The yoloqat modules a file imports (resolving relative imports and ``from pkg import mod``)."""
-    tree = ast.parse(path.read_text())
-    here = module_name(path) if path.is_relative_to(SRC) else ""
-    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[: len(anchor) - (node.level - 1)]
-                base = ".".join([*anchor, base] if base else anchor)
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        for n in names:
-            if n in modules:
-                found.add(n)
-    return found
-
-
-def closure(start: Path, modules: dict[str, Path]) -> set[str]:
-    """Every yoloqat module that running ``start`` can import, with the packages they live in."""
-    todo, seen = list(imports_of(start, modules)), set()
-    while todo:
-        m = todo.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        parts = m.split(".")
-        parents = {".".join(parts[:i]) for i in range(1, len(parts))} & set(modules)
-        todo += [p for p in parents if p not in seen]
-        todo += [i for i in imports_of(modules[m], modules) if i not in seen]
-    return seen
 
 
 MODULES = all_modules()
@@ -122,7 +75,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in graph[m]:
             if state.get(d) == 1:
-                pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(d):], d]))
+                pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(d) :], d]))
             if d not in state:
                 visit(d, [*stack, d])
         state[m] = 2
@@ -149,10 +102,18 @@ def test_dvc_deps_cover_exactly_the_imported_sources(stage):
     assert script.relative_to(REPO).as_posix() in deps, f"{stage}: its script is not a dep"
     used = {MODULES[m] for m in closure(script, MODULES)}
     missing = sorted(p.relative_to(REPO).as_posix() for p in used if not _covered(p, deps))
-    assert not missing, f"{stage}: dvc.yaml deps miss imported sources {missing}"
+    assert not missing, (
+        f"{stage}: dvc.yaml deps miss imported sources {missing}; run `{FIX_COMMAND}`"
+    )
     src_deps = [d for d in deps if d.startswith("src/")]
     unused = [d for d in src_deps if not any(_covered(p, [d]) for p in used)]
-    assert not unused, f"{stage}: dvc.yaml deps name sources the stage never imports {unused}"
+    assert not unused, (
+        f"{stage}: dvc.yaml deps name sources the stage never imports {unused}; run `{FIX_COMMAND}`"
+    )
+    written = [d for d in deps if d.startswith(SOURCE_PREFIXES)]
+    assert written == source_deps(script, MODULES), (
+        f"{stage}: dvc.yaml's source deps are not the ones `{FIX_COMMAND}` writes; run it"
+    )
 
 
 def test_every_artifact_path_is_a_declared_output_or_inside_one():
@@ -161,17 +122,29 @@ def test_every_artifact_path_is_a_declared_output_or_inside_one():
         for key in ("outs", "metrics", "plots"):
             for entry in spec.get(key, []):
                 declared.append(next(iter(entry)) if isinstance(entry, dict) else entry)
-    for name in ("DATASET_DIR", "FP_DIR", "FP_RESULTS", "FP_CONTROL_DIR", "FP_CONTROL_RESULTS",
-                 "VERDICT_CURVES", "QAT_DIR", "QAT_RESULTS", "QC_DIR",
-                 "QC_RESULTS", "ONNX_DIR", "EXPORT_RESULTS", "EVALUATE_RESULTS",
-                 "VERDICT_RESULTS"):
+    for name in (
+        "DATASET_DIR",
+        "FP_DIR",
+        "FP_RESULTS",
+        "FP_CONTROL_DIR",
+        "FP_CONTROL_RESULTS",
+        "VERDICT_CURVES",
+        "QAT_DIR",
+        "QAT_RESULTS",
+        "QC_DIR",
+        "QC_RESULTS",
+        "ONNX_DIR",
+        "EXPORT_RESULTS",
+        "EVALUATE_RESULTS",
+        "VERDICT_RESULTS",
+    ):
         p = getattr(paths, name).as_posix()
         assert any(d == p or d.startswith(p + "/") or p.startswith(d + "/") for d in declared), name
 
 
-def test_dataclass_defaults_equal_params_yaml():
+def test_dataclass_defaults_equal_params_yaml(tmp_path):
     """params.yaml is the source of the pipeline's defaults; Config() must not disagree."""
-    from_file = load_config(REPO / "params.yaml").as_dict()
+    from_file = load_config(committed_params_file(tmp_path)).as_dict()
     defaults = Config().as_dict()
     diffs = {}
     for section, values in from_file.items():
@@ -181,11 +154,11 @@ def test_dataclass_defaults_equal_params_yaml():
                     diffs[f"{section}.{k}"] = (defaults[section][k], v)
         elif defaults[section] != values:
             diffs[section] = (defaults[section], values)
-    assert not diffs, f"Config() defaults differ from params.yaml (default, file): {diffs}"
+    assert not diffs, f"Config() defaults differ from params.yaml at HEAD (default, file): {diffs}"
 
 
 def test_params_yaml_names_every_config_key():
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = committed_params()
     for f in dataclasses.fields(Config):
         if f.name == "root":
             continue
@@ -207,9 +180,11 @@ def test_the_error_path_is_light():
     import subprocess
     import sys
 
-    code = ("import sys; import yoloqat.pipeline.stage, yoloqat.errors; "
-            "heavy = [m for m in ('torch', 'ultralytics', 'brevitas') if m in sys.modules]; "
-            "print(heavy); sys.exit(1 if heavy else 0)")
+    code = (
+        "import sys; import yoloqat.pipeline.stage, yoloqat.errors; "
+        "heavy = [m for m in ('torch', 'ultralytics', 'brevitas') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -232,13 +207,13 @@ def _resolved_keys(stage: str) -> list[str]:
     return out
 
 
-def test_resolved_params_keys_exist_and_fp_stages_ignore_preset_name_and_qat_seed():
+def test_resolved_params_keys_exist_and_fp_stages_ignore_preset_name_and_qat_seed(tmp_path):
     """prepare and train_fp read the resolved file (a preset's values, the FP seed): every key
     they list is in it, and neither depends on params.yaml's preset or seed, so runs that differ
     only in the QAT seed share their results (DVC's run-cache)."""
     from yoloqat.provenance import resolved_params_doc
 
-    doc = resolved_params_doc(load_config(REPO / "params.yaml"))
+    doc = resolved_params_doc(load_config(committed_params_file(tmp_path)))
     for stage in ("prepare", "train_fp"):
         listed = _resolved_keys(stage)
         assert listed, stage
@@ -250,7 +225,8 @@ def test_resolved_params_keys_exist_and_fp_stages_ignore_preset_name_and_qat_see
         plain = {p for p in _stages()[stage].get("params", []) if isinstance(p, str)}
         assert not plain & {"preset", "seed"}, (stage, plain)
     assert "results/resolved_params.yaml" in [
-        next(iter(o)) if isinstance(o, dict) else o for o in _stages()["source"]["outs"]]
+        next(iter(o)) if isinstance(o, dict) else o for o in _stages()["source"]["outs"]
+    ]
 
 
 def test_train_fp_outputs_are_all_cached_so_the_run_cache_can_restore_it():
@@ -258,11 +234,11 @@ def test_train_fp_outputs_are_all_cached_so_the_run_cache_can_restore_it():
     spec = _stages()["train_fp"]
     for entry in spec["outs"]:
         if isinstance(entry, dict):
-            (path, opts), = entry.items()
+            ((path, opts),) = entry.items()
             assert (opts or {}).get("cache", True), path
 
 
-def test_fp_stages_depend_on_every_param_they_read():
+def test_fp_stages_depend_on_every_param_they_read(tmp_path):
     """train_fp lists the fp keys one by one (all but fp.control, so turning the control off does
     not retrain the FP model); fp_control follows QAT's schedule, so it needs every key of it."""
     import dataclasses
@@ -274,7 +250,7 @@ def test_fp_stages_depend_on_every_param_they_read():
     assert fp_keys <= _stage_params("train_fp")
     assert {"model", "device", "deterministic", "cache", "data.imgsz"} <= _stage_params("train_fp")
     assert "fp.control" not in _stage_params("train_fp")
-    schedule = {f"qat.{k}" for k in qat_schedule(load_config(REPO / "params.yaml"))}
+    schedule = {f"qat.{k}" for k in qat_schedule(load_config(committed_params_file(tmp_path)))}
     assert schedule <= _stage_params("fp_control")
 
 
@@ -322,3 +298,19 @@ def test_the_curve_name_guard_sees_literals_but_not_docstrings():
               'def f():\n    """val/mAP50-95"""\n    return "val_bnre"\n')
     assert hard_coded_curve_names(source, "probe") == [
         "probe:2: 'val_ema/mAP50-95'", "probe:3: 'val_'", "probe:4: 'x.tsv'", "probe:8: 'val_bnre'"]
+
+
+def test_make_dvc_yaml_restores_drifted_deps_and_keeps_every_other_line():
+    """The generator behind `make dvc-yaml`: a dropped dep and a foreign one are put right, the
+    data/results deps, params and comments stay byte for byte."""
+    from tools.dvc_deps import rewrite, stale_stages
+
+    text = (REPO / "dvc.yaml").read_text()
+    assert stale_stages(text) == [] and rewrite(text) == text
+    drifted = text.replace("      - src/yoloqat/quant/ema.py\n", "", 1).replace(
+        "      - stages/verdict.py\n", "      - stages/verdict.py\n      - src/yoloqat/cli.py\n", 1
+    )
+    assert drifted != text
+    first = next(s for s, spec in _stages().items() if "src/yoloqat/quant/ema.py" in spec["deps"])
+    assert stale_stages(drifted) == [first, "verdict"]
+    assert rewrite(drifted) == text

@@ -15,9 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from yoloqat.quant.bn_reestimate import bn_state, load_bn_state, reestimate_bn
-from yoloqat.quant.convert import QuantRecipe, quantize_model, weight_scale
-from yoloqat.quant.dampening import Dampening, cosine_ramp, layer_dampening
-from yoloqat.quant.freezing import WeightFreezer
+from yoloqat.quant.convert import (
+    FastQuantConv2d,
+    QuantRecipe,
+    fake_quant_maxabs,
+    int_weight,
+    quant_weight_value,
+    quantize_model,
+    weight_scale,
+)
+from yoloqat.quant.dampening import Dampening, bin_centres, cosine_ramp, layer_dampening
+from yoloqat.quant.freezing import WeightFreezer, freeze_threshold_at
 from yoloqat.quant.oscillation import OscillationTracker
 from yoloqat.quant.scales import lsq_grad_scale, register_lsq_grad_scale, scale_parameters
 
@@ -34,24 +42,103 @@ def one_row_conv(values: list[float], recipe: QuantRecipe | None = None) -> nn.M
 # dampening
 
 
-def test_dampening_value_and_gradient_by_hand():
+def test_dampening_value_and_gradient_by_hand_in_scale_units():
     # max |w| = 14 -> s = 14 / 7 = 2;  x = w / s = [7, 0.25, -1.625, 2.375]
     # round(x) = [7, 0, -2, 2];  x - round(x) = [0, 0.25, 0.375, 0.375]
     # L = 0 + 0.0625 + 0.140625 + 0.140625 = 0.34375
     # dL/dw = 2 (x - round(x)) / s = [0, 0.25, 0.375, 0.375]  (no gradient through round or s)
     model = one_row_conv([14.0, 0.5, -3.25, 4.75])
     q = model[0]
-    loss = layer_dampening(q)
+    loss = layer_dampening(q, form="scale")
     assert loss.item() == 0.34375
     loss.backward()
     assert q.weight.grad.flatten().tolist() == [0.0, 0.25, 0.375, 0.375]
 
 
+def test_dampening_value_and_gradient_by_hand_in_weight_units():
+    # the same weights: bin centres s * round(x) = [14, 0, -4, 4]; w - centre = [0, 0.5, 0.75, 0.75]
+    # L = 0.25 + 0.5625 + 0.5625 = 1.375 (= s^2 x the scale form); dL/dw = 2 (w - centre)
+    model = one_row_conv([14.0, 0.5, -3.25, 4.75])
+    q = model[0]
+    loss = layer_dampening(q)  # weight units: Nagel's form, the default
+    assert loss.item() == 1.375
+    loss.backward()
+    assert q.weight.grad.flatten().tolist() == [0.0, 1.0, 1.5, 1.5]
+
+
+def test_weight_dampening_clips_to_the_representable_range_and_leaves_the_scale_alone():
+    # A learned scale of 1 (parameter 7 = s * int_max): 14 lies beyond 7 s.  clip(w) = [7, 0.5,
+    # -3.25, 4.75], centres s * round(clip(w / s)) = [7, 0, -3, 5] (0.5 rounds to even 0):
+    # L = 0 + 0.25 + 0.0625 + 0.0625 = 0.375, and the clipped weight gets no gradient.
+    model = one_row_conv([14.0, 0.5, -3.25, 4.75], QuantRecipe(scaling="learned"))
+    q = model[0]
+    [(*_, scale)] = scale_parameters(model)
+    with torch.no_grad():
+        scale.fill_(7.0)
+    assert weight_scale(q).item() == 1.0
+    loss = layer_dampening(q)
+    assert loss.item() == 0.375
+    loss.backward()
+    assert q.weight.grad.flatten().tolist() == [0.0, 1.0, -0.5, -0.5]
+    assert scale.grad is None  # the scale is a constant of the loss
+
+
+@pytest.mark.parametrize("recipe", [
+    QuantRecipe(), QuantRecipe(granularity="per_tensor"), QuantRecipe(scaling="learned"),
+    QuantRecipe(scaling="learned", granularity="per_tensor"),
+], ids=["maxabs-channel", "maxabs-tensor", "learned-channel", "learned-tensor"])
+def test_dampening_bin_centres_are_the_forward_fake_quantized_weight(recipe):
+    torch.manual_seed(0)
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3)), recipe)
+    q = model[0]
+    for *_, p in scale_parameters(model):
+        with torch.no_grad():
+            p.mul_(0.6)  # learned scales away from the statistic: some weights clip
+    integers, s = bin_centres(q)
+    assert torch.equal(s * integers, quant_weight_value(q))
+    if isinstance(q, FastQuantConv2d):
+        assert torch.equal(s * integers, fake_quant_maxabs(q.weight, q.fast_bits, q.fast_per_channel))
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_decoupled_dampening_uses_the_pre_scale_grid_of_the_forward_integers(granularity):
+    # Decoupled: integers = round(w / pre_scale), output = integers x a learned scale.  With the
+    # learned scale decayed to 0.3x, the target keeps the forward's integers on the pre-scale.
+    torch.manual_seed(0)
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3)),
+                           QuantRecipe(scaling="decoupled", granularity=granularity))
+    q = model[0]
+    for *_, p in scale_parameters(model):
+        with torch.no_grad():
+            p.mul_(0.3)
+    integers, pre = bin_centres(q)
+    w = q.weight.detach()
+    if granularity == "per_tensor":
+        # AbsMaxL2: the root mean square of the channels' max |w| (Brevitas divides the L2
+        # norm by sqrt(channels)), so the largest channels' weights lie beyond 7 x pre and clip
+        rms = w.abs().amax(dim=(1, 2, 3)).square().mean().sqrt()
+        torch.testing.assert_close(pre.reshape(()), rms / 7)
+        assert (w / pre).abs().max() > 7
+    out = q.quant_weight()
+    assert torch.equal(integers * out.scale, out.value)  # the forward's integers, exactly
+    assert torch.equal(integers, int_weight(q).integers.float())
+    assert not torch.allclose(pre, out.scale)  # and the grid is not the learned scale's
+    by_hand = (w.clamp(-7 * pre, 7 * pre) - pre * integers).square().sum()
+    assert layer_dampening(q).item() == by_hand.item()
+
+
+def test_dampening_form_must_be_named():
+    with pytest.raises(ValueError, match="dampening form 'bins' is not allowed; expected one of weight | scale"):
+        Dampening(one_row_conv([7.0, 0, 0, 0]), weight=1.0, form="bins")
+
+
 def test_dampening_sums_layers_and_ramps_lambda():
     model = nn.Sequential(*one_row_conv([14.0, 0.5, -3.25, 4.75]), *one_row_conv([7.0, 0.5, 0.0, 0.0]))
     # layer 2: s = 1, x - round(x) = [0, 0.5, 0, 0] -> 0.25; total 0.34375 + 0.25
-    damp = Dampening(model, weight=0.1, ramp=True, total_steps=4)
+    damp = Dampening(model, weight=0.1, ramp=True, total_steps=4, form="scale")
     assert damp.penalty().item() == 0.59375
+    # weight units: s^2 x each layer's, 4 x 0.34375 + 1 x 0.25
+    assert Dampening(model, weight=0.1).penalty().item() == 1.625
     assert cosine_ramp(0, 4) == 0.0 and cosine_ramp(4, 4) == 1.0
     assert cosine_ramp(2, 4) == pytest.approx(0.5, abs=1e-15)  # cos(pi / 2) is 6e-17 in floats
     assert cosine_ramp(1, 4) == pytest.approx(0.5 * (1 - math.cos(math.pi / 4)))
@@ -79,7 +166,7 @@ def test_dampened_criterion_adds_batch_size_times_penalty_only_in_training():
             self.updated = True
 
     model = one_row_conv([14.0, 0.5, -3.25, 4.75])  # penalty 0.34375
-    crit = DampenedCriterion(Base(), Dampening(model, weight=2.0))
+    crit = DampenedCriterion(Base(), Dampening(model, weight=2.0, form="scale"))
     batch = {"img": torch.zeros(4, 1, 1, 4)}
     loss, items = crit(None, batch)
     assert loss.item() == 6.0 * 4 + 4 * 2.0 * 0.34375 and items == {"box": 1.0}
@@ -133,6 +220,43 @@ def test_freezing_uses_the_running_integer_and_stops_updates():
         assert torch.round(w / s).flatten()[1].item() == 2.0
     assert s.item() < 1.0  # the scale did move
     assert freezer.frozen_count() == (1, 4)  # the non-oscillating weights never froze
+
+
+def test_annealed_freeze_threshold_at_given_steps():
+    # 8 steps, annealing from step 0.5 x 8 = 4: none before it, then 0.5 -> 0.125 along a half
+    # cosine: 0.125 + 0.1875 (1 + cos(pi r)), r = (step - 4) / 4
+    at = [freeze_threshold_at(step, 8, 0.5, 0.125, 0.5) for step in range(11)]
+    assert at[:4] == [None] * 4
+    assert at[4] == 0.5 and at[6] == 0.3125 and at[8] == at[9] == at[10] == 0.125
+    assert at[5] == 0.125 + 0.1875 * (1 + math.cos(math.pi / 4))  # 0.4450..., not linear's 0.40625
+    assert at[7] == 0.125 + 0.1875 * (1 + math.cos(3 * math.pi / 4))
+    # no end: the start threshold from the first step, whatever anneal_start says
+    assert [freeze_threshold_at(step, 8, 0.5, None, 0.5) for step in (0, 3, 8)] == [0.5] * 3
+
+
+def test_freezer_freezes_nothing_before_the_annealing_starts():
+    # The oscillating weight of test_freezing_uses_the_running_integer_and_stops_updates passes
+    # 0.4 at the 4th update; with the annealing starting at step 0.75 x 8 = 6 it waits until then.
+    model = one_row_conv([7.0, 2.2, 0.2, -0.3])
+    w = model[0].weight
+    tracker = OscillationTracker(model, momentum=0.25)
+    freezer = WeightFreezer(tracker, threshold=0.4, threshold_end=0.4, anneal_start=0.75, total_steps=8)
+    seen = []
+    for value in [2.2, 3.2, 2.2, 3.2, 2.2, 3.2]:
+        with torch.no_grad():
+            w[0, 0, 0, 1] = value
+        tracker.step()
+        freezer.update()
+        seen.append((freezer.last_threshold, freezer.frozen_count()[0]))
+    assert seen == [(None, 0)] * 5 + [(0.4, 1)]
+    # the integer EMA ran all along: 2, 2.25, 2.1875, 2.390625, 2.29296875, 2.4697265625
+    assert freezer.int_ema[0].flatten().tolist()[1] == 2.4697265625
+    assert w.flatten()[1].item() == 2.0
+
+
+def test_freezer_rejects_an_end_above_the_start():
+    with pytest.raises(ValueError, match=r"freeze threshold end must be in \(0, 0.1\], got 0.2"):
+        WeightFreezer(OscillationTracker(one_row_conv([7.0, 0, 0, 0])), threshold=0.1, threshold_end=0.2)
 
 
 def test_freezer_rejects_a_threshold_of_zero():
@@ -285,3 +409,22 @@ def test_scale_ratio_stats_are_the_geometric_mean_and_minimum_of_the_moves():
         params[1].div_(4.0)
     assert scale_ratio_stats(model, initial)["scale/ratio_geomean"] == pytest.approx(0.5, abs=1e-12)
     assert scale_ratio_stats(quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3)), QuantRecipe()), {}) == {}
+
+
+def test_freezing_under_twice_the_tracker_momentum_is_a_warning_naming_the_key():
+    from yoloqat.config import QATConfig
+    from yoloqat.pipeline.qat import freeze_threshold_warning
+
+    assert freeze_threshold_warning(QATConfig()) is None  # freezing off
+    assert freeze_threshold_warning(QATConfig(freeze_threshold=0.02)) is None  # 2 x 0.01
+    assert freeze_threshold_warning(QATConfig(freeze_threshold=0.1, freeze_threshold_end=0.03)) is None
+    assert freeze_threshold_warning(QATConfig(freeze_threshold=0.01)) == (
+        "qat.freeze_threshold=0.01 is under 2x the oscillation tracker's momentum (0.01): a weight "
+        "that oscillates twice within ~100 steps freezes (Nagel et al.'s code advises a threshold "
+        "of at least 2-3x the momentum)")
+    assert freeze_threshold_warning(
+        QATConfig(freeze_threshold=0.1, freeze_threshold_end=0.015)).startswith("qat.freeze_threshold_end=0.015 ")
+    # the tracker's momentum is qat.osc_momentum
+    assert freeze_threshold_warning(QATConfig(freeze_threshold=0.03, osc_momentum=0.02)).startswith(
+        "qat.freeze_threshold=0.03 is under 2x the oscillation tracker's momentum (0.02): a weight "
+        "that oscillates twice within ~50 steps")

@@ -13,6 +13,7 @@ from yoloqat.curves.stability import (
     LABELS,
     Verdict,
     classify_run,
+    fall_epochs,
     running_best,
     smoothed,
     summarize_group,
@@ -348,3 +349,43 @@ def test_summarize_group():
     assert one["all_stable"] is True and one["best_std"] is None
     empty = summarize_group([])
     assert empty["runs"] == 0 and empty["all_stable"] is False and empty["best_mean"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# thinned curves (qat.repair_every): values at every k-th epoch and the last, judged on those
+
+NAN = math.nan
+
+
+def test_scored_epochs_are_every_kth_and_the_last():
+    from yoloqat.curves.reader import scored_epochs
+
+    assert scored_epochs(15, 4) == [4, 8, 12, 15]
+    assert scored_epochs(15, 5) == [5, 10, 15]
+    assert scored_epochs(3, 5) == [3]  # k beyond the run: the last epoch only
+    assert scored_epochs(4, 1) == [1, 2, 3, 4]
+    assert scored_epochs(0, 2) == []
+
+
+def test_a_thinned_curve_is_judged_on_its_scored_epochs_with_their_epoch_numbers():
+    from yoloqat.curves.reader import judged_points
+
+    rising = [NAN, 0.12, NAN, 0.25, NAN, 0.28, NAN, 0.28]  # repair_every=2 over 8 epochs
+    assert judged_points(rising) == ([2, 4, 6, 8], [0.12, 0.25, 0.28, 0.28])
+    v = classify_run(rising)
+    assert (v.label, v.epochs, v.best_epoch, v.final) == ("stable", 8, 6, 0.28)
+    falls = [NAN, 0.2, NAN, 0.28, NAN, 0.01, NAN, 0.012]
+    v = classify_run(falls)
+    assert (v.label, v.best_epoch, v.collapse_events, v.epochs_collapsed) == ("collapsed", 4, 1, 2)
+    assert fall_epochs(falls) == {"collapses": [6], "dips": [6]}  # the real epoch, not the 3rd point
+
+
+@pytest.mark.parametrize("curve", [
+    [NAN, 0.2, NAN, 0.28, NAN, 0.27, NAN, NAN],  # the last epoch is always scored: missing
+    [NAN, 0.2, NAN, NAN, NAN, 0.27, NAN, 0.28],  # a scheduled epoch missing
+    [NAN, 0.2, 0.21, 0.28, NAN, 0.27, NAN, 0.28],  # a value off the schedule
+    [0.1, NAN, 0.2, NAN, 0.27, NAN, 0.28, 0.28],  # every epoch logged but the even ones
+], ids=["no-last", "hole", "extra", "odd"])
+def test_a_gap_off_the_thinning_schedule_is_still_missing_and_diverged(curve):
+    v = classify_run(curve)
+    assert v.label == "diverged" and "NaN/inf/missing" in v.reason

@@ -139,9 +139,16 @@ def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_u
     assert any(not sd[k].equal(v) for k, v in plain_sd.items() if k.endswith("running_mean"))
     assert all(int(sd[k]) == 2 for k in sd if k.endswith("num_batches_tracked"))
 
+    # annealed freezing from the first step, 0.005 -> 0.004 (under 2x the tracker's momentum:
+    # a warning, not an error), and the weight-unit dampening
     both = _run_qat_stage(qat_repo, {"qat": {**base, "dampening": 1e-4, "dampening_ramp": True,
-                                             "freeze_threshold": 0.005}})
+                                             "freeze_threshold": 0.005, "freeze_threshold_end": 0.004,
+                                             "freeze_anneal_start": 0.0}})
     assert both["status"] == "completed"
+    # the schedule ends on the last optimizer step: the run's step count is the freezer's total
+    assert _tsv(qat_repo, "osc/freeze_threshold.tsv").splitlines()[-1].split("\t")[-1] == "0.004"
+    ran = json.loads((qat_repo / "models/qat/metadata.json").read_text())["params"]["qat"]
+    assert (ran["dampening_form"], ran["freeze_threshold_end"]) == ("weight", 0.004)
     # freezing must actually fire on this tiny run (threshold 0.005), not merely be switched on
     assert 0.0 < both["frac_frozen_final"] < 1.0 and both["dampening_penalty_final"] > 0
     assert 0.0 < both["dampening_lambda_final"] <= 1e-4
@@ -251,9 +258,10 @@ def test_bn_momentum_setting_reaches_every_batchnorm_of_the_qat_model(monkeypatc
 
 def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_models(qat_repo):
     """qat.repair_curves scores BN re-estimation, QC and both on copies of the live and EMA
-    models every epoch: training (losses, oscillation statistics, the plain curves, the saved
-    weights) is bit-identical to a run without them, and the six curves and their summary and
-    verdict keys appear."""
+    models every epoch, and qat.mechanism_batches measures the mechanism of both models and of
+    the EMA's BN-re-estimated copy: training (losses, oscillation statistics, the plain curves,
+    the saved weights) is bit-identical to a run without them, and the six curves and their
+    summary and verdict keys appear, as do the mechanism series and files."""
     from yoloqat.quant.checkpoint import load_qat_checkpoint
 
     base = {"epochs": 2, "batch": 8, "init": "scratch"}
@@ -262,8 +270,13 @@ def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_mod
     plain = _run_qat_stage(qat_repo, {"qat": base})
     plain_tsv = {n: _tsv(qat_repo, n).splitlines()[1:] for n in names}
     plain_sd = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")[0].state_dict()
+    assert json.loads((qat_repo / "results/qat/mechanism.json").read_text()) == {
+        "mechanism_batches": 0, "epochs": []}
+    assert (qat_repo / "results/qat/mechanism.csv").read_text().splitlines() == [
+        "epoch,series,bn_logvar_mean,bn_mean_shift_mean"]
+    assert "mechanism_seconds" not in plain
     repaired = _run_qat_stage(qat_repo, {"qat": {**base, "repair_curves": ["bnre", "qc", "bnre_qc"],
-                                                 "repair_bn_batches": 2},
+                                                 "repair_bn_batches": 2, "mechanism_batches": 1},
                                          "correction": {"min_steps": 2}})
     for n in names:
         assert _tsv(qat_repo, n).splitlines()[1:] == plain_tsv[n], n
@@ -279,6 +292,63 @@ def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_mod
     assert 0 < repaired["repair_seconds"] < repaired["seconds"] and repaired["repair_time_ratio"] > 1
     assert "repair_seconds" not in plain
     assert not (qat_repo / "results/qat/plots/metrics/val_live_qc_bnre").exists()
+    _check_mechanism_outputs(qat_repo, repaired)
+
+
+@pytest.mark.parametrize(("every", "stop_at", "scored"), [
+    (3, 8, [3, 6, 8]),  # every 3rd epoch and the planned last
+    (3, 7, [3, 6, 7]),  # early stopping at epoch 7: the epoch training stops at is scored
+    (1, 8, [1, 2, 3, 4, 5, 6, 7, 8]),
+    (10, 8, [8]),
+])
+def test_repair_curves_are_scored_every_kth_epoch_and_when_training_stops(every, stop_at, scored):
+    """qat.repair_every: the scoring runs at on_fit_epoch_end, where Ultralytics has already
+    decided whether this epoch is the last (``stop``); epochs in between log no repair value."""
+    from yoloqat.config import QATConfig
+    from yoloqat.train.trainer import QATSettings, QATTrainer
+
+    trainer = QATTrainer.__new__(QATTrainer)  # the scheduling alone, without a model or data
+    trainer.qat_settings = QATSettings(QATConfig(repair_curves=("qc",), repair_every=every))
+    trainer.repair_seconds, trainer.paired_metrics, trainer.mechanism = 0.0, {}, None
+    seen = []
+    trainer._validate_repairs = lambda: seen.append(trainer.epoch + 1) or {"val_ema_qc": {}}
+    for epoch in range(stop_at):
+        trainer.epoch, trainer.stop = epoch, epoch + 1 == stop_at
+        trainer._repairs_pending = True  # what validate() sets when it scored the epoch
+        trainer._score_repairs()
+        assert not trainer._repairs_pending
+    assert seen == scored
+    trainer._score_repairs()  # no validation since: nothing scored twice
+    assert seen == scored
+
+
+def _check_mechanism_outputs(repo, summary):
+    """What qat.mechanism_batches=1 leaves after 2 epochs of a yolov10n with max-abs scales."""
+    groups = {"mech_live": 10 - 2, "mech_ema": 10 - 2, "mech_live_aug": 4, "mech_ema_aug": 4,
+              "mech_ema_bnre": 6, "mech_ema_bnre_aug": 4}  # max-abs: no scale-ratio series
+    metrics = repo / "results/qat/plots/metrics"
+    for group, count in groups.items():
+        series = sorted(p.stem for p in (metrics / group).glob("*.tsv"))
+        assert len(series) == count, (group, series)
+        for name in series:
+            assert len(_tsv(repo, f"{group}/{name}.tsv").splitlines()[1:]) == 2, (group, name)
+    assert not (metrics / "mech_live_bnre").exists()  # only the deployed (EMA) model's copy
+    assert float(_tsv(repo, "mech_ema/clipped_max.tsv").splitlines()[-1].split("\t")[-1]) == 0.0
+    doc = json.loads((repo / "results/qat/mechanism.json").read_text())
+    assert doc["mechanism_batches"] == 1 and doc["batches"] == {"plain": 1, "aug": 1}
+    assert doc["images_per_set"] == {"plain": 8, "aug": 8}
+    assert len(doc["quant_layers"]) == 107 and len(doc["bn_layers"]) > 50
+    assert [e["epoch"] for e in doc["epochs"]] == [1, 2]
+    for epoch in doc["epochs"]:
+        assert set(epoch["sets"]) == set(groups)
+        ema = epoch["sets"]["mech_ema"]
+        assert ema["bn_logvar_worst_layer"] in doc["bn_layers"]
+        assert max(ema["layers"]["bn_logvar"]) == ema["bn_logvar_worst"]
+        assert len(ema["layers"]["clipped"]) == 107
+        assert ema["layers"]["scale_ratio_median"] == [None] * 107  # max-abs: no learned scale
+    rows = (repo / "results/qat/mechanism.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(groups)
+    assert 0 < summary["mechanism_seconds"] < summary["seconds"]
 
 
 def test_qat_settings_travel_whole_through_the_environment(monkeypatch):
@@ -309,7 +379,8 @@ def test_osc_momentum_reaches_every_tracked_layer_of_the_trainer():
 
     from yoloqat.config import QATConfig
     from yoloqat.quant.convert import QuantRecipe, quantize_model
-    from yoloqat.train.trainer import QATSettings, QATTrainer, _install_tracker
+    from yoloqat.train.qat_setup import install_tracker
+    from yoloqat.train.trainer import QATSettings, QATTrainer
 
     model = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)),
                            QuantRecipe())
@@ -317,6 +388,6 @@ def test_osc_momentum_reaches_every_tracked_layer_of_the_trainer():
         trainer = QATTrainer.__new__(QATTrainer)
         trainer.model, trainer.recipe, trainer.freezer = model, QuantRecipe(), None
         trainer.qat_settings = QATSettings(QATConfig(osc_momentum=momentum, freeze_threshold=0.2))
-        _install_tracker(trainer)
+        install_tracker(trainer)
         assert [state.momentum for *_, state in trainer.tracker.layers] == [momentum, momentum]
         assert trainer.freezer.tracker is trainer.tracker

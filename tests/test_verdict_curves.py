@@ -184,3 +184,20 @@ def test_dvc_plots_use_the_long_table_its_template_and_the_png():
     assert template["encoding"]["y"]["scale"] == {"zero": False}
     # the HTML's colours are the PNG's
     assert dict(zip(colour["sort"], colour["scale"]["range"], strict=True)) == COLOURS
+
+
+def test_a_thinned_repair_curve_is_judged_on_its_scored_epochs_and_plotted_only_there(tmp_path):
+    """qat.repair_every=3 over 8 epochs: the EMA + QC curve is logged at epochs 3, 6 and 8
+    (DVCLive steps 2, 5, 7) and nowhere else; that is a schedule, not a divergence."""
+    write_run(tmp_path, ema=True)
+    path = tmp_path / "results/qat/plots/metrics/val_ema_qc/mAP50-95.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_text("timestamp\tstep\tmAP50-95\n1\t2\t0.21\n2\t5\t0.29\n3\t7\t0.29\n")
+    cfg = make_cfg(tmp_path, ema=True, qat={"bits": 4, "repair_curves": ["qc"], "repair_every": 3})
+    out = judge_qat_run(cfg)
+    assert out["ema_qc_label"] == "stable"
+    assert (out["ema_qc_best"], out["ema_qc_best_epoch"], out["ema_qc_final"]) == (0.29, 6, 0.29)
+    assert out["ema_qc_minus_ema_final"] == pytest.approx(0.29 - STABLE[-1])
+    assert plot_rows(tmp_path)["QAT EMA + QC"] == {5 + 3: 0.21, 5 + 6: 0.29, 5 + 8: 0.29}
+    path.write_text("timestamp\tstep\tmAP50-95\n1\t2\t0.21\n2\t5\t0.29\n")  # the last is missing
+    assert judge_qat_run(cfg)["ema_qc_label"] == "diverged"

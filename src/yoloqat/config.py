@@ -1,13 +1,11 @@
 """Load params.yaml once, validate every value, and hand out typed, frozen configs.
 
-params.yaml is the source of the pipeline's defaults.  The dataclass defaults below exist so
-a params file may omit a key (an old experiment, a test's partial file); they are the same
-numbers, and ``tests/test_layout.py`` fails if the two ever disagree.
+params.yaml is the source of the pipeline's defaults; the dataclass defaults below (for keys a
+params file omits) are the same numbers, and ``tests/test_layout.py`` fails if they disagree.
 
 Every stage calls :func:`load_config`; nothing else reads params.yaml.  Each field carries its
-own rule (:mod:`yoloqat.config_checks`) and a class's ``cross_check`` ties fields together; a
-bad value raises :class:`ConfigError` whose message is one line naming the key, the value and
-what is allowed, so a stage can print it and exit non-zero before it writes anything.
+rule (:mod:`yoloqat.config_checks`), a class's ``cross_check`` ties fields together, and a bad
+value is one :class:`ConfigError` line naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -18,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yoloqat import config_checks as checks
 from yoloqat.config_checks import (
-    MISSING,
-    SECTION_RULE,
     Bool,
     Choice,
     Conflict,
@@ -29,18 +26,13 @@ from yoloqat.config_checks import (
     Either,
     FloatRange,
     IntRange,
+    Loose,
     Multiple,
     NameOrPath,
     Optional,
     OptionalPath,
     Text,
-    build,
-    fail,
-    get_dotted,
-    is_section,
     param,
-    parse_field,
-    read_mapping,
     set_dotted,
 )
 from yoloqat.errors import ConfigError
@@ -65,6 +57,9 @@ FAKE_QUANT_MODES = ("auto", "per_layer", "batched")
 # Repairs scored every epoch on copies of the live and the EMA model (qat.repair_curves;
 # train/repairs.py): BN re-estimation, the qc stage's Quantization Correction, and both.
 REPAIR_CURVES = ("bnre", "qc", "bnre_qc")
+# The dampening loss's units (quant/dampening.py): weight = Nagel et al.'s
+# ||s * round(clip(w / s)) - clip(w)||^2; scale = the same per weight divided by s^2.
+DAMPENING_FORMS = ("weight", "scale")
 AUTO = "auto"  # fp.workers / qat.workers: resolved per machine by train.overrides.resolve_workers
 MAX_IMGSZ = 2048  # 4096 px and up fail in prepare or training with MemoryError, not a message
 
@@ -113,14 +108,12 @@ class FPConfig:
     init_checkpoint: str | None = param(None, OptionalPath())
     workers: int | str = param(0, WORKERS)
     patience: int = param(100, POSITIVE)
-    # fp16 autocast + GradScaler on CUDA (Ultralytics' yolo26n.pt AMP check is bypassed: the
-    # project never downloads); Ultralytics never autocasts on CPU, so there it changes nothing.
+    # fp16 autocast + GradScaler on CUDA (Ultralytics' downloading AMP check bypassed); no-op on CPU
     amp: bool = param(False, Bool())
-    # Train an "FP continued" control for as many epochs, with the same optimizer settings, as
-    # QAT adds, so the W4A16-vs-FP gap compares equal training.
+    # an "FP continued" control, trained as long as QAT and like it: W4A16 vs FP at equal training
     control: bool = param(True, Bool())
-    # The seed of everything before QAT: the dataset draw (prepare) and FP training.  None uses
-    # ``seed``; fixed, a grid over ``seed`` varies only QAT and trains (and prepares) FP once.
+    # The seed of the dataset draw and FP training; None: ``seed``.  Fixed, a grid over ``seed``
+    # varies only QAT and trains (and prepares) FP once.
     seed: int | None = param(None, Optional(IntRange(0), "null (use seed) or an integer >= 0"))
 
 
@@ -150,15 +143,18 @@ class QATConfig:
     # Nagel et al.'s remedies, each off by default.
     dampening: float = param(0.0, FloatRange(0.0))  # lambda of the dampening loss; 0 = off
     dampening_ramp: bool = param(False, Bool())  # cosine ramp of lambda from 0 over training
+    dampening_form: str = param("weight", Choice(DAMPENING_FORMS))  # Nagel's weight units or scale
     freeze_threshold: float = param(0.0, FRACTION)  # freeze above this oscillation freq.; 0 = off
+    # None: freeze_threshold throughout.  Set: no freezing before freeze_anneal_start (a fraction
+    # of the optimizer steps), then a half cosine from freeze_threshold down to this value.
+    freeze_threshold_end: float | None = param(None, Loose())  # judged by cross_check
+    freeze_anneal_start: float = param(0.25, FloatRange(0.0, 1.0, hi_open=True))
     bn_reestimate: int = param(0, IntRange(0))  # BN re-estimation batches before val/save; 0 = off
     lsq_grad_scale: bool = param(False, Bool())  # learned scales: LSQ's 1/sqrt(N * Qp) grad scale
-    # learned scales only: their weight decay (0: none).  Stock Ultralytics (the reference run)
-    # decays them like conv weights, 0.0005.
+    # learned scales only: their weight decay (stock Ultralytics, the reference run's: 0.0005)
     scale_weight_decay: float = param(0.0, FRACTION)
-    # BatchNorm momentum of the QAT model (PyTorch's: new = (1 - m) * old + m * batch); None
-    # keeps Ultralytics' 0.03.  Oscillating integer weights shift the pre-BN statistics every
-    # step, and this sets how fast the running statistics (used at validation) follow them.
+    # BatchNorm momentum of the QAT model (new = (1 - m) * old + m * batch; None: Ultralytics'
+    # 0.03): how fast the running statistics follow the pre-BN shifts of oscillating weights.
     bn_momentum: float | None = param(None, Optional(OPEN_FRACTION))
     # auto | per_layer | batched (FAKE_QUANT_MODES): the same forward either way, gradients equal
     # to float rounding; only speed differs (batched: one pass over all layers, for GPUs).
@@ -167,9 +163,11 @@ class QATConfig:
     # never changes.  QC uses the `correction` section's settings, as the qc stage does.
     repair_curves: tuple[str, ...] = param((), Distinct(REPAIR_CURVES))
     repair_bn_batches: int = param(50, POSITIVE)  # batches of each repair's BN re-estimation
-    # Ultralytics' nominal batch: gradients accumulate over round(nbs / batch) batches per
-    # optimizer step.  None: nbs = batch, one step per batch (the reference run's stock
-    # Ultralytics used 64, i.e. two batches of 32 per step).
+    repair_every: int = param(1, POSITIVE)  # score the repair curves every k-th epoch and the last
+    # batches of each fixed image set measuring the collapse's mechanism per epoch; 0 = off
+    mechanism_batches: int = param(0, IntRange(0))
+    # Ultralytics' nominal batch: gradients accumulate over round(nbs / batch) batches per step.
+    # None: nbs = batch (the reference run's stock Ultralytics: 64, two batches of 32 per step).
     nbs: int | None = param(None, Optional(POSITIVE))
 
     @property
@@ -185,6 +183,17 @@ class QATConfig:
             )
         if self.scale_weight_decay > 0 and self.scaling not in LEARNED_SCALINGS:
             raise Conflict("scale_weight_decay", f"0 {learned} (max-abs scales have no parameter)")
+        end, start = self.freeze_threshold_end, self.freeze_threshold
+        if end is not None and start <= 0:
+            anneals = "null unless qat.freeze_threshold > 0 (it anneals that threshold)"
+            raise Conflict("freeze_threshold_end", anneals)
+        # down only: a rising threshold would freeze first what it later lets oscillate
+        if end is not None and not (checks.is_number(end) and 0.0 < end <= start):
+            down = f"null or a number in (0, qat.freeze_threshold] = (0, {start}]"
+            raise Conflict("freeze_threshold_end", down)
+        if end is None and self.freeze_anneal_start != (default := QATConfig.freeze_anneal_start):
+            starts = f"{default} unless qat.freeze_threshold_end is set (it starts the annealing)"
+            raise Conflict("freeze_anneal_start", starts)
         if self.nbs is not None and self.nbs < self.batch:
             raise Conflict("nbs", f"null or an integer >= qat.batch ({self.batch})")
 
@@ -268,13 +277,14 @@ class Config:
 
     def as_dict(self) -> dict[str, Any]:
         """The params as params.yaml holds them (lists, not tuples), without ``root``."""
-        d = dataclasses.asdict(self, dict_factory=_plain)
+        plain = lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+        d = dataclasses.asdict(self, dict_factory=plain)
         d.pop("root")
         return d
 
     @property
     def fp_seed(self) -> int:
-        """The seed of the dataset draw and FP training: ``fp.seed``, or ``seed`` when it is null."""
+        """The seed of the dataset draw and FP training: ``fp.seed``, or ``seed`` when null."""
         return self.seed if self.fp.seed is None else self.fp.seed
 
     def resolve(self, path: str | Path) -> Path:
@@ -283,12 +293,8 @@ class Config:
         return p if p.is_absolute() else (self.root / p)
 
 
-def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
-
-
 # the top-level keys that hold a mapping (data, fp, qat, ...), in the order they are checked
-SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if is_section(f))
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if checks.is_section(f))
 
 
 def load_config(
@@ -296,7 +302,7 @@ def load_config(
 ) -> Config:
     """Read and validate params.yaml.  Raises ConfigError with a one-line message."""
     path = Path(path)
-    raw = read_mapping(path)
+    raw = checks.read_mapping(path)
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     return config_from_dict(raw, root=path.resolve().parent)
@@ -316,7 +322,7 @@ def load_config_for(path: str | Path, *sections: str) -> Config:
     try:
         return load_config(path)
     except ConfigError:
-        raw = read_mapping(path)  # a file that is no YAML mapping: the same error again
+        raw = checks.read_mapping(path)  # a file that is no YAML mapping: the same error again
         return config_from_dict(
             {k: raw[k] for k in sections if k in raw}, root=path.resolve().parent
         )
@@ -327,12 +333,12 @@ def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
 
     A key set to a non-default value keeps it: the user's explicit choice beats the preset.
     """
-    name = parse_field(Config, "preset", raw.get("preset", Config.preset), Path("."))
+    name = checks.parse_field(Config, "preset", raw.get("preset", Config.preset), Path("."))
     defaults = Config().as_dict()  # lists, as YAML gives them
     out = copy.deepcopy(raw)
     for dotted, value in PRESETS[name].items():
-        current = get_dotted(out, dotted)
-        if current is MISSING or current == get_dotted(defaults, dotted):
+        current = checks.get_dotted(out, dotted)
+        if current is checks.MISSING or current == checks.get_dotted(defaults, dotted):
             set_dotted(out, dotted, value)
     return out
 
@@ -340,5 +346,5 @@ def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(raw: dict[str, Any], root: Path = Path(".")) -> Config:
     for name in SECTIONS:  # before the preset, which writes into them
         if name in raw and not isinstance(raw[name], dict):
-            raise fail(name, raw[name], SECTION_RULE)
-    return dataclasses.replace(build(Config, apply_preset(raw), root), root=root)
+            raise checks.fail(name, raw[name], checks.SECTION_RULE)
+    return dataclasses.replace(checks.build(Config, apply_preset(raw), root), root=root)

@@ -60,6 +60,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _range_text(
     lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False
 ) -> str:
@@ -183,6 +187,17 @@ class Either:
         except Invalid:
             pass
         raise Invalid(value, self.allowed)
+
+
+@dataclass(frozen=True)
+class Loose:
+    """The value as given (a YAML ``1e-05`` string read as the number it is), for a field whose
+    allowed values depend on others: its class's ``cross_check`` judges it."""
+
+    def __call__(self, value: Any, root: Path) -> Any:
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            return float(value)
+        return value
 
 
 @dataclass(frozen=True)

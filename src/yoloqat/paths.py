@@ -42,6 +42,9 @@ QAT_BEST_STEM, QAT_LAST_STEM = QAT_DIR / "best", QAT_DIR / "last"
 QAT_LAST = QAT_LAST_STEM.with_suffix(".qat.pt")
 QAT_RESULTS = Path("results/qat")
 QAT_LAYER_CSV = QAT_RESULTS / "oscillation_layers.csv"
+# qat.mechanism_batches > 0: every epoch's per-layer mechanism detail, and its long-format plot data
+QAT_MECHANISM = QAT_RESULTS / "mechanism.json"
+QAT_MECHANISM_CSV = QAT_RESULTS / "mechanism.csv"
 
 # qc
 QC_DIR = Path("models/qc")

@@ -77,6 +77,9 @@ PRESETS["collapse_cpu"] = {
     "qat.scale_weight_decay": 0.05,
     # every repair, on both models, every epoch: the answer is judged on the EMA + QC curve
     "qat.repair_curves": ["bnre", "qc", "bnre_qc"],
+    # measure the mechanism (BN statistics mismatch, scale shrink, clipping) instead of
+    # inferring it from which repair works: 2 batches of plain and of augmented images
+    "qat.mechanism_batches": 2,
     # the FP model continued under QAT's own recipe (SGD, mosaic, warm-up, lr): a dip that the
     # unquantized model shows too is the recipe's, not quantization's
     "fp.control": True,

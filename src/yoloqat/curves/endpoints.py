@@ -15,7 +15,11 @@ methods can be compared seed by seed (:func:`yoloqat.analysis.paired.sign_flip`)
   keeps runs of different lengths on one scale (mAP).  None when no epoch is left after
   ``skip``.
 
-A curve with a NaN or inf anywhere (a missing epoch is NaN) is *diverged*: every endpoint is
+A thinned curve (the repair curves of ``qat.repair_every`` > 1, values only at every k-th epoch
+and the last: :func:`yoloqat.curves.reader.judged_points`) is measured on its scored epochs: the
+peak, the fall after it and the AUC's mean are over those, and ``best_epoch`` is a real epoch.
+
+Any other curve with a NaN or inf anywhere (a missing epoch is NaN) is *diverged*: every endpoint is
 None, since a number computed around the hole would hide the failure; the label (``diverged``)
 says what happened.  An empty curve also has every endpoint None.
 """
@@ -26,6 +30,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from yoloqat.curves.reader import judged_points
 
 
 def warmup_skip(warmup_epochs: Any) -> int:
@@ -58,8 +64,8 @@ def endpoints(values: Sequence[float], skip: int = 0) -> Endpoints:
     """The endpoints of one curve; see the module docstring for the definitions."""
     if skip < 0:
         raise ValueError(f"skip must be >= 0, got {skip}")
-    v = [float(x) for x in values]
-    n = len(v)
+    n = len(values)
+    at, v = judged_points([float(x) for x in values])
     if any(not math.isfinite(x) for x in v):
         return Endpoints(n, skip, diverged=True)
     if not v:
@@ -68,9 +74,9 @@ def endpoints(values: Sequence[float], skip: int = 0) -> Endpoints:
     peak = v.index(best)  # 0-based, first occurrence
     after = v[peak + 1:]
     drawdown = best - min(after) if after else 0.0
-    tail = v[skip:]
+    tail = [x for e, x in zip(at, v, strict=True) if e > skip]
     return Endpoints(
-        epochs=n, skip=skip, diverged=False, best=best, best_epoch=peak + 1, final=v[-1],
+        epochs=n, skip=skip, diverged=False, best=best, best_epoch=at[peak], final=v[-1],
         final_over_best=v[-1] / best if best > 0 else None,
         drawdown=drawdown, auc=math.fsum(tail) / len(tail) if tail else None,
     )

@@ -12,7 +12,11 @@ Sources:
 The rule (used by the verdict stage, ``yoloqat judge``, the ladder and the report alike): a
 curve has one value per epoch of the run; an epoch whose value is missing (DVCLive refuses to
 log NaN, so a diverged epoch leaves a gap) or not finite is NaN, and a NaN anywhere makes the
-stability verdict ``diverged``.  In a DVCLive folder the run's epochs are every step that any of
+stability verdict ``diverged``.  One exception, thinned curves: the repair curves of a run with
+``qat.repair_every = k`` have values at epochs k, 2k, ... and the last epoch only
+(:func:`scored_epochs`).  A curve whose finite values sit exactly on such a schedule (k >= 2)
+and nowhere else is judged on those epochs (:func:`judged_points`); any other gap is still NaN.
+In a DVCLive folder the run's epochs are every step that any of
 its TSVs logged (the learning rate is logged every epoch), so even a NaN final epoch is seen.
 A repeated step (a resumed run) keeps its last value.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +130,33 @@ def parse_tsv(text: str, where: str) -> dict[int, float]:
             raise CurveError(f"{where} row {n} has step {step:g}; expected 0, 1, 2, ...")
         out[int(step)] = _number(_cell(row, col), where, n, header[col])
     return out
+
+
+def scored_epochs(epochs: int, every: int) -> list[int]:
+    """The 1-based epochs at which a curve scored every ``every`` epochs has a value: every
+    ``every``-th epoch and always the last (``qat.repair_every``)."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
+
+
+def thinning(values: Sequence[float]) -> int:
+    """``k`` when ``values`` (one per epoch of the run, NaN where missing) has finite values at
+    exactly :func:`scored_epochs` ``(len(values), k)`` for some k >= 2 and NaN elsewhere, else 1
+    (a curve of every epoch, whose gaps are missing values)."""
+    have = [i + 1 for i, v in enumerate(values) if math.isfinite(v)]
+    if not have or have[0] < 2 or len(have) == len(values):
+        return 1
+    k = have[0]
+    return k if have == scored_epochs(len(values), k) else 1
+
+
+def judged_points(values: Sequence[float]) -> tuple[list[int], list[float]]:
+    """(1-based epochs, values) a curve is judged on: every epoch, or for a thinned curve
+    (:func:`thinning`) its scored epochs only."""
+    k = thinning(values)
+    epochs = list(range(1, len(values) + 1)) if k == 1 else scored_epochs(len(values), k)
+    return epochs, [float(values[e - 1]) for e in epochs]
 
 
 def on_epochs(by_step: dict[int, float], steps: Iterable[int]) -> list[float]:

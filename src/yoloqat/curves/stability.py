@@ -31,7 +31,11 @@ Definitions (thresholds from :class:`yoloqat.config.StabilityConfig`):
 Labels, first rule that applies:
 
 1. ``diverged``: ``status == "diverged"``, or any curve value or loss is NaN or inf (a
-   missing epoch is NaN: see :mod:`yoloqat.curves.reader`).
+   missing epoch is NaN: see :mod:`yoloqat.curves.reader`).  A thinned curve (the repair
+   curves of ``qat.repair_every`` > 1: values only at every k-th epoch and the last,
+   :func:`yoloqat.curves.reader.judged_points`) is judged on its scored epochs alone: they keep
+   their epoch numbers (grace, best epoch, fall epochs), while the smoothing window, the fall
+   counts and ``epochs_collapsed`` count scored epochs.
 2. ``too_short``: at most ``grace_epochs`` epochs (an empty curve included).  Falls in the
    grace epochs never count, so such a curve cannot show anything: at least
    ``grace_epochs + 1`` epochs are needed for any of the labels below.  Not a failure and not
@@ -55,6 +59,7 @@ from typing import Any
 
 from yoloqat.config import StabilityConfig
 from yoloqat.curves.endpoints import warmup_skip
+from yoloqat.curves.reader import judged_points
 
 STABLE, TOO_SHORT = "stable", "too_short"
 LABELS = ("stable", "collapsed", "unstable", "diverged", "no_learning", "too_short")
@@ -173,9 +178,11 @@ class _Scan:
     max_dd: float
 
 
-def _scan(values: list[float], cfg: StabilityConfig) -> _Scan:
+def _scan(values: list[float], cfg: StabilityConfig, at: list[int] | None = None) -> _Scan:
     """One pass over a curve: running best, best, max drawdown and the falls (collapses, dips,
-    swings) counted from the first armed epoch on."""
+    swings) counted from the first armed epoch on.  ``at``: the 1-based epoch of each value
+    (default 1, 2, ...)."""
+    at = at if at is not None else list(range(1, len(values) + 1))
     smooth = smoothed(values, cfg.smooth_epochs)
     rb_curve = running_best(smooth)
     top = max((s for s in smooth if _finite(s)), default=math.nan)
@@ -188,16 +195,16 @@ def _scan(values: list[float], cfg: StabilityConfig) -> _Scan:
     swing = _Hysteresis(swing_enter, swing_exit)
 
     best, best_epoch, max_dd = -math.inf, 0, 0.0
-    for i, (v, rb) in enumerate(zip(values, rb_curve, strict=True)):
+    for epoch, v, rb in zip(at, values, rb_curve, strict=True):
         if not _finite(v):
             continue
         if v > best:
-            best, best_epoch = v, i + 1
+            best, best_epoch = v, epoch
         if _finite(rb) and rb > 0:
             max_dd = max(max_dd, (rb - v) / rb)
-        if i + 1 > cfg.grace_epochs and _finite(rb) and rb >= arm_at:
+        if epoch > cfg.grace_epochs and _finite(rb) and rb >= arm_at:
             for counter in (collapse, dip, swing):
-                counter.step(v, rb, i + 1)
+                counter.step(v, rb, epoch)
     return _Scan(smooth, rb_curve, collapse, dip, swing, best, best_epoch, max_dd)
 
 
@@ -205,7 +212,8 @@ def fall_epochs(curve: Sequence[float], cfg: StabilityConfig = DEFAULT_STABILITY
     """The 1-based epochs at which each collapse and each dip that :func:`classify_run` counts
     begins (``collapse_events`` and ``dips`` of its verdict are their lengths); every collapse
     is also a dip, so a collapse's start is in both lists."""
-    scan = _scan([float(v) for v in curve], cfg)
+    at, values = judged_points([float(v) for v in curve])
+    scan = _scan(values, cfg, at)
     return {"collapses": list(scan.collapse.starts), "dips": list(scan.dip.starts)}
 
 
@@ -216,10 +224,10 @@ def classify_run(
     status: str | None = None,
 ) -> Verdict:
     """Label one run from its per-epoch validation curve; see the module docstring."""
-    values = [float(v) for v in curve]
+    epochs = len(curve)  # the run's epochs, scored or not
+    at, values = judged_points([float(v) for v in curve])
     loss_values = [float(v) for v in losses] if losses is not None else []
-    epochs = len(values)
-    scan = _scan(values, cfg)
+    scan = _scan(values, cfg, at)
     smooth, rb_curve, collapse, dip, swing = scan.smooth, scan.rb, scan.collapse, scan.dip, scan.swing
     best, best_epoch, max_dd = scan.best, scan.best_epoch, scan.max_dd
 
@@ -233,7 +241,7 @@ def classify_run(
     ends_low = _finite(end_level) and _finite(rb_end) and end_level < cfg.final_ratio * rb_end
     end_text = f"{_pct(end_level / rb_end)} of its running best" if ends_low else ""
 
-    bad_curve = [i + 1 for i, v in enumerate(values) if not _finite(v)]
+    bad_curve = [e for e, v in zip(at, values, strict=True) if not _finite(v)]
     bad_loss = [i + 1 for i, v in enumerate(loss_values) if not _finite(v)]
     events = collapse.events
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from typing import Any
 
-from yoloqat.config import Config
+from yoloqat.config import Config, QATConfig
 from yoloqat.curves.keys import (
     BNRE,
     DAMP,
@@ -25,6 +26,8 @@ from yoloqat.paths import (
     QAT_DIR,
     QAT_LAST_STEM,
     QAT_LAYER_CSV,
+    QAT_MECHANISM,
+    QAT_MECHANISM_CSV,
     QAT_RESULTS,
 )
 from yoloqat.provenance import fresh_outputs, run_metadata, write_json
@@ -60,6 +63,22 @@ def init_model_arg(cfg: Config) -> str:
     return str(path)
 
 
+def freeze_threshold_warning(q: QATConfig) -> str | None:
+    """One line when freezing's lowest threshold is under twice the tracker's momentum.
+
+    A warning, not an error: the earlier remedies runs froze at 0.01 = the momentum, and
+    replicating them must stay possible."""
+    if q.freeze_threshold <= 0:
+        return None
+    lowest = q.freeze_threshold if q.freeze_threshold_end is None else q.freeze_threshold_end
+    if lowest >= 2 * q.osc_momentum:
+        return None
+    key = "qat.freeze_threshold" if q.freeze_threshold_end is None else "qat.freeze_threshold_end"
+    return (f"{key}={lowest:g} is under 2x the oscillation tracker's momentum ({q.osc_momentum:g}): "
+            f"a weight that oscillates twice within ~{1 / q.osc_momentum:.0f} steps freezes "
+            f"(Nagel et al.'s code advises a threshold of at least 2-3x the momentum)")
+
+
 def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, Any]:
     """The end-of-run figures of the remedies that are on (their settings are the run's params,
     in metadata.json)."""
@@ -87,10 +106,29 @@ def repair_summary(cfg: Config, logger: EpochLogger) -> dict[str, Any]:
     return out
 
 
+def write_mechanism(probe: Any, batches: int) -> None:
+    """results/qat/mechanism.json (every epoch's per-layer detail and worst layers) and
+    mechanism.csv (long-format plot data); both exist, empty, when the measurement is off."""
+    import csv
+
+    from yoloqat.train.mechanism import CSV_COLUMNS, document_text
+
+    doc = {"mechanism_batches": batches, **(probe.document() if probe is not None else {"epochs": []})}
+    QAT_MECHANISM.parent.mkdir(parents=True, exist_ok=True)
+    QAT_MECHANISM.write_text(document_text(doc))
+    with QAT_MECHANISM_CSV.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(probe.csv_rows() if probe is not None else [])
+
+
 def train_qat(cfg: Config) -> dict[str, Any]:
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
     model_arg = init_model_arg(cfg)  # a bad checkpoint fails here, before any output exists
+    note = freeze_threshold_warning(cfg.qat)
+    if note is not None:
+        print(f"qat: warning: {note}", file=sys.stderr)
     require_dataset()
     fresh_outputs(QAT_DIR, QAT_RESULTS)
     t0 = time.time()
@@ -115,6 +153,7 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     QAT_LAYER_CSV.parent.mkdir(parents=True, exist_ok=True)
     if tracker is not None:
         tracker.write_layer_csv(QAT_LAYER_CSV)
+    write_mechanism(trainer.mechanism, cfg.qat.mechanism_batches)
     steps = int(trainer.ema.updates) if trainer.ema is not None else 0
     curve = logger.curve()
     curve50 = logger.curve(PRIMARY_MAP50)
@@ -145,6 +184,8 @@ def train_qat(cfg: Config) -> dict[str, Any]:
         summary["repair_seconds"] = round(trainer.repair_seconds, 1)
         rest = summary["seconds"] - summary["repair_seconds"]
         summary["repair_time_ratio"] = round(summary["seconds"] / rest, 2) if rest > 0 else None
+    if trainer.mechanism is not None:
+        summary["mechanism_seconds"] = round(trainer.mechanism.seconds, 1)
     logger.finish(summary)
     write_json(
         QAT_DIR / "metadata.json",

@@ -49,6 +49,10 @@ SUMMARY_KEYS = (
     "osc/mean_freq",
 )
 
+# Nagel's tracker momentum m (the EMA of oscillations): the QAT trainer's tracker uses it, and
+# the freezing thresholds are judged against it (quant/freezing.py)
+DEFAULT_MOMENTUM = 0.01
+
 LAYER_COLUMNS = (
     "name",
     "bits",
@@ -449,7 +453,7 @@ class OscillationTracker:
     def __init__(
         self,
         model: nn.Module,
-        momentum: float = 0.01,
+        momentum: float = DEFAULT_MOMENTUM,
         threshold: float = 0.005,
         boundary: float = 0.05,
         every: int = 1,

@@ -69,6 +69,23 @@ def scale_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def scale_ratios(model: nn.Module, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``|s| / |s_initial|`` (float64, flat) of every learned scale named in ``initial``, by the
+    name of its quantized conv (one value per tensor or per channel).  Matched by name, trainable
+    or not: an EMA copy's parameters do not require gradients."""
+    out: dict[str, torch.Tensor] = {}
+    for conv, q in quant_convs(model):
+        parts = [
+            p.detach().abs().double() / initial[key].abs().double().clamp_min(1e-30)
+            for pname, p in q.weight_quant.named_parameters()
+            if (key := f"{conv}.weight_quant.{pname}") in initial
+        ]
+        if parts:
+            out[conv] = torch.cat([r.reshape(-1) for r in parts])
+    return out
+
+
+@torch.no_grad()
 def scale_ratio_stats(model: nn.Module, initial: dict[str, torch.Tensor]) -> dict[str, float]:
     """How far the learned scales moved from ``initial``: geometric mean and minimum of
     ``|s| / |s_initial|`` over every scale value (``scale/ratio_geomean``, ``scale/ratio_min``).
@@ -77,12 +94,8 @@ def scale_ratio_stats(model: nn.Module, initial: dict[str, torch.Tensor]) -> dic
     but weight decay moves a per-tensor learned scale's magnitude; a steady fall of the geometric
     mean is that decay at work (reports/README.md, "Looking for the collapse").
     """
-    logs = []
-    for name, _, p in scale_parameters(model):
-        if name in initial:
-            ratio = p.detach().abs().double() / initial[name].abs().double().clamp_min(1e-30)
-            logs.append(ratio.clamp_min(1e-300).log().reshape(-1))
-    if not logs:
+    ratios = list(scale_ratios(model, initial).values())
+    if not ratios:
         return {}
-    flat = torch.cat(logs)
+    flat = torch.cat(ratios).clamp_min(1e-300).log()
     return {"scale/ratio_geomean": float(flat.mean().exp()), "scale/ratio_min": float(flat.min().exp())}

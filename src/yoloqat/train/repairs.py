@@ -62,12 +62,15 @@ def score_repairs(
     calib: Callable[[], Any],
     score: Callable[[nn.Module], dict[str, float | None]],
     device: torch.device,
+    inspect_bnre: Callable[[str, nn.Module], None] | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """``{repair_group(name, repair): score(repaired copy)}`` for every model and repair.
 
     ``bn_images`` returns a fresh iterator over the BN re-estimation images (the same images on
-    every call), ``calib`` the calibration loader, ``score`` the validation of a model.  The
-    models themselves are never changed."""
+    every call), ``calib`` the calibration loader, ``score`` the validation of a model.
+    ``inspect_bnre(name, copy)`` is called on each BN-re-estimated copy before it is scored or
+    corrected (the mechanism measurements; it must leave the copy as it is).  The models
+    themselves are never changed."""
     from yoloqat.quant.bn_reestimate import reestimate_bn
     from yoloqat.quant.convert import constant_quant_weights
 
@@ -79,6 +82,8 @@ def score_repairs(
             bnre = copy.deepcopy(model)
             with constant_quant_weights(bnre):
                 reestimate_bn(bnre, islice(bn_images(), plan.bn_batches), plan.bn_batches)
+                if inspect_bnre is not None:
+                    inspect_bnre(name, bnre)
                 if "bnre" in plan.repairs:
                     out[repair_group(name, "bnre")] = score(bnre.eval())
                 if "bnre_qc" in plan.repairs:

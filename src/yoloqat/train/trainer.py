@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -30,8 +28,15 @@ from yoloqat.config_checks import Bool, Text, build, param
 from yoloqat.curves.keys import BNRE_PREFIX, MAP, MAP50, OSC, series, val_group
 from yoloqat.numbers import finite_or_none
 from yoloqat.quant.convert import QuantRecipe, quantize_model, set_fake_quant_mode
-from yoloqat.quant.ema import make_ema
 from yoloqat.train.offline_setup import disk_cache_dir, offline_amp_check, redirect_disk_cache
+from yoloqat.train.qat_setup import (
+    install_dampening,
+    install_ema,
+    install_tracker,
+    move_to_group,
+    snapshot_scales,
+)
+from yoloqat.train.rng import preserved_rng
 
 SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
 
@@ -119,27 +124,6 @@ def _stop_on_nonfinite_loss(trainer: Any) -> None:
         trainer.stop = True
 
 
-def _install_ema(trainer: Any) -> None:
-    """Replace Ultralytics' always-on EMA with the one the experiment asks for."""
-    s: QATSettings = trainer.qat_settings
-    trainer.ema = make_ema(trainer.model, enabled=s.ema, decay=s.qat.ema_decay, tau=s.qat.ema_tau)
-
-
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Run a block without moving Python's, NumPy's or torch's (CPU and CUDA) random state."""
-    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
 def _map_pair(metrics: dict[str, Any]) -> dict[str, float | None]:
     return {
         MAP: finite_or_none(metrics.get(f"metrics/{MAP}(B)")),
@@ -178,25 +162,27 @@ class QATTrainer(FPTrainer):
         self._bnre_loader: Any = None
         self._repair_loaders: dict[str, Any] = {}  # "bn" (training split) and "calib"
         self.repair_seconds = 0.0  # wall time spent on the repair curves, for their cost
+        self._repairs_pending = False  # a validation ran whose repair curves are not scored yet
         self.initial_scales: dict[str, torch.Tensor] = {}  # learned scales at the start
+        self.mechanism: Any = None  # train.mechanism.MechanismProbe, built at the first validation
+        self.mechanism_row: dict[str, float] = {}  # this epoch's mechanism series
         super().__init__(*args, **kwargs)
-        self.add_callback("on_pretrain_routine_end", _install_ema)
-        self.add_callback("on_pretrain_routine_end", _install_tracker)
-        self.add_callback("on_pretrain_routine_end", _install_dampening)
-        self.add_callback("on_pretrain_routine_end", _snapshot_scales)
+        for install in (install_ema, install_tracker, install_dampening, snapshot_scales):
+            self.add_callback("on_pretrain_routine_end", install)
+        # before any callback added later (the stage's epoch logger reads paired_metrics)
+        self.add_callback("on_fit_epoch_end", QATTrainer._score_repairs)
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         model = quantize_model(super().get_model(cfg=cfg, weights=weights, verbose=verbose), self.recipe)
-        q = self.qat_settings.qat
-        set_fake_quant_mode(model, q.fake_quant)
-        if self.recipe.scaling != "maxabs" and q.lsq_grad_scale:
+        set_fake_quant_mode(model, self.qat_settings.qat.fake_quant)
+        if self.recipe.scaling != "maxabs" and self.qat_settings.qat.lsq_grad_scale:
             from yoloqat.quant.scales import register_lsq_grad_scale
 
             register_lsq_grad_scale(model)
-        if q.bn_momentum is not None:
+        if self.qat_settings.qat.bn_momentum is not None:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = q.bn_momentum
+                    m.momentum = self.qat_settings.qat.bn_momentum
         return model
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -231,6 +217,7 @@ class QATTrainer(FPTrainer):
     def validate(self) -> tuple[Any, Any]:
         metrics, fitness = super().validate()
         self.paired_metrics = {}
+        self.mechanism_row = {}
         if metrics is None:
             return metrics, fitness
         if self.qat_settings.ema:
@@ -240,11 +227,64 @@ class QATTrainer(FPTrainer):
             self.paired_metrics[val_group("live")] = _map_pair(metrics)
         if self.qat_settings.qat.bn_reestimate > 0:
             self.paired_metrics[val_group(BNRE_PREFIX)] = self._validate_bnre()
-        if self.qat_settings.qat.repair_curves:
-            t0 = time.perf_counter()
-            self.paired_metrics.update(self._validate_repairs())
-            self.repair_seconds += time.perf_counter() - t0
+        if self.qat_settings.qat.mechanism_batches > 0 and RANK in {-1, 0}:
+            self.mechanism_row = self._measure_mechanism()
+        self._repairs_pending = bool(self.qat_settings.qat.repair_curves)
         return metrics, fitness
+
+    def _score_repairs(self) -> None:
+        """The repair curves of a validated epoch, when ``qat.repair_every`` schedules them:
+        every k-th epoch and the epoch training stops at.  Run at ``on_fit_epoch_end``, before
+        the epoch logger, because only then is the stop known (the planned last epoch, early
+        stopping or the time limit all set ``self.stop`` after validation)."""
+        if not self._repairs_pending:
+            return
+        self._repairs_pending = False
+        epoch = int(self.epoch) + 1
+        if epoch % self.qat_settings.qat.repair_every and not self.stop:
+            return
+        t0 = time.perf_counter()
+        measured = self.mechanism.seconds if self.mechanism is not None else 0.0
+        self.paired_metrics.update(self._validate_repairs())
+        # the BN-re-estimated copy's mechanism is measured inside; its time is the probe's
+        measured = (self.mechanism.seconds if self.mechanism is not None else 0.0) - measured
+        self.repair_seconds += time.perf_counter() - t0 - measured
+
+    def _measure_models(self) -> dict[str, nn.Module]:
+        models = {"live": unwrap_model(self.model)}
+        if self.qat_settings.ema:
+            models["ema"] = self.ema.ema
+        return models
+
+    def _measure_mechanism(self) -> dict[str, float]:
+        """This epoch's mechanism series of the live and EMA models (train/mechanism.py), with
+        the random state restored: training is unchanged."""
+        from yoloqat.train.mechanism import (
+            AUGMENTED,
+            PLAIN,
+            MechanismProbe,
+            augmented_batches,
+            first_batches,
+        )
+
+        n = self.qat_settings.qat.mechanism_batches
+        row: dict[str, float] = {}
+        with preserved_rng():
+            if self.mechanism is None:
+                self.mechanism = MechanismProbe(
+                    images={PLAIN: first_batches(self._repair_loader("train", int(self.batch_size)), n),
+                            AUGMENTED: augmented_batches(self, n, seed=int(self.args.seed))},
+                    initial_scales=self.initial_scales, device=self.device)
+            for name, model in self._measure_models().items():
+                row.update(self.mechanism.measure(self.epoch + 1, name, model))
+        return row
+
+    def _measure_bnre_copy(self, name: str, model: nn.Module) -> None:
+        """The mechanism of the deployed model's BN-re-estimated repair copy (called by
+        score_repairs, inside its preserved random state)."""
+        deployed = "ema" if self.qat_settings.ema else "live"
+        if self.mechanism is not None and name == deployed:
+            self.mechanism_row.update(self.mechanism.measure(self.epoch + 1, name, model, bnre=True))
 
     def _validate_repairs(self) -> dict[str, dict[str, float | None]]:
         """The repair curves of this epoch (train/repairs.py), on copies of the live and EMA
@@ -253,13 +293,11 @@ class QATTrainer(FPTrainer):
 
         s = self.qat_settings
         plan = RepairPlan(s.qat.repair_curves, s.qat.repair_bn_batches, s.correction)
-        models = {"live": unwrap_model(self.model)}
-        if s.ema:
-            models["ema"] = self.ema.ema
+        inspect = self._measure_bnre_copy if self.mechanism is not None else None
         with preserved_rng():
-            return score_repairs(models, plan, self._repair_bn_images,
+            return score_repairs(self._measure_models(), plan, self._repair_bn_images,
                                  lambda: self._repair_loader("calib", s.correction.batch),
-                                 self._score_copy, self.device)
+                                 self._score_copy, self.device, inspect_bnre=inspect)
 
     def _repair_loader(self, split: str, batch: int) -> Any:
         """An augmentation-free, fixed-order loader over ``split``, rewound on every call so that
@@ -339,12 +377,14 @@ class QATTrainer(FPTrainer):
             row.update(self.tracker.epoch_summary())
         if self.freezer is not None:
             row[series(OSC, "frac_frozen")] = self.freezer.frac_frozen()
+            row[series(OSC, "freeze_threshold")] = self.freezer.last_threshold  # None: not freezing yet
         if self.dampening is not None:
             row.update(self.dampening.pop_stats())
         if self.initial_scales:
             from yoloqat.quant.scales import scale_ratio_stats
 
             row.update(scale_ratio_stats(unwrap_model(self.model), self.initial_scales))
+        row.update(self.mechanism_row)
         return row
 
     def save_model(self) -> bool:
@@ -385,63 +425,3 @@ class QATTrainer(FPTrainer):
         # Ultralytics' final_eval reloads best.pt and rewrites it in fp16; the QAT checkpoints
         # are Brevitas state_dicts, evaluated by the qc/evaluate stages instead.
         return None
-
-
-def move_to_group(
-    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], label: str, weight_decay: float = 0.0
-) -> None:
-    """Take ``params`` out of their groups and add them as one group with ``weight_decay``.
-
-    The new group copies the settings (lr, betas / momentum) of the group they came from, with
-    Ultralytics' ``param_group`` label, so warm-up and the lr schedule treat it like the rest."""
-    if not params:
-        return
-    ids = {id(p) for p in params}
-    source: dict[str, Any] | None = None
-    for group in optimizer.param_groups:
-        kept = [p for p in group["params"] if id(p) not in ids]
-        if len(kept) != len(group["params"]):
-            source = source or group
-            group["params"] = kept
-    if source is None:
-        raise ValueError("none of the parameters is in the optimizer")
-    settings = {k: v for k, v in source.items() if k != "params"}
-    optimizer.add_param_group({**settings, "params": list(params), "weight_decay": weight_decay, "param_group": label})
-
-
-def _snapshot_scales(trainer: QATTrainer) -> None:
-    from yoloqat.quant.scales import scale_snapshot
-
-    trainer.initial_scales = scale_snapshot(unwrap_model(trainer.model))
-
-
-def _install_tracker(trainer: QATTrainer) -> None:
-    from yoloqat.quant.oscillation import OscillationTracker
-
-    s = trainer.qat_settings
-    # Freezing acts on the weights, so every DDP rank must take the same decisions: each keeps
-    # its own tracker (the weights are identical on all ranks).  Without freezing only the rank
-    # that logs needs one.
-    if RANK in {-1, 0} or s.qat.freeze_threshold > 0:
-        trainer.tracker = OscillationTracker(
-            unwrap_model(trainer.model), momentum=s.qat.osc_momentum, every=s.qat.track_every,
-            headline_bits=trainer.recipe.bits,
-        )
-    if s.qat.freeze_threshold > 0:
-        from yoloqat.quant.freezing import WeightFreezer
-
-        trainer.freezer = WeightFreezer(trainer.tracker, s.qat.freeze_threshold)
-
-
-def _install_dampening(trainer: QATTrainer) -> None:
-    q = trainer.qat_settings.qat
-    if q.dampening <= 0:
-        return
-    from yoloqat.quant.dampening import DampenedCriterion, Dampening
-
-    model = unwrap_model(trainer.model)
-    if getattr(model, "criterion", None) is None:
-        model.criterion = model.init_criterion()
-    total = int(trainer.epochs) * len(trainer.train_loader)
-    trainer.dampening = Dampening(model, q.dampening, ramp=q.dampening_ramp, total_steps=total)
-    model.criterion = DampenedCriterion(model.criterion, trainer.dampening)
