@@ -10,7 +10,7 @@ them by reference with the trainer's callbacks.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,11 +19,8 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from yoloqat.quant.ema import make_ema
 
-if TYPE_CHECKING:
-    from yoloqat.train.trainer import QATTrainer
 
-
-def install_ema(trainer: QATTrainer) -> None:
+def install_ema(trainer: Any) -> None:
     """Replace Ultralytics' always-on EMA with the one the experiment asks for."""
     s = trainer.qat_settings
     trainer.ema = make_ema(trainer.model, enabled=s.ema, decay=s.qat.ema_decay, tau=s.qat.ema_tau)
@@ -56,13 +53,13 @@ def move_to_group(
     )
 
 
-def snapshot_scales(trainer: QATTrainer) -> None:
+def snapshot_scales(trainer: Any) -> None:
     from yoloqat.quant.scales import scale_snapshot
 
     trainer.initial_scales = scale_snapshot(unwrap_model(trainer.model))
 
 
-def install_tracker(trainer: QATTrainer) -> None:
+def install_tracker(trainer: Any) -> None:
     from yoloqat.quant.oscillation import OscillationTracker
 
     s = trainer.qat_settings.qat
@@ -88,14 +85,14 @@ def install_tracker(trainer: QATTrainer) -> None:
         )
 
 
-def optimizer_steps(trainer: QATTrainer) -> int:
+def optimizer_steps(trainer: Any) -> int:
     """The optimizer steps of the whole run: one per ``accumulate`` batches (Ultralytics' nominal
     batch; during warm-up it steps more often, so the annealing ends a little early then)."""
     per_epoch = math.ceil(len(trainer.train_loader) / max(int(trainer.accumulate), 1))
     return int(trainer.epochs) * per_epoch
 
 
-def install_dampening(trainer: QATTrainer) -> None:
+def install_dampening(trainer: Any) -> None:
     s = trainer.qat_settings.qat
     if s.dampening <= 0:
         return
