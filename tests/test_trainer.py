@@ -387,6 +387,7 @@ def test_osc_momentum_reaches_every_tracked_layer_of_the_trainer():
     for momentum in (0.01, 0.05):
         trainer = QATTrainer.__new__(QATTrainer)
         trainer.model, trainer.recipe, trainer.freezer = model, QuantRecipe(), None
+        trainer.train_loader, trainer.accumulate, trainer.epochs = range(4), 1, 1  # 4 steps
         trainer.qat_settings = QATSettings(QATConfig(osc_momentum=momentum, freeze_threshold=0.2))
         install_tracker(trainer)
         assert [state.momentum for *_, state in trainer.tracker.layers] == [momentum, momentum]
