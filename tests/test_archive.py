@@ -236,3 +236,17 @@ def test_an_archive_archives_again_byte_for_byte(live, tmp_path):
     again = archive_runs(["s0", "s1"], tmp_path / "b", records=read_archive(tmp_path / "a"))
     for path, _ in again:
         assert path.read_bytes() == (tmp_path / "a" / path.name).read_bytes()
+
+
+def test_ladder_from_an_archive_writes_reports_only_where_out_says(live, tmp_path, capsys):
+    """Archived runs are another study's evidence: without --out the ladder prints its tables and
+    leaves the committed reports/ladder alone; with --out it writes there."""
+    runs = tmp_path / "runs"
+    archive_runs(["s0", "s1", "s2"], runs)
+    params = ["--params", str(tmp_path / "none.yaml"), "--repo", str(tmp_path)]
+    assert main(["ladder", "--from", str(runs), *params]) == 0, capsys.readouterr().err
+    assert "reports: not written for archived runs (--from); pass --out DIR" in capsys.readouterr().out
+    assert not (tmp_path / "reports").exists()
+    out = tmp_path / "elsewhere"
+    assert main(["ladder", "--from", str(runs), "--out", str(out), *params]) == 0
+    assert sorted(p.suffix for p in out.iterdir()) and (out / "yolo10n.md").is_file()

@@ -506,3 +506,12 @@ def test_queued_dvc_experiments_end_up_in_the_ladder(tmp_path, monkeypatch, caps
     md = (repo / "reports" / "ladder" / "yolo10n.md").read_text()
     assert len(written) == 3 and "could not be read" not in md
     assert "incomplete (2/3 seeds, 0 queued)" in md
+
+
+def test_the_fp_seed_is_pooled_like_the_seed():
+    """Seed 0 with fp.seed null (FP seed = seed) and seed 1 from that same FP model (fp.seed 0)
+    are two seeds of one setting, not two settings of one seed each."""
+    runs = [fake(seed=0, extra_params={"fp.seed": None}), fake(seed=1, extra_params={"fp.seed": 0}),
+            fake(seed=2, extra_params={"fp.seed": 0, "qat.lrf": 0.5})]
+    groups = group_runs(runs)
+    assert sorted([r.seed for r in g.runs] for g in groups) == [[0, 1], [2]]

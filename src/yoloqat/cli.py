@@ -106,7 +106,11 @@ def ladder_main(argv: list[str]) -> int:
                 print(endpoint_table.ladder_text(ends))
                 print()
             print("\n".join(decision.lines()))
-        if not args.no_report:
+        # archived runs are another study's evidence: written only where --out says
+        archived_only = args.archive and not args.out
+        if archived_only and not args.no_report:
+            messages.append("reports: not written for archived runs (--from); pass --out DIR")
+        if not args.no_report and not archived_only:
             from yoloqat.analysis.report import write_reports
 
             out = Path(args.out) if args.out else repo / LADDER_REPORTS

@@ -65,8 +65,10 @@ from yoloqat.numbers import finite_number, fixed
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
 # What the ladder varies within a setting (the seeds, EMA / QC on or off of one seed's runs) and
 # across rungs (the model): kept out of a Setting's values, which hold every other setting param
-# (experiments.is_setting_param).
-POOLED_AXES = frozenset({"seed", "ema", "qc", "model"})
+# (experiments.is_setting_param).  fp.seed is a seed too: a grid over QAT seeds from one FP model
+# (fp.seed fixed) and runs whose FP seed follows seed (fp.seed null) draw from the same setting,
+# and seed 0 with fp.seed null is the very run seed 0 with fp.seed 0.
+POOLED_AXES = frozenset({"seed", "fp.seed", "ema", "qc", "model"})
 
 PASSED, FAILED_RUNG, NO_FAILURE = "passed", "failed", "no_failure"
 INCOMPLETE, NOT_STARTED = "incomplete", "not_started"
