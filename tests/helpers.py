@@ -23,8 +23,16 @@ TINY = {
 }
 
 
+def default_params() -> dict[str, Any]:
+    """A params.yaml's contents built from the config's defaults, not read from the checkout's
+    params.yaml (which ``dvc exp run`` rewrites); tests/test_layout.py checks the two agree."""
+    from yoloqat.config import Config
+
+    return Config().as_dict()
+
+
 def tiny_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = default_params()
     for block, values in {**TINY, **(overrides or {})}.items():
         if isinstance(values, dict):
             raw.setdefault(block, {}).update(values)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import committed_params_file, committed_params_text
+from tests.helpers import default_params
 from yoloqat.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def write_params(tmp_path: Path, **changes) -> Path:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = default_params()
     for dotted, value in changes.items():
         *parents, leaf = dotted.split("__")
         node = raw
@@ -28,14 +28,13 @@ def write_params(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def test_repo_params_load_with_documented_defaults(tmp_path):
-    cfg = load_config(committed_params_file(tmp_path))
+def test_default_params_load_with_documented_defaults(tmp_path):
+    cfg = load_config(write_params(tmp_path))
     assert isinstance(cfg, Config)
     assert cfg.model == "yolo10n" and cfg.ema is True and cfg.qc is True and cfg.seed == 0
     assert cfg.data.source == "synthetic" and cfg.data.imgsz % 32 == 0
     assert cfg.qat.bits == 4 and cfg.qat.edge_bits == 4
     assert cfg.root == tmp_path
-    assert load_config(REPO / "params.yaml").root == REPO  # whatever experiment it holds now
 
 
 @pytest.mark.parametrize(
@@ -183,7 +182,7 @@ def test_input_pipeline_values_that_are_allowed(tmp_path):
     assert (cfg.deterministic, cfg.cache, cfg.fp.workers, cfg.qat.workers, cfg.fp.amp) == (
         False, "disk", "auto", 3, True)
     assert load_config(write_params(tmp_path, cache="ram")).cache == "ram"
-    default = load_config(committed_params_file(tmp_path / "committed"))
+    default = load_config(write_params(tmp_path))
     assert (default.deterministic, default.cache, default.fp.amp) == (True, False, False)
 
 
@@ -302,16 +301,17 @@ def test_a_key_set_away_from_its_default_beats_the_preset(tmp_path):
 
 def test_preset_none_changes_nothing(tmp_path):
     none = load_config(write_params(tmp_path, preset="none"))
-    assert none.as_dict() == load_config(committed_params_file(tmp_path / "committed")).as_dict()
+    assert none.as_dict() == Config().as_dict()
 
 
 def test_scientific_notation_written_by_dvc_is_a_number(tmp_path):
     """`dvc exp run -S qat.dampening=1e-5` writes `1e-05`, which PyYAML reads as a string."""
-    path = tmp_path / "params.yaml"
-    path.write_text(committed_params_text().replace("dampening: 0.0 ", "dampening: 1e-05 "))
+    path = write_params(tmp_path)
+    text = path.read_text()
+    path.write_text(text.replace("dampening: 0.0\n", "dampening: 1e-05\n"))
     assert yaml.safe_load(path.read_text())["qat"]["dampening"] == "1e-05"
     assert load_config(path).qat.dampening == 1e-05
-    path.write_text(committed_params_text().replace("dampening: 0.0 ", "dampening: 1e-x "))
+    path.write_text(text.replace("dampening: 0.0\n", "dampening: 1e-x\n"))
     with pytest.raises(ConfigError, match=r"qat.dampening='1e-x'"):
         load_config(path)
 
@@ -378,7 +378,7 @@ def test_remedy_settings_reject_impossible_values_in_one_line(tmp_path, change, 
 
 
 def test_remedy_defaults_leave_dampening_and_freezing_off_and_repairs_every_epoch(tmp_path):
-    q = load_config(REPO / "params.yaml").qat
+    q = load_config(write_params(tmp_path)).qat
     assert (q.dampening, q.dampening_form, q.freeze_threshold, q.freeze_threshold_end) == (0.0, "weight", 0.0, None)
     assert (q.freeze_anneal_start, q.repair_every) == (0.25, 1)
     q = load_config(write_params(tmp_path, qat__freeze_threshold=0.1, qat__freeze_threshold_end="3e-2",
@@ -399,7 +399,7 @@ def test_mechanism_batches_is_a_count_of_batches_in_one_line(tmp_path, bad):
 
 
 def test_mechanism_is_off_by_default_and_on_in_collapse_cpu(tmp_path):
-    assert load_config(REPO / "params.yaml").qat.mechanism_batches == 0
+    assert load_config(write_params(tmp_path)).qat.mechanism_batches == 0
     assert load_config(write_params(tmp_path, preset="collapse_cpu")).qat.mechanism_batches == 2
     assert load_config(write_params(tmp_path, qat__mechanism_batches=3)).qat.mechanism_batches == 3
 

@@ -14,13 +14,13 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import committed_params, committed_params_file, copy_repo, run, tiny_params
+from tests.helpers import copy_repo, default_params, run, tiny_params
 from yoloqat.config import ConfigError, load_config
 from yoloqat.provenance import resolved_params_doc, write_resolved_params
 
 
 def _params(tmp_path, **fp):
-    raw = committed_params()
+    raw = default_params()
     raw["fp"].update(fp)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -37,9 +37,9 @@ def test_bad_fp_seed_is_one_line_naming_key_value_and_allowed(tmp_path, value):
 
 
 def test_fp_seed_defaults_to_seed_and_a_fixed_one_wins(tmp_path):
-    cfg = load_config(committed_params_file(tmp_path / "committed"))
+    cfg = load_config(_params(tmp_path))
     assert cfg.fp.seed is None and cfg.fp_seed == cfg.seed == 0
-    raw = committed_params()
+    raw = default_params()
     raw["seed"] = 3
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(raw))
     assert load_config(tmp_path / "a.yaml").fp_seed == 3
@@ -49,7 +49,7 @@ def test_fp_seed_defaults_to_seed_and_a_fixed_one_wins(tmp_path):
 
 
 def test_resolved_file_has_the_presets_values_and_the_fp_seed(tmp_path):
-    raw = committed_params()
+    raw = default_params()
     raw.update({"preset": "reference", "seed": 4})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "params.yaml")
@@ -75,7 +75,7 @@ def test_fp_training_uses_the_fp_seed(tmp_path, monkeypatch):
     from yoloqat.train import overrides
 
     monkeypatch.setattr(overrides, "require_dataset", lambda: tmp_path / "dataset.yaml")
-    raw = committed_params()
+    raw = default_params()
     raw["seed"], raw["fp"]["seed"] = 2, 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "params.yaml")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, default_params
 from yoloqat.config import load_config
 from yoloqat.offline import configure_offline
 from yoloqat.train.overrides import device_is_cuda, resolve_workers, ultralytics_overrides
@@ -42,7 +42,7 @@ def test_device_is_cuda():
 def _overrides(tmp_path, monkeypatch, **changes):
     import yaml
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = default_params()
     raw.update(changes)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "params.yaml")
@@ -120,7 +120,7 @@ def test_offline_amp_check_grants_amp_on_cuda_without_any_download(no_network_an
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import checks
 
-    from yoloqat.train.trainer import offline_amp_check, offline_check_amp
+    from yoloqat.train.offline_setup import offline_amp_check, offline_check_amp
 
     # The patch only works while Ultralytics' set-up looks ``check_amp`` up in its trainer
     # module's globals: the binding exists, is Ultralytics' check, and the _setup_train the
@@ -140,7 +140,7 @@ def test_offline_amp_check_grants_amp_on_cuda_without_any_download(no_network_an
 
 
 def test_offline_amp_check_refuses_the_gpus_ultralytics_refuses(no_network_and_a_cuda_h200, monkeypatch):
-    from yoloqat.train.trainer import offline_check_amp
+    from yoloqat.train.offline_setup import offline_check_amp
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA GeForce GTX 1660")
     assert offline_check_amp(_FakeCudaModel()) is False
@@ -212,7 +212,7 @@ def test_disk_cache_goes_to_the_state_folder_not_next_to_the_images(tiny_dataset
     from ultralytics.data.build import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
-    from yoloqat.train.trainer import redirect_disk_cache
+    from yoloqat.train.offline_setup import redirect_disk_cache
 
     data = check_det_dataset(str(tiny_dataset))
     args = get_cfg(overrides={"imgsz": 64, "cache": False})

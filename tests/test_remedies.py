@@ -154,7 +154,7 @@ def test_dampening_sums_layers_and_ramps_lambda():
 
 
 def test_dampened_criterion_adds_batch_size_times_penalty_only_in_training():
-    from yoloqat.train.trainer import DampenedCriterion
+    from yoloqat.quant.dampening import DampenedCriterion
 
     class Base:
         updated = False
@@ -338,7 +338,7 @@ def _optimizer(model: nn.Module, scale_weight_decay: float = 0.0) -> torch.optim
 
     trainer = QATTrainer.__new__(QATTrainer)  # build_optimizer needs no dataset
     trainer.freezer = None
-    trainer.qat_settings = SimpleNamespace(scale_weight_decay=scale_weight_decay)
+    trainer.qat_settings = SimpleNamespace(qat=SimpleNamespace(scale_weight_decay=scale_weight_decay))
     return trainer.build_optimizer(model, name="AdamW", lr=1e-3, momentum=0.9, decay=5e-4)
 
 
@@ -424,3 +424,7 @@ def test_freezing_under_twice_the_tracker_momentum_is_a_warning_naming_the_key()
         "of at least 2-3x the momentum)")
     assert freeze_threshold_warning(
         QATConfig(freeze_threshold=0.1, freeze_threshold_end=0.015)).startswith("qat.freeze_threshold_end=0.015 ")
+    # the tracker's momentum is qat.osc_momentum
+    assert freeze_threshold_warning(QATConfig(freeze_threshold=0.03, osc_momentum=0.02)).startswith(
+        "qat.freeze_threshold=0.03 is under 2x the oscillation tracker's momentum (0.02): a weight "
+        "that oscillates twice within ~50 steps")

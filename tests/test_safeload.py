@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import committed_params
 from yoloqat.offline import configure_offline
 
 configure_offline()
 
 from ultralytics.nn.tasks import DetectionModel
 
+from tests.helpers import default_params
 from yoloqat.errors import CheckpointError
 from yoloqat.quant.checkpoint import (
     check_start_checkpoint,
@@ -289,7 +289,7 @@ def test_an_ultralytics_checkpoint_whose_yaml_runs_code_is_refused(tmp_path, yol
 
 
 def _params(root: Path, **changes) -> Path:
-    raw = committed_params()
+    raw = default_params()
     raw["fp"]["control"] = False  # export's FP input is models/fp/best.pt
     for dotted, value in changes.items():
         block, key = dotted.split(".")

@@ -29,11 +29,10 @@ def tiny_dataset(tmp_path_factory):
 def test_ddp_launch_file_reimports_trainer_and_quantizes_in_the_worker(tiny_dataset, tmp_path):
     from ultralytics.utils.dist import generate_ddp_file
 
-    from yoloqat.quant.convert import QuantRecipe
+    from yoloqat.config import QATConfig
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
-    settings = QATSettings(recipe=QuantRecipe(bits=3, edge_bits=8).to_dict(), ema=False,
-                           ema_decay=0.99, ema_tau=60.0, track_every=1, out_dir=str(tmp_path / "q"))
+    settings = QATSettings(QATConfig(bits=3, first_last_bits=8), ema=False, out_dir=str(tmp_path / "q"))
     trainer = QATTrainer(
         overrides={"model": "yolov10n.yaml", "data": str(tiny_dataset), "imgsz": 64, "epochs": 1,
                    "device": "cpu", "project": str(tmp_path), "name": "ddp", "plots": False},
@@ -129,8 +128,8 @@ def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_u
     for n in names:
         assert _tsv(qat_repo, n).splitlines()[1:] == plain_tsv[n], n
     assert bnre["best"] == plain["best"]
-    meta = json.loads((qat_repo / "models/qat/metadata.json").read_text())["summary"]
-    assert meta["bn_reestimate"] == 2
+    meta = json.loads((qat_repo / "models/qat/metadata.json").read_text())
+    assert meta["params"]["qat"]["bn_reestimate"] == 2 and "bn_reestimate" not in meta["summary"]
     assert "bnre_best" in bnre and "bnre_best" not in plain
     assert (qat_repo / "results/qat/plots/metrics/val_bnre/mAP50-95.tsv").is_file()
     model, payload = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")
@@ -148,8 +147,8 @@ def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_u
     assert both["status"] == "completed"
     # the schedule ends on the last optimizer step: the run's step count is the freezer's total
     assert _tsv(qat_repo, "osc/freeze_threshold.tsv").splitlines()[-1].split("\t")[-1] == "0.004"
-    meta = json.loads((qat_repo / "models/qat/metadata.json").read_text())["summary"]
-    assert (meta["dampening_form"], meta["freeze_threshold_end"]) == ("weight", 0.004)
+    ran = json.loads((qat_repo / "models/qat/metadata.json").read_text())["params"]["qat"]
+    assert (ran["dampening_form"], ran["freeze_threshold_end"]) == ("weight", 0.004)
     # freezing must actually fire on this tiny run (threshold 0.005), not merely be switched on
     assert 0.0 < both["frac_frozen_final"] < 1.0 and both["dampening_penalty_final"] > 0
     assert 0.0 < both["dampening_lambda_final"] <= 1e-4
@@ -234,6 +233,7 @@ def test_bn_momentum_setting_reaches_every_batchnorm_of_the_qat_model(monkeypatc
     from torch import nn
     from ultralytics.models.yolo.detect import DetectionTrainer
 
+    from yoloqat.config import QATConfig
     from yoloqat.quant.convert import QuantRecipe
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
@@ -245,15 +245,12 @@ def test_bn_momentum_setting_reaches_every_batchnorm_of_the_qat_model(monkeypatc
     monkeypatch.setattr(DetectionTrainer, "get_model", tiny)
     for momentum, expected in ((0.1, 0.1), (None, 0.03)):  # None: the model's own
         trainer = QATTrainer.__new__(QATTrainer)
-        trainer.qat_settings = QATSettings(recipe=QuantRecipe().to_dict(), ema=False, ema_decay=0.9,
-                                           ema_tau=1.0, track_every=1, out_dir=".", bn_momentum=momentum)
+        trainer.qat_settings = QATSettings(QATConfig(bn_momentum=momentum), ema=False)
         trainer.recipe = QuantRecipe()
         model = trainer.get_model()
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         assert len(bns) == 2 and all(bn.momentum == expected for bn in bns)
-    trainer.qat_settings = QATSettings(recipe=QuantRecipe().to_dict(), ema=False, ema_decay=0.9,
-                                       ema_tau=1.0, track_every=1, out_dir=".", bn_momentum=0.5,
-                                       fake_quant="batched")
+    trainer.qat_settings = QATSettings(QATConfig(bn_momentum=0.5, fake_quant="batched"), ema=False)
     model = trainer.get_model()
     assert all(bn.momentum == 0.5 for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
     assert model.fake_quant_mode == "batched"  # qat.fake_quant reaches the QAT model
@@ -307,11 +304,11 @@ def test_repair_curves_leave_training_unchanged_and_log_every_repair_of_both_mod
 def test_repair_curves_are_scored_every_kth_epoch_and_when_training_stops(every, stop_at, scored):
     """qat.repair_every: the scoring runs at on_fit_epoch_end, where Ultralytics has already
     decided whether this epoch is the last (``stop``); epochs in between log no repair value."""
+    from yoloqat.config import QATConfig
     from yoloqat.train.trainer import QATSettings, QATTrainer
 
     trainer = QATTrainer.__new__(QATTrainer)  # the scheduling alone, without a model or data
-    trainer.qat_settings = QATSettings(recipe={}, ema=True, ema_decay=0.9, ema_tau=1.0, track_every=1,
-                                       out_dir=".", repair_curves=("qc",), repair_every=every)
+    trainer.qat_settings = QATSettings(QATConfig(repair_curves=("qc",), repair_every=every))
     trainer.repair_seconds, trainer.paired_metrics, trainer.mechanism = 0.0, {}, None
     seen = []
     trainer._validate_repairs = lambda: seen.append(trainer.epoch + 1) or {"val_ema_qc": {}}
@@ -323,8 +320,6 @@ def test_repair_curves_are_scored_every_kth_epoch_and_when_training_stops(every,
     assert seen == scored
     trainer._score_repairs()  # no validation since: nothing scored twice
     assert seen == scored
-
-
 
 
 def _check_mechanism_outputs(repo, summary):
@@ -354,3 +349,46 @@ def _check_mechanism_outputs(repo, summary):
     rows = (repo / "results/qat/mechanism.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * len(groups)
     assert 0 < summary["mechanism_seconds"] < summary["seconds"]
+
+
+def test_qat_settings_travel_whole_through_the_environment(monkeypatch):
+    """What a DDP worker rebuilds equals what the stage sent, field for field (tuples, nulls and
+    'auto' included), and a value corrupted on the way is refused in params.yaml's one line."""
+    import os
+
+    from yoloqat.config import ConfigError, CorrectionConfig, QATConfig
+    from yoloqat.train.trainer import SETTINGS_ENV, QATSettings
+
+    qat = QATConfig(init="scratch", bits=3, first_last_bits=8, scaling="learned", lsq_grad_scale=True,
+                    scale_weight_decay=0.05, bn_momentum=0.1, workers="auto", nbs=16, dampening=1e-5,
+                    repair_curves=("qc", "bnre"), fake_quant="batched")
+    sent = QATSettings(qat, CorrectionConfig(lr=0.01, head=False), ema=False, out_dir="/runs/q")
+    monkeypatch.delenv(SETTINGS_ENV, raising=False)
+    sent.to_env()
+    assert QATSettings.from_env() == sent
+    monkeypatch.setenv(SETTINGS_ENV, os.environ[SETTINGS_ENV].replace('"bits": 3', '"bits": 1'))
+    with pytest.raises(ConfigError) as err:
+        QATSettings.from_env()
+    assert str(err.value) == "params: qat.bits=1 is not allowed; expected an integer in [2, 8]"
+
+
+def test_osc_momentum_reaches_every_tracked_layer_of_the_trainer():
+    """qat.osc_momentum is the momentum of the tracker's frequency EMA, the figure freezing
+    compares with its threshold."""
+    from torch import nn
+
+    from yoloqat.config import QATConfig
+    from yoloqat.quant.convert import QuantRecipe, quantize_model
+    from yoloqat.train.qat_setup import install_tracker
+    from yoloqat.train.trainer import QATSettings, QATTrainer
+
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)),
+                           QuantRecipe())
+    for momentum in (0.01, 0.05):
+        trainer = QATTrainer.__new__(QATTrainer)
+        trainer.model, trainer.recipe, trainer.freezer = model, QuantRecipe(), None
+        trainer.train_loader, trainer.accumulate, trainer.epochs = range(4), 1, 1  # 4 steps
+        trainer.qat_settings = QATSettings(QATConfig(osc_momentum=momentum, freeze_threshold=0.2))
+        install_tracker(trainer)
+        assert [state.momentum for *_, state in trainer.tracker.layers] == [momentum, momentum]
+        assert trainer.freezer.tracker is trainer.tracker

@@ -71,7 +71,7 @@ def test_check_amp_is_looked_up_in_the_trainer_module_at_set_up():
     what _setup_train calls, and the stand-in must take the same arguments."""
     import ultralytics.engine.trainer as engine
 
-    from yoloqat.train.trainer import offline_check_amp
+    from yoloqat.train.offline_setup import offline_check_amp
 
     assert callable(engine.check_amp)
     assert _params(engine.check_amp) == _params(offline_check_amp) == ["model"]

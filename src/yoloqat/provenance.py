@@ -143,9 +143,7 @@ METRIC_FLAGS = frozenset({"applied", "parity_ok", "int_weights_exact"})
 # Copies of params and run settings (params.yaml already shows them) and numerical diagnostics
 # whose tiny run-to-run changes read as meaningless differences in `dvc exp diff`.
 NOT_METRICS = frozenset({
-    "model", "ema", "qc", "seed", "bits", "edge_bits", "init", "lr", "dampening",
-    "dampening_ramp", "dampening_form", "freeze_threshold", "freeze_threshold_end",
-    "freeze_anneal_start", "bn_reestimate", "conf", "imgsz", "opset",
+    "model", "ema", "qc", "seed", "bits", "edge_bits", "init", "lr", "conf", "imgsz", "opset",
     "latency_warmup", "latency_runs", "throughput_batch", "ort_intra_op_threads", "step",
     "fold_max_rel_diff", "parity_max_abs_diff_raw", "parity_row_to_anchor_max_abs_diff",
     "parity_sorted_scores_max_abs_diff", "parity_images_same_order",

@@ -48,11 +48,6 @@ from yoloqat.train.overrides import (
 )
 
 
-def recipe_of(cfg: Config) -> QuantRecipe:
-    q = cfg.qat
-    return QuantRecipe(bits=q.bits, granularity=q.granularity, scaling=q.scaling, edge_bits=q.edge_bits)
-
-
 def init_model_arg(cfg: Config) -> str:
     """What the trainer starts from: the FP checkpoint, the bare yaml, or a user checkpoint."""
     if cfg.qat.init == "fp":
@@ -73,31 +68,22 @@ def freeze_threshold_warning(q: QATConfig) -> str | None:
 
     A warning, not an error: the earlier remedies runs froze at 0.01 = the momentum, and
     replicating them must stay possible."""
-    from yoloqat.quant.oscillation import DEFAULT_MOMENTUM
-
     if q.freeze_threshold <= 0:
         return None
     lowest = q.freeze_threshold if q.freeze_threshold_end is None else q.freeze_threshold_end
-    if lowest >= 2 * DEFAULT_MOMENTUM:
+    if lowest >= 2 * q.osc_momentum:
         return None
     key = "qat.freeze_threshold" if q.freeze_threshold_end is None else "qat.freeze_threshold_end"
-    return (f"{key}={lowest:g} is under 2x the oscillation tracker's momentum ({DEFAULT_MOMENTUM:g}): "
-            f"a weight that oscillates twice within ~{1 / DEFAULT_MOMENTUM:.0f} steps freezes "
+    return (f"{key}={lowest:g} is under 2x the oscillation tracker's momentum ({q.osc_momentum:g}): "
+            f"a weight that oscillates twice within ~{1 / q.osc_momentum:.0f} steps freezes "
             f"(Nagel et al.'s code advises a threshold of at least 2-3x the momentum)")
 
 
 def remedy_summary(cfg: Config, logger: EpochLogger, trainer: Any) -> dict[str, Any]:
-    """The remedies' settings and, for those that are on, their end-of-run figures."""
+    """The end-of-run figures of the remedies that are on (their settings are the run's params,
+    in metadata.json)."""
     q = cfg.qat
-    out: dict[str, Any] = {
-        "dampening": q.dampening, "dampening_ramp": q.dampening_ramp,
-        "freeze_threshold": q.freeze_threshold, "bn_reestimate": q.bn_reestimate,
-    }
-    if q.dampening > 0:
-        out["dampening_form"] = q.dampening_form
-    if q.freeze_threshold_end is not None:
-        out["freeze_threshold_end"] = q.freeze_threshold_end
-        out["freeze_anneal_start"] = q.freeze_anneal_start
+    out: dict[str, Any] = {}
     last = logger.history[-1] if logger.history else {}
     for key in (series(SCALE, "ratio_geomean"), series(SCALE, "ratio_min")):  # learned scales only
         if last.get(key) is not None:
@@ -146,21 +132,8 @@ def train_qat(cfg: Config) -> dict[str, Any]:
     require_dataset()
     fresh_outputs(QAT_DIR, QAT_RESULTS)
     t0 = time.time()
-    recipe = recipe_of(cfg)
-    settings = QATSettings(
-        recipe=recipe.to_dict(), ema=cfg.ema, ema_decay=cfg.qat.ema_decay, ema_tau=cfg.qat.ema_tau,
-        track_every=cfg.qat.track_every, out_dir=str(QAT_DIR.resolve()),
-        dampening=cfg.qat.dampening, dampening_ramp=cfg.qat.dampening_ramp,
-        dampening_form=cfg.qat.dampening_form, freeze_threshold=cfg.qat.freeze_threshold,
-        freeze_threshold_end=cfg.qat.freeze_threshold_end,
-        freeze_anneal_start=cfg.qat.freeze_anneal_start, bn_reestimate=cfg.qat.bn_reestimate,
-        lsq_grad_scale=cfg.qat.lsq_grad_scale, scale_weight_decay=cfg.qat.scale_weight_decay,
-        bn_momentum=cfg.qat.bn_momentum, fake_quant=cfg.qat.fake_quant,
-        repair_curves=cfg.qat.repair_curves, repair_bn_batches=cfg.qat.repair_bn_batches,
-        repair_every=cfg.qat.repair_every, qc_lr=cfg.correction.lr, qc_epochs=cfg.correction.epochs, qc_batch=cfg.correction.batch,
-        qc_min_steps=cfg.correction.min_steps, qc_head=cfg.correction.head,
-        mechanism_batches=cfg.qat.mechanism_batches,
-    )
+    recipe = QuantRecipe.of(cfg.qat)
+    settings = QATSettings(cfg.qat, cfg.correction, ema=cfg.ema, out_dir=str(QAT_DIR.resolve()))
     logger = EpochLogger(QAT_RESULTS, extra=lambda tr: tr.epoch_extras())
     with tempfile.TemporaryDirectory(prefix="yoloqat-qat-") as runs:
         overrides = ultralytics_overrides(

@@ -30,7 +30,7 @@ from brevitas.quant.scaled_int import (
 )
 from torch import nn
 
-from yoloqat.config import FAKE_QUANT_MODES
+from yoloqat.config import FAKE_QUANT_MODES, QATConfig
 from yoloqat.quant.batched_fake_quant import (
     SegmentLayout,
     build_layout,
@@ -53,6 +53,11 @@ class QuantRecipe:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantRecipe:
         return cls(**{k: d[k] for k in ("bits", "granularity", "scaling", "edge_bits")})
+
+    @classmethod
+    def of(cls, qat: QATConfig) -> QuantRecipe:
+        """The recipe params.yaml's ``qat`` section asks for."""
+        return cls(bits=qat.bits, granularity=qat.granularity, scaling=qat.scaling, edge_bits=qat.edge_bits)
 
 
 def _quantizer(recipe: QuantRecipe) -> type:

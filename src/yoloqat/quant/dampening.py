@@ -38,6 +38,7 @@ the float model left them; ramping lambda from 0 lets QAT move weights across bi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from brevitas.nn import QuantConv2d
@@ -140,3 +141,30 @@ class Dampening:
         mean = float(self._penalty_sum.item()) / self._calls if self._calls else 0.0
         self._penalty_sum, self._calls = None, 0
         return {"damp/penalty": mean, "damp/lambda": self.last_lambda}
+
+
+class DampenedCriterion:
+    """Ultralytics' detection criterion plus the oscillation dampening penalty.
+
+    Ultralytics' loss is the per-image mean loss times the batch size, so the penalty is added
+    as ``batch_size * lambda * L_damp``: lambda keeps its meaning relative to the per-image
+    detection loss whatever the batch.  Only training calls (gradients enabled) add it; the
+    validator's loss calls (inference mode) get the plain criterion.  Every other attribute
+    (E2ELoss' ``update`` and friends) is the wrapped criterion's.
+    """
+
+    def __init__(self, base: Any, dampening: Any) -> None:
+        self.base = base
+        self.dampening = dampening
+
+    def __call__(self, preds: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        loss, items = self.base(preds, batch)
+        if not torch.is_grad_enabled():
+            return loss, items
+        return loss.sum() + batch["img"].shape[0] * self.dampening(), items
+
+    def __getattr__(self, name: str) -> Any:
+        base = self.__dict__.get("base")
+        if base is None:  # during copy/unpickling, before __init__ ran
+            raise AttributeError(name)
+        return getattr(base, name)

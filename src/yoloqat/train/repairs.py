@@ -22,19 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from yoloqat.config import CorrectionConfig
 from yoloqat.curves.keys import repair_group
 
 
 @dataclass(frozen=True)
 class RepairPlan:
-    """Which repairs to score and with what: QC's settings mirror the `correction` section."""
+    """Which repairs to score, the BN re-estimation's batches, and QC's settings (the qc stage's)."""
 
     repairs: tuple[str, ...]
     bn_batches: int
-    qc_lr: float
-    qc_steps_min: int
-    qc_epochs: int
-    qc_head: bool
+    qc: CorrectionConfig
 
     @property
     def needs_bnre(self) -> bool:
@@ -50,10 +48,10 @@ def qc_corrected(model: nn.Module, calib: Any, plan: RepairPlan, device: torch.d
 
     model.args = get_cfg(DEFAULT_CFG)  # the detection loss's gains, as in the qc stage
     model.criterion = None  # the plain detection loss (not a training-time dampened one)
-    insert_correction(model, head=plan.qc_head)
-    steps = correction_steps(plan.qc_epochs, plan.qc_steps_min, len(calib))
+    insert_correction(model, head=plan.qc.head)
+    steps = correction_steps(plan.qc.epochs, plan.qc.min_steps, len(calib))
     with torch.enable_grad():
-        train_correction(model, calib, plan.qc_lr, steps, device)
+        train_correction(model, calib, plan.qc.lr, steps, device)
     return model.eval()
 
 

@@ -7,15 +7,13 @@ QAT quantizes) the model.  Nothing Brevitas is ever pickled across processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,19 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from yoloqat.config import CorrectionConfig, QATConfig
+from yoloqat.config_checks import Bool, Text, build, param
 from yoloqat.curves.keys import BNRE_PREFIX, MAP, MAP50, OSC, series, val_group
 from yoloqat.numbers import finite_or_none
 from yoloqat.quant.convert import QuantRecipe, quantize_model, set_fake_quant_mode
-from yoloqat.quant.ema import make_ema
+from yoloqat.train.offline_setup import disk_cache_dir, offline_amp_check, redirect_disk_cache
+from yoloqat.train.qat_setup import (
+    install_dampening,
+    install_ema,
+    install_tracker,
+    move_to_group,
+    snapshot_scales,
+)
 from yoloqat.train.rng import preserved_rng
 
 SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
@@ -36,41 +43,18 @@ SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
 
 @dataclass(frozen=True)
 class QATSettings:
-    """What the QAT trainer needs beyond Ultralytics' own args.
+    """What the QAT trainer needs beyond Ultralytics' own args: the ``qat`` section whole, the
+    ``correction`` section (QC of the repair curves), whether EMA is on, where to save.
 
     Ultralytics rejects unknown keys in its args, and DDP workers rebuild the trainer from those
-    args alone, so these travel through an environment variable that child processes inherit.
+    args alone, so these travel as JSON through an environment variable that child processes
+    inherit, and come back through the config's own builder (and its checks).
     """
 
-    recipe: dict[str, Any]
-    ema: bool
-    ema_decay: float
-    ema_tau: float
-    track_every: int
-    out_dir: str
-    # Nagel et al.'s remedies (all off by default) and LSQ's gradient scale; see config.QATConfig.
-    dampening: float = 0.0
-    dampening_ramp: bool = False
-    dampening_form: str = "weight"
-    freeze_threshold: float = 0.0
-    freeze_threshold_end: float | None = None
-    freeze_anneal_start: float = 0.25
-    bn_reestimate: int = 0
-    lsq_grad_scale: bool = False
-    scale_weight_decay: float = 0.0  # weight decay of learned scales (0: a no-decay group)
-    bn_momentum: float | None = None  # BatchNorm momentum of the QAT model; None: Ultralytics'
-    fake_quant: str = "auto"  # convert.set_fake_quant_mode's mode for the QAT model
-    # per-epoch repair curves (train/repairs.py): which, BN batches, and the qc stage's settings
-    repair_curves: tuple[str, ...] = ()
-    repair_bn_batches: int = 50
-    repair_every: int = 1
-    qc_lr: float = 1e-3
-    qc_epochs: int = 1
-    qc_batch: int = 8
-    qc_min_steps: int = 48
-    qc_head: bool = True
-    # the collapse's mechanism measured every epoch (train/mechanism.py): batches per image set
-    mechanism_batches: int = 0
+    qat: QATConfig = field(default_factory=QATConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    ema: bool = param(True, Bool())
+    out_dir: str = param(".", Text())
 
     def to_env(self) -> None:
         os.environ[SETTINGS_ENV] = json.dumps(asdict(self))
@@ -80,74 +64,7 @@ class QATSettings:
         raw = os.environ.get(SETTINGS_ENV)
         if not raw:
             raise RuntimeError(f"{SETTINGS_ENV} is not set; construct QATTrainer with settings=")
-        values = json.loads(raw)
-        values["repair_curves"] = tuple(values.get("repair_curves", ()))  # JSON has no tuples
-        return cls(**values)
-
-
-# GPUs Ultralytics' own check_amp refuses AMP on (ultralytics/utils/checks.py, 8.4): fp16 on
-# them gives NaN losses or zero mAP.  Kept here because the check itself cannot run offline.
-AMP_UNSAFE_GPU = re.compile(
-    r"(nvidia|geforce|quadro|tesla).*?(1660|1650|1630|t400|t550|t600|t1000|t1200|t2000|k40m)",
-    re.IGNORECASE,
-)
-
-
-def offline_check_amp(model: nn.Module) -> bool:
-    """Stand-in for Ultralytics' ``check_amp`` that never loads or downloads anything.
-
-    Ultralytics' check compares fp32 and fp16 detections of ``yolo26n.pt``, downloading it when
-    missing; this project never downloads.  AMP is granted on CUDA unless the GPU is one that
-    Ultralytics refuses by name; the fp32-vs-fp16 comparison is skipped, so a run with AMP
-    watches its own losses (a non-finite loss stops it as ``diverged``).
-    """
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return False
-    gpu = torch.cuda.get_device_name(device)
-    if AMP_UNSAFE_GPU.search(gpu):
-        print(f"amp: off on {gpu} (Ultralytics lists it as unsafe for fp16 training)")
-        return False
-    print(f"amp: fp16 autocast + GradScaler on {gpu} (Ultralytics' yolo26n.pt check skipped: offline)")
-    return True
-
-
-@contextmanager
-def offline_amp_check() -> Iterator[None]:
-    """While Ultralytics sets up training, its trainer module's ``check_amp`` is
-    :func:`offline_check_amp`.  Ultralytics imports the name into ``ultralytics.engine.trainer``
-    and calls it from ``_setup_train``; replacing that one binding bypasses the download without
-    copying Ultralytics' set-up code.  Restored afterwards, whatever happens."""
-    import ultralytics.engine.trainer as engine
-
-    original = engine.check_amp
-    engine.check_amp = offline_check_amp
-    try:
-        yield
-    finally:
-        engine.check_amp = original
-
-
-def disk_cache_dir() -> Path:
-    """Where ``cache: disk`` keeps its ``.npy`` images: the project's state folder.  Ultralytics
-    would write them next to the images, inside ``data/prepared`` (a DVC output), and later
-    runs read any ``.npy`` there even with the cache off."""
-    from yoloqat.offline import project_state_dir
-
-    return project_state_dir() / "image_cache"
-
-
-def redirect_disk_cache(dataset: Any, folder: Path) -> None:
-    """Point an Ultralytics dataset's ``.npy`` cache at ``folder`` (one file per image path,
-    named by its hash) and fill it.  Ultralytics' own staleness rule (the .npy older than the
-    image is rewritten) still applies."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dataset.npy_files = [
-        folder / (hashlib.sha1(str(Path(f).resolve()).encode()).hexdigest() + ".npy")
-        for f in dataset.im_files
-    ]
-    dataset.cache = "disk"
-    dataset.cache_images()
+        return build(cls, json.loads(raw))
 
 
 def loss_is_finite(trainer: Any) -> bool:
@@ -207,44 +124,11 @@ def _stop_on_nonfinite_loss(trainer: Any) -> None:
         trainer.stop = True
 
 
-def _install_ema(trainer: Any) -> None:
-    """Replace Ultralytics' always-on EMA with the one the experiment asks for."""
-    s: QATSettings = trainer.qat_settings
-    trainer.ema = make_ema(trainer.model, enabled=s.ema, decay=s.ema_decay, tau=s.ema_tau)
-
-
 def _map_pair(metrics: dict[str, Any]) -> dict[str, float | None]:
     return {
         MAP: finite_or_none(metrics.get(f"metrics/{MAP}(B)")),
         MAP50: finite_or_none(metrics.get(f"metrics/{MAP50}(B)")),
     }
-
-
-class DampenedCriterion:
-    """Ultralytics' detection criterion plus the oscillation dampening penalty.
-
-    Ultralytics' loss is the per-image mean loss times the batch size, so the penalty is added
-    as ``batch_size * lambda * L_damp``: lambda keeps its meaning relative to the per-image
-    detection loss whatever the batch.  Only training calls (gradients enabled) add it; the
-    validator's loss calls (inference mode) get the plain criterion.  Every other attribute
-    (E2ELoss' ``update`` and friends) is the wrapped criterion's.
-    """
-
-    def __init__(self, base: Any, dampening: Any) -> None:
-        self.base = base
-        self.dampening = dampening
-
-    def __call__(self, preds: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-        loss, items = self.base(preds, batch)
-        if not torch.is_grad_enabled():
-            return loss, items
-        return loss.sum() + batch["img"].shape[0] * self.dampening(), items
-
-    def __getattr__(self, name: str) -> Any:
-        base = self.__dict__.get("base")
-        if base is None:  # during copy/unpickling, before __init__ ran
-            raise AttributeError(name)
-        return getattr(base, name)
 
 
 class QATTrainer(FPTrainer):
@@ -268,7 +152,7 @@ class QATTrainer(FPTrainer):
         if settings is not None:
             settings.to_env()
         self.qat_settings = settings or QATSettings.from_env()
-        self.recipe = QuantRecipe.from_dict(self.qat_settings.recipe)
+        self.recipe = QuantRecipe.of(self.qat_settings.qat)
         self.tracker: Any = None
         self.saved_epochs: list[int] = []
         self.paired_metrics: dict[str, dict[str, float | None]] = {}
@@ -283,24 +167,22 @@ class QATTrainer(FPTrainer):
         self.mechanism: Any = None  # train.mechanism.MechanismProbe, built at the first validation
         self.mechanism_row: dict[str, float] = {}  # this epoch's mechanism series
         super().__init__(*args, **kwargs)
-        self.add_callback("on_pretrain_routine_end", _install_ema)
-        self.add_callback("on_pretrain_routine_end", _install_tracker)
-        self.add_callback("on_pretrain_routine_end", _install_dampening)
-        self.add_callback("on_pretrain_routine_end", _snapshot_scales)
+        for install in (install_ema, install_tracker, install_dampening, snapshot_scales):
+            self.add_callback("on_pretrain_routine_end", install)
         # before any callback added later (the stage's epoch logger reads paired_metrics)
         self.add_callback("on_fit_epoch_end", QATTrainer._score_repairs)
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         model = quantize_model(super().get_model(cfg=cfg, weights=weights, verbose=verbose), self.recipe)
-        set_fake_quant_mode(model, self.qat_settings.fake_quant)
-        if self.recipe.scaling != "maxabs" and self.qat_settings.lsq_grad_scale:
+        set_fake_quant_mode(model, self.qat_settings.qat.fake_quant)
+        if self.recipe.scaling != "maxabs" and self.qat_settings.qat.lsq_grad_scale:
             from yoloqat.quant.scales import register_lsq_grad_scale
 
             register_lsq_grad_scale(model)
-        if self.qat_settings.bn_momentum is not None:
+        if self.qat_settings.qat.bn_momentum is not None:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = self.qat_settings.bn_momentum
+                    m.momentum = self.qat_settings.qat.bn_momentum
         return model
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -317,7 +199,7 @@ class QATTrainer(FPTrainer):
 
         optimizer = super().build_optimizer(model, *args, **kwargs)
         scales = [p for *_, p in scale_parameters(unwrap_model(model))]
-        move_to_group(optimizer, scales, "scale", weight_decay=self.qat_settings.scale_weight_decay)
+        move_to_group(optimizer, scales, "scale", weight_decay=self.qat_settings.qat.scale_weight_decay)
         optimizer.register_step_post_hook(self._after_optimizer_step)
         return optimizer
 
@@ -343,11 +225,11 @@ class QATTrainer(FPTrainer):
             self.paired_metrics[val_group("live")] = self._validate_live()
         else:
             self.paired_metrics[val_group("live")] = _map_pair(metrics)
-        if self.qat_settings.bn_reestimate > 0:
+        if self.qat_settings.qat.bn_reestimate > 0:
             self.paired_metrics[val_group(BNRE_PREFIX)] = self._validate_bnre()
-        if self.qat_settings.mechanism_batches > 0 and RANK in {-1, 0}:
+        if self.qat_settings.qat.mechanism_batches > 0 and RANK in {-1, 0}:
             self.mechanism_row = self._measure_mechanism()
-        self._repairs_pending = bool(self.qat_settings.repair_curves)
+        self._repairs_pending = bool(self.qat_settings.qat.repair_curves)
         return metrics, fitness
 
     def _score_repairs(self) -> None:
@@ -359,7 +241,7 @@ class QATTrainer(FPTrainer):
             return
         self._repairs_pending = False
         epoch = int(self.epoch) + 1
-        if epoch % self.qat_settings.repair_every and not self.stop:
+        if epoch % self.qat_settings.qat.repair_every and not self.stop:
             return
         t0 = time.perf_counter()
         measured = self.mechanism.seconds if self.mechanism is not None else 0.0
@@ -385,7 +267,7 @@ class QATTrainer(FPTrainer):
             first_batches,
         )
 
-        n = self.qat_settings.mechanism_batches
+        n = self.qat_settings.qat.mechanism_batches
         row: dict[str, float] = {}
         with preserved_rng():
             if self.mechanism is None:
@@ -410,13 +292,11 @@ class QATTrainer(FPTrainer):
         from yoloqat.train.repairs import RepairPlan, score_repairs
 
         s = self.qat_settings
-        plan = RepairPlan(repairs=tuple(s.repair_curves), bn_batches=s.repair_bn_batches,
-                          qc_lr=s.qc_lr, qc_steps_min=s.qc_min_steps, qc_epochs=s.qc_epochs,
-                          qc_head=s.qc_head)
+        plan = RepairPlan(s.qat.repair_curves, s.qat.repair_bn_batches, s.correction)
         inspect = self._measure_bnre_copy if self.mechanism is not None else None
         with preserved_rng():
             return score_repairs(self._measure_models(), plan, self._repair_bn_images,
-                                 lambda: self._repair_loader("calib", s.qc_batch),
+                                 lambda: self._repair_loader("calib", s.correction.batch),
                                  self._score_copy, self.device, inspect_bnre=inspect)
 
     def _repair_loader(self, split: str, batch: int) -> Any:
@@ -458,7 +338,7 @@ class QATTrainer(FPTrainer):
         plain = bn_state(model)
         try:
             with preserved_rng():
-                reestimate_bn(model, self._bnre_images(), self.qat_settings.bn_reestimate)
+                reestimate_bn(model, self._bnre_images(), self.qat_settings.qat.bn_reestimate)
                 self.bnre_state = bn_state(model)
                 scored = self.validator(self)
         finally:
@@ -519,7 +399,7 @@ class QATTrainer(FPTrainer):
         info = {"epoch": self.epoch + 1, "fitness": finite_or_none(self.fitness)}
         with self._bnre_statistics(ema_model):
             if self.bnre_state is not None:
-                info["bn_reestimated"] = self.qat_settings.bn_reestimate
+                info["bn_reestimated"] = self.qat_settings.qat.bn_reestimate
             save_qat_checkpoint(ema_model, self.recipe, out / "last", info=info, names=self.data["names"])
             if is_best:
                 save_qat_checkpoint(ema_model, self.recipe, out / "best", info=info, names=self.data["names"])
@@ -545,72 +425,3 @@ class QATTrainer(FPTrainer):
         # Ultralytics' final_eval reloads best.pt and rewrites it in fp16; the QAT checkpoints
         # are Brevitas state_dicts, evaluated by the qc/evaluate stages instead.
         return None
-
-
-def move_to_group(
-    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], label: str, weight_decay: float = 0.0
-) -> None:
-    """Take ``params`` out of their groups and add them as one group with ``weight_decay``.
-
-    The new group copies the settings (lr, betas / momentum) of the group they came from, with
-    Ultralytics' ``param_group`` label, so warm-up and the lr schedule treat it like the rest."""
-    if not params:
-        return
-    ids = {id(p) for p in params}
-    source: dict[str, Any] | None = None
-    for group in optimizer.param_groups:
-        kept = [p for p in group["params"] if id(p) not in ids]
-        if len(kept) != len(group["params"]):
-            source = source or group
-            group["params"] = kept
-    if source is None:
-        raise ValueError("none of the parameters is in the optimizer")
-    settings = {k: v for k, v in source.items() if k != "params"}
-    optimizer.add_param_group({**settings, "params": list(params), "weight_decay": weight_decay, "param_group": label})
-
-
-def _snapshot_scales(trainer: QATTrainer) -> None:
-    from yoloqat.quant.scales import scale_snapshot
-
-    trainer.initial_scales = scale_snapshot(unwrap_model(trainer.model))
-
-
-def _install_tracker(trainer: QATTrainer) -> None:
-    from yoloqat.quant.oscillation import OscillationTracker
-
-    s = trainer.qat_settings
-    # Freezing acts on the weights, so every DDP rank must take the same decisions: each keeps
-    # its own tracker (the weights are identical on all ranks).  Without freezing only the rank
-    # that logs needs one.
-    if RANK in {-1, 0} or s.freeze_threshold > 0:
-        trainer.tracker = OscillationTracker(
-            unwrap_model(trainer.model), every=s.track_every, headline_bits=trainer.recipe.bits
-        )
-    if s.freeze_threshold > 0:
-        from yoloqat.quant.freezing import WeightFreezer
-
-        trainer.freezer = WeightFreezer(
-            trainer.tracker, s.freeze_threshold, s.freeze_threshold_end, s.freeze_anneal_start,
-            total_steps=optimizer_steps(trainer))
-
-
-def optimizer_steps(trainer: QATTrainer) -> int:
-    """The optimizer steps of the whole run: one per ``accumulate`` batches (Ultralytics' nominal
-    batch; during warm-up it steps more often, so the annealing ends a little early then)."""
-    per_epoch = math.ceil(len(trainer.train_loader) / max(int(trainer.accumulate), 1))
-    return int(trainer.epochs) * per_epoch
-
-
-def _install_dampening(trainer: QATTrainer) -> None:
-    s = trainer.qat_settings
-    if s.dampening <= 0:
-        return
-    from yoloqat.quant.dampening import Dampening
-
-    model = unwrap_model(trainer.model)
-    if getattr(model, "criterion", None) is None:
-        model.criterion = model.init_criterion()
-    total = int(trainer.epochs) * len(trainer.train_loader)
-    trainer.dampening = Dampening(model, s.dampening, ramp=s.dampening_ramp, total_steps=total,
-                                  form=s.dampening_form)
-    model.criterion = DampenedCriterion(model.criterion, trainer.dampening)
