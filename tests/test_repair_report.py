@@ -21,3 +21,28 @@ def test_repairs_command_prints_the_table_and_refuses_a_missing_folder_in_one_li
     assert main(["repairs", "--from", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("yoloqat repairs: error: --from ")
+
+
+def test_mechanism_table_puts_each_epoch_curves_beside_its_mismatch_clipping_and_scales():
+    from yoloqat.analysis.experiments import ExpRecord
+    from yoloqat.analysis.mechanism_report import mechanism_sections
+
+    qat = {"val_live/mAP50-95": [0.1, 0.2], "val_ema/mAP50-95": [0.15, 0.01],
+           "val_ema_bnre/mAP50-95": [0.16, 0.25],
+           "mech_ema/bn_logvar_mean": [0.05, 1.5], "mech_ema/bn_logvar_worst": [0.2, 9.0],
+           "mech_ema_aug/bn_logvar_mean": [0.04, 0.3], "mech_ema_bnre/bn_logvar_mean": [0.01, 0.02],
+           "mech_ema/bn_mean_shift_mean": [0.1, 0.7], "mech_ema/clipped_mean": [0.005, 0.0],
+           "mech_ema/clipped_max": [0.03, 0.0], "mech_ema/scale_ratio_median": [0.9, 0.5],
+           "mech_ema/bn_var_below_fp16": [0.0, 12.0]}
+    with_mech = ExpRecord(name="m", rev="r", kind="experiment", state="done", params={"ema": True},
+                          curves={"qat": qat})
+    without = ExpRecord(name="n", rev="r", kind="experiment", state="done", params={"ema": True},
+                        curves={"qat": {"val_ema/mAP50-95": [0.1]}})
+    text = mechanism_sections([without, with_mech])
+    assert text.splitlines()[1] == "## Mechanism per epoch: m"
+    rows = text.splitlines()[5:]
+    assert rows == [
+        "| 1 | 0.100 | 0.150 | 0.160 | 0.0500 / 0.2000 | 0.0400 | 0.0100 | 0.1000 | 0.0050 / 0.0300 | 0.9000 | 0.0000 |",
+        "| 2 | 0.200 | 0.010 | 0.250 | 1.5000 / 9.0000 | 0.3000 | 0.0200 | 0.7000 | 0.0000 / 0.0000 | 0.5000 | 12.0000 |",
+    ]
+    assert mechanism_sections([without]) == ""

@@ -57,4 +57,7 @@ def repair_table(records: Sequence[ExpRecord]) -> str:
 
 
 def table_from_archive(folder: str | Path) -> str:
-    return repair_table(read_archive(folder))
+    from yoloqat.analysis.mechanism_report import mechanism_sections
+
+    records = read_archive(folder)
+    return repair_table(records) + mechanism_sections(records)

@@ -156,3 +156,17 @@ def is_tsv(name: str) -> bool:
 
 PRIMARY_TSV = tsv_path(PRIMARY)  # plots/metrics/val/mAP50-95.tsv: a DVCLive folder of a run
 TRAIN_DIR = DVCLIVE_PLOTS / TRAIN  # the training losses' TSVs
+
+
+# the mechanism series (train/mechanism.py, qat.mechanism_batches): mech_<model>[_bnre][_aug]/<name>
+PLAIN, AUGMENTED = "plain", "aug"  # the two fixed image sets: letterboxed, the run's augmentation
+MISMATCH_SERIES = ("bn_logvar_mean", "bn_logvar_worst", "bn_mean_shift_mean", "bn_mean_shift_worst")
+FLOOR_SERIES = ("bn_var_min", "bn_var_below_fp16")
+WEIGHT_SERIES = ("scale_ratio_median", "scale_ratio_min", "clipped_mean", "clipped_max")
+
+
+def mechanism_group(model: str, images: str = PLAIN, bnre: bool = False) -> str:
+    """``mech_ema``, ``mech_ema_aug``, ``mech_ema_bnre``, ``mech_ema_bnre_aug``, ..."""
+    if images not in (PLAIN, AUGMENTED):
+        raise ValueError(f"image set {images!r}; expected {PLAIN} | {AUGMENTED}")
+    return "mech_" + model + ("_bnre" if bnre else "") + ("_aug" if images == AUGMENTED else "")

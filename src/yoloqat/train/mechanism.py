@@ -35,6 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from yoloqat.curves.keys import (
+    PLAIN,
+    mechanism_group,
+)
 from yoloqat.quant.convert import constant_quant_weights
 from yoloqat.quant.mechanism import (
     bn_mismatch,
@@ -44,19 +48,8 @@ from yoloqat.quant.mechanism import (
 )
 from yoloqat.train.rng import preserved_rng, seed_everything
 
-PLAIN, AUGMENTED = "plain", "aug"
-MISMATCH_SERIES = ("bn_logvar_mean", "bn_logvar_worst", "bn_mean_shift_mean", "bn_mean_shift_worst")
-FLOOR_SERIES = ("bn_var_min", "bn_var_below_fp16")
-WEIGHT_SERIES = ("scale_ratio_median", "scale_ratio_min", "clipped_mean", "clipped_max")
 SIGNIFICANT_DIGITS = 4
 CSV_COLUMNS = ("epoch", "series", "bn_logvar_mean", "bn_mean_shift_mean")
-
-
-def mechanism_group(model: str, images: str = PLAIN, bnre: bool = False) -> str:
-    """``mech_ema``, ``mech_ema_aug``, ``mech_ema_bnre``, ``mech_ema_bnre_aug``, ..."""
-    if images not in (PLAIN, AUGMENTED):
-        raise ValueError(f"image set {images!r}; expected {PLAIN} | {AUGMENTED}")
-    return "mech_" + model + ("_bnre" if bnre else "") + ("_aug" if images == AUGMENTED else "")
 
 
 def rounded(value: float) -> float:

@@ -1,0 +1,74 @@
+"""Per-epoch mechanism tables of archived runs (``qat.mechanism_batches``): the curves beside
+the BN running-statistics mismatch, the clipped fraction and the learned-scale shrink of the same
+epoch, so "does the collapse coincide with the mismatch, the clipping, or neither" is read off
+committed data (``yoloqat repairs --from DIR`` appends one table per run that logged them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from yoloqat.analysis.experiments import ExpRecord, run_curves
+from yoloqat.curves.keys import AUGMENTED, curve_key, mechanism_group, repair_prefix, series
+from yoloqat.numbers import fixed
+
+
+# (column title, series); an empty title joins the column before it as "a / b"
+def _columns(deployed: str) -> list[tuple[str, str]]:
+    plain, aug = mechanism_group(deployed), mechanism_group(deployed, AUGMENTED)
+    bnre = mechanism_group(deployed, bnre=True)
+    return [
+        ("live", curve_key("live")),
+        (deployed.upper() if deployed == "ema" else deployed, curve_key(deployed)),
+        (f"{deployed.upper()}+BNre", curve_key(repair_prefix(deployed, "bnre"))),
+        ("BN log-var mismatch, plain (mean / worst)", series(plain, "bn_logvar_mean")),
+        ("", series(plain, "bn_logvar_worst")),
+        ("... augmented (mean)", series(aug, "bn_logvar_mean")),
+        ("... after BNre, plain (mean)", series(bnre, "bn_logvar_mean")),
+        ("mean shift, plain (mean)", series(plain, "bn_mean_shift_mean")),
+        ("clipped (mean / max)", series(plain, "clipped_mean")),
+        ("", series(plain, "clipped_max")),
+        ("scale / start (median)", series(plain, "scale_ratio_median")),
+        ("BN var < fp16 tiny", series(plain, "bn_var_below_fp16")),
+    ]
+
+
+def has_mechanism(rec: ExpRecord) -> bool:
+    qat = run_curves(rec).get("qat", {})
+    return any(name.startswith("mech_") for name in qat)
+
+
+def mechanism_table(rec: ExpRecord) -> str:
+    """One row per epoch; a cell pair "a / b" where the title says so; ``-``: not logged."""
+    qat = run_curves(rec).get("qat", {})
+    deployed = "ema" if rec.params.get("ema", True) else "live"
+    cols = _columns(deployed)
+    titles: list[str] = []
+    for title, _ in cols:
+        if title:
+            titles.append(title)
+    n = max((len(v) for k, v in qat.items() if k in {c for _, c in cols}), default=0)
+
+    def cell(name: str, i: int, digits: int) -> str:
+        values = qat.get(name) or []
+        return fixed(values[i], digits) if i < len(values) else "-"
+
+    lines = ["| epoch | " + " | ".join(titles) + " |", "|" + "---|" * (len(titles) + 1)]
+    for i in range(n):
+        cells: list[str] = []
+        for title, name in cols:
+            text = cell(name, i, 3 if name.endswith("mAP50-95") else 4)
+            if title:
+                cells.append(text)
+            else:  # the second half of the column before
+                cells[-1] += " / " + text
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mechanism_sections(records: Sequence[ExpRecord]) -> str:
+    out = []
+    for rec in sorted(records, key=lambda r: r.name):
+        if has_mechanism(rec):
+            out.append(f"\n## Mechanism per epoch: {rec.name}\n\n" + mechanism_table(rec))
+    return "".join(out)
