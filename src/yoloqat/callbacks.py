@@ -37,11 +37,10 @@ from typing import Any
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from yoloqat.curves.keys import AUGMENTED, PLAIN
 from yoloqat.quant.bn_reestimate import bn_state, load_bn_state, reestimate_bn
 from yoloqat.quant.scales import scale_snapshot
 from yoloqat.train.mechanism import (
-    AUGMENTED,
-    PLAIN,
     MechanismProbe,
     augmented_batches,
     document_text,

@@ -259,13 +259,8 @@ class QATTrainer(FPTrainer):
     def _measure_mechanism(self) -> dict[str, float]:
         """This epoch's mechanism series of the live and EMA models (train/mechanism.py), with
         the random state restored: training is unchanged."""
-        from yoloqat.train.mechanism import (
-            AUGMENTED,
-            PLAIN,
-            MechanismProbe,
-            augmented_batches,
-            first_batches,
-        )
+        from yoloqat.curves.keys import AUGMENTED, PLAIN
+        from yoloqat.train.mechanism import MechanismProbe, augmented_batches, first_batches
 
         n = self.qat_settings.qat.mechanism_batches
         row: dict[str, float] = {}
