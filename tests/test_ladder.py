@@ -15,14 +15,8 @@ import yaml
 
 from tests.helpers import use_env_with_venv
 from yoloqat.analysis import ladder as ladder_mod
-from yoloqat.analysis.experiments import (
-    MAP_TSV,
-    ExpRecord,
-    flatten_exp_show,
-    load_exp_show,
-    read_curves,
-    read_experiments,
-)
+from yoloqat.analysis.exp_curves import MAP_TSV, read_curves
+from yoloqat.analysis.experiments import flatten_exp_show, load_exp_show, read_experiments
 from yoloqat.analysis.ladder import (
     decide,
     format_table,
@@ -34,6 +28,7 @@ from yoloqat.analysis.ladder import (
     queue_next,
 )
 from yoloqat.analysis.paired import mcnemar_one_sided, paired_outcome
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.analysis.report import mean_curve, write_reports
 from yoloqat.config import LadderConfig
 from yoloqat.curves.reader import parse_tsv

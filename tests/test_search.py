@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from yoloqat.analysis.experiments import ExpRecord
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.analysis.search import markdown_table, search_row, select, setting_text
 from yoloqat.cli import main
 from yoloqat.errors import ExperimentsError
@@ -83,8 +83,8 @@ def test_search_cli_bad_json_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_ladder_and_search_describe_a_preset_run_by_what_it_ran_with():
-    from yoloqat.analysis.experiments import resolved_params
     from yoloqat.analysis.ladder import setting_of
+    from yoloqat.analysis.records import resolved_params
 
     params = {"model": "yolo10n", "ema": True, "qc": True, "seed": 1, "preset": "collapse_cpu",
               "qat.epochs": 10, "qat.optimizer": "AdamW", "qat.bn_reestimate": 16}

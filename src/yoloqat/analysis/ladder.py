@@ -46,16 +46,16 @@ from typing import Any
 
 import yaml
 
-from yoloqat.analysis.experiments import (
+from yoloqat.analysis.experiments import run_dvc
+from yoloqat.analysis.paired import PairedOutcome, paired_outcome
+from yoloqat.analysis.records import (
     FAILED,
     PENDING,
     ExpRecord,
     flatten,
     is_setting_param,
     resolved_params,
-    run_dvc,
 )
-from yoloqat.analysis.paired import PairedOutcome, paired_outcome
 from yoloqat.config import MODELS, LadderConfig, load_config_for
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.stability import STABLE, TOO_SHORT, mean_std
@@ -65,7 +65,7 @@ from yoloqat.numbers import finite_number, fixed
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
 # What the ladder varies within a setting (the seeds, EMA / QC on or off of one seed's runs) and
 # across rungs (the model): kept out of a Setting's values, which hold every other setting param
-# (experiments.is_setting_param).  fp.seed is a seed too: a grid over QAT seeds from one FP model
+# (records.is_setting_param).  fp.seed is a seed too: a grid over QAT seeds from one FP model
 # (fp.seed fixed) and runs whose FP seed follows seed (fp.seed null) draw from the same setting,
 # and seed 0 with fp.seed null is the very run seed 0 with fp.seed 0.
 POOLED_AXES = frozenset({"seed", "fp.seed", "ema", "qc", "model"})
