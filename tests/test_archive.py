@@ -16,7 +16,8 @@ from yoloqat.analysis import exp_curves
 from yoloqat.analysis.archive import archive_doc, archive_runs, dumps
 from yoloqat.analysis.archive_reader import ARCHIVE_SCHEMA, read_archive
 from yoloqat.analysis.exp_curves import read_curves
-from yoloqat.analysis.ladder import format_table, group_runs
+from yoloqat.analysis.ladder_groups import group_runs
+from yoloqat.analysis.ladder_tables import format_table
 from yoloqat.analysis.records import ExpRecord
 from yoloqat.analysis.remedies import parse_variant, variant_row, variant_table
 from yoloqat.analysis.search import markdown_table, search_row, select

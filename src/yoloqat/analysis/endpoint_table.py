@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.analysis.exp_curves import EMA_TSV, LIVE_TSV, MAP_TSV, run_curves
-from yoloqat.analysis.ladder import Group, differing_keys, merge_order
+from yoloqat.analysis.ladder_groups import Group, differing_keys, merge_order
 from yoloqat.analysis.paired import SignFlip, sign_flip
 from yoloqat.analysis.records import ExpRecord, resolved_params
 from yoloqat.curves.compare import CURVE_ROWS

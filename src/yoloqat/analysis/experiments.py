@@ -129,7 +129,6 @@ def load_exp_show(
     return raw
 
 
-
 def _params(data: dict[str, Any]) -> dict[str, Any]:
     """Every params.yaml value of the run as dotted keys; PARAM_KEYS are always present."""
     block = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
@@ -197,7 +196,6 @@ def read_experiments(
     repo: str | Path = ".", json_file: str | Path | None = None, all_commits: bool = True
 ) -> list[ExpRecord]:
     return flatten_exp_show(load_exp_show(repo, json_file, all_commits))
-
 
 
 def load_runs(repo: str | Path = ".", json_file: str | Path | None = None,

@@ -60,7 +60,6 @@ class ExpRecord:
         }
 
 
-
 def flatten(block: Any, prefix: str = "") -> dict[str, Any]:
     """A nested params mapping as dotted keys (lists stay values)."""
     if not isinstance(block, dict):

@@ -20,13 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from yoloqat.analysis.exp_curves import read_curves
-from yoloqat.analysis.ladder import (
-    Decision,
-    Group,
-    differing_keys,
-    markdown_table,
-    seed_rows_markdown,
-)
+from yoloqat.analysis.ladder import Decision
+from yoloqat.analysis.ladder_groups import Group, differing_keys
+from yoloqat.analysis.ladder_tables import markdown_table, seed_rows_markdown
 from yoloqat.analysis.records import ExpRecord
 from yoloqat.numbers import finite_number
 from yoloqat.paths import LADDER_REPORTS
