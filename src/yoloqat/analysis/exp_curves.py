@@ -1,7 +1,8 @@
 """A run's per-epoch curves: carried by its record (an archive) or read at its revision.
 
 A run's curves are every DVCLive TSV of its qat, train_fp and fp_control folders, by DVCLive
-name, put on the run's epochs by the curve reader's one rule (:func:`yoloqat.curves.reader.on_run_epochs`).
+name, put on the run's epochs by the curve reader's one rule
+(:func:`yoloqat.curves.reader.on_run_epochs`).
 """
 
 from __future__ import annotations
