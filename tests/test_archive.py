@@ -12,15 +12,13 @@ import math
 import pytest
 
 from yoloqat.analysis import archive as archive_mod
-from yoloqat.analysis import experiments
+from yoloqat.analysis import exp_curves
 from yoloqat.analysis.archive import archive_doc, archive_runs, dumps
-from yoloqat.analysis.experiments import (
-    ARCHIVE_SCHEMA,
-    ExpRecord,
-    read_archive,
-    read_curves,
-)
-from yoloqat.analysis.ladder import format_table, group_runs
+from yoloqat.analysis.archive_reader import ARCHIVE_SCHEMA, read_archive
+from yoloqat.analysis.exp_curves import read_curves
+from yoloqat.analysis.ladder_groups import group_runs
+from yoloqat.analysis.ladder_tables import format_table
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.analysis.remedies import parse_variant, variant_row, variant_table
 from yoloqat.analysis.search import markdown_table, search_row, select
 from yoloqat.cli import main
@@ -69,7 +67,7 @@ def live(monkeypatch):
         reads.append(rev)
         return by_rev.get(rev, {})
 
-    monkeypatch.setattr(experiments, "read_stage_curves", fake_read)
+    monkeypatch.setattr(exp_curves, "read_stage_curves", fake_read)
     monkeypatch.setattr(archive_mod, "read_experiments", lambda repo=".": recs)
     return recs
 
@@ -136,7 +134,7 @@ def test_unknown_name_queued_run_and_bad_names_write_nothing(live, tmp_path):
 
 
 def test_a_done_run_without_its_curves_is_refused(live, monkeypatch, tmp_path):
-    monkeypatch.setattr(experiments, "read_stage_curves", lambda repo, rev: {})
+    monkeypatch.setattr(exp_curves, "read_stage_curves", lambda repo, rev: {})
     with pytest.raises(ExperimentsError, match=r"experiment s0 at .*missing curves"):
         archive_runs(["s0"], tmp_path / "runs")
     assert not (tmp_path / "runs").exists()

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from yoloqat.data import DataError, content_hash, generate_synthetic
-from yoloqat.data.synthetic import SHAPES, _rasterize
+from yoloqat.data.scene import _rasterize
+from yoloqat.data.shapes import SHAPES
 
 LINE = re.compile(r"^\d+ (\d\.\d{6}) (\d\.\d{6}) (\d\.\d{6}) (\d\.\d{6})$")
 

@@ -9,9 +9,10 @@ import random
 import pytest
 
 from yoloqat.analysis import endpoint_table as et
-from yoloqat.analysis.experiments import EMA_TSV, LIVE_TSV, ExpRecord
-from yoloqat.analysis.ladder import group_runs
+from yoloqat.analysis.exp_curves import EMA_TSV, LIVE_TSV
+from yoloqat.analysis.ladder_groups import group_runs
 from yoloqat.analysis.paired import sign_flip
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.analysis.remedies import Variant
 from yoloqat.config import StabilityConfig
 from yoloqat.curves.endpoints import Endpoints, endpoints, warmup_skip

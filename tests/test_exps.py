@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from yoloqat.analysis.experiments import ExpRecord
 from yoloqat.analysis.exps import COLUMNS, format_exps
+from yoloqat.analysis.records import ExpRecord
 
 
 def record(name: str, verdict: dict, ema: bool = True, evaluate: dict | None = None) -> ExpRecord:

@@ -15,25 +15,14 @@ import yaml
 
 from tests.helpers import use_env_with_venv
 from yoloqat.analysis import ladder as ladder_mod
-from yoloqat.analysis.experiments import (
-    MAP_TSV,
-    ExpRecord,
-    flatten_exp_show,
-    load_exp_show,
-    read_curves,
-    read_experiments,
-)
-from yoloqat.analysis.ladder import (
-    decide,
-    format_table,
-    group_runs,
-    ladder_json,
-    ladder_settings,
-    markdown_table,
-    queue_command,
-    queue_next,
-)
+from yoloqat.analysis import ladder_tables
+from yoloqat.analysis.exp_curves import MAP_TSV, read_curves
+from yoloqat.analysis.experiments import flatten_exp_show, load_exp_show, read_experiments
+from yoloqat.analysis.ladder import decide, ladder_settings, queue_command, queue_next
+from yoloqat.analysis.ladder_groups import group_runs
+from yoloqat.analysis.ladder_tables import format_table, ladder_json, markdown_table
 from yoloqat.analysis.paired import mcnemar_one_sided, paired_outcome
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.analysis.report import mean_curve, write_reports
 from yoloqat.config import LadderConfig
 from yoloqat.curves.reader import parse_tsv
@@ -208,7 +197,7 @@ def test_old_ema_run_without_paired_curves_shows_no_live_curve():
     (g,) = group_runs([fake(seed=0, old_format=True)])
     (run,) = g.runs
     assert run.live is None and run.note == "no live curve" and run.ema.label == "stable"
-    assert "| 0 | no live curve | stable |" in ladder_mod.seed_rows_markdown(g)
+    assert "| 0 | no live curve | stable |" in ladder_tables.seed_rows_markdown(g)
 
 
 def test_qc_delta_statistics():
@@ -291,7 +280,7 @@ def test_too_short_curves_are_neither_stable_nor_failures_and_are_not_queued_aga
     assert (stats["ema_n"], stats["ema_failed"], stats["ema_too_short"]) == (1, 0, 2)
     assert (stats["live_n"], stats["live_failed"]) == (2, 2)  # seed 1's live curve: too short
     assert group[0].paired().pairs == 1
-    assert "| 1 | too_short | too_short |" in ladder_mod.seed_rows_markdown(group[0])
+    assert "| 1 | too_short | too_short |" in ladder_tables.seed_rows_markdown(group[0])
     assert queue_next(d, dry_run=True, echo=lambda _m: None) is None  # nothing to queue
     json.dumps(ladder_json(group, d))
 

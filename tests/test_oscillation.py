@@ -14,10 +14,10 @@ from yoloqat.quant.convert import FastQuantConv2d, QuantRecipe, fake_quant_maxab
 from yoloqat.quant.oscillation import (
     LAYER_COLUMNS,
     SUMMARY_KEYS,
-    LayerOscillationState,
     OscillationTracker,
     latent_and_scale,
 )
+from yoloqat.quant.oscillation_state import LayerOscillationState
 
 M = 0.01
 

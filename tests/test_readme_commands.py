@@ -213,8 +213,11 @@ def test_archive_of_a_real_experiment_holds_its_params_metrics_and_curves(experi
 
 
 def test_reports_from_the_archive_equal_the_reports_from_the_experiment(experiment_repo):
-    from yoloqat.analysis.experiments import read_archive, read_curves, read_experiments
-    from yoloqat.analysis.ladder import format_table, group_runs, ladder_json
+    from yoloqat.analysis.archive_reader import read_archive
+    from yoloqat.analysis.exp_curves import read_curves
+    from yoloqat.analysis.experiments import read_experiments
+    from yoloqat.analysis.ladder_groups import group_runs
+    from yoloqat.analysis.ladder_tables import format_table, ladder_json
     from yoloqat.analysis.search import markdown_table, search_row, select
 
     repo = experiment_repo
@@ -241,7 +244,8 @@ def test_reports_from_the_archive_equal_the_reports_from_the_experiment(experime
 
 
 def _decision(repo, records):
-    from yoloqat.analysis.ladder import decide, group_runs, ladder_settings
+    from yoloqat.analysis.ladder import decide, ladder_settings
+    from yoloqat.analysis.ladder_groups import group_runs
 
     return decide(group_runs(records), *ladder_settings(repo / "params.yaml"))
 

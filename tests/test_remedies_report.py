@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from yoloqat.analysis import remedies
-from yoloqat.analysis.experiments import ExpRecord
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.analysis.remedies import Variant, parse_variant, variant_row, variant_table
 from yoloqat.cli import main
 from yoloqat.errors import ExperimentsError

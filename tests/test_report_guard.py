@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.helpers import use_env_with_venv, write_ladder_params
-from yoloqat.analysis.ladder import committed_report_models, group_runs
+from yoloqat.analysis.ladder_groups import committed_report_models, group_runs
 from yoloqat.cli import main
 from yoloqat.errors import ExperimentsError
 from yoloqat.paths import LADDER_REPORTS

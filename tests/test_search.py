@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from yoloqat.analysis.experiments import ExpRecord
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.analysis.search import markdown_table, search_row, select, setting_text
 from yoloqat.cli import main
 from yoloqat.errors import ExperimentsError
@@ -32,7 +32,7 @@ def test_search_and_the_ladder_share_one_rule_for_what_makes_a_setting():
     """Other data, other stability rules or another export are other settings for both tools (the
     ladder never pools them, so search must not describe them as ``default``); the device, the
     fake-quant path and the tools' own params are nobody's setting."""
-    from yoloqat.analysis.ladder import setting_of
+    from yoloqat.analysis.ladder_groups import setting_of
 
     base = {"model": "yolo10n", "ema": True, "qc": True, "seed": 0}
     for key, value in (("data.path", "/other"), ("stability.collapse_ratio", 0.4), ("export.opset", 20)):
@@ -83,8 +83,8 @@ def test_search_cli_bad_json_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_ladder_and_search_describe_a_preset_run_by_what_it_ran_with():
-    from yoloqat.analysis.experiments import resolved_params
-    from yoloqat.analysis.ladder import setting_of
+    from yoloqat.analysis.ladder_groups import setting_of
+    from yoloqat.analysis.records import resolved_params
 
     params = {"model": "yolo10n", "ema": True, "qc": True, "seed": 1, "preset": "collapse_cpu",
               "qat.epochs": 10, "qat.optimizer": "AdamW", "qat.bn_reestimate": 16}
@@ -99,7 +99,8 @@ def test_ladder_and_search_describe_a_preset_run_by_what_it_ran_with():
 
 
 def test_the_ladder_finds_a_preset_setting_from_a_params_file_naming_the_preset():
-    from yoloqat.analysis.ladder import configured_setting, setting_of
+    from yoloqat.analysis.ladder import configured_setting
+    from yoloqat.analysis.ladder_groups import setting_of
 
     run = _rec("x", {"model": "yolo10n", "ema": True, "qc": True, "seed": 2, "preset": "collapse_cpu",
                      "qat.epochs": 10})

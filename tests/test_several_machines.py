@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from tests.helpers import copy_repo, run, tiny_params, use_env_with_venv
-from yoloqat.analysis.experiments import read_curves, read_experiments
+from yoloqat.analysis.exp_curves import read_curves
+from yoloqat.analysis.experiments import read_experiments
 
 DVC = [sys.executable, "-m", "dvc"]
 

@@ -68,15 +68,9 @@ def _from_archive(ap: argparse.ArgumentParser) -> None:
 
 def ladder_main(argv: list[str]) -> int:
     from yoloqat.analysis.experiments import load_runs
-    from yoloqat.analysis.ladder import (
-        committed_report_models,
-        decide,
-        format_table,
-        group_runs,
-        ladder_json,
-        ladder_settings,
-        queue_next,
-    )
+    from yoloqat.analysis.ladder import decide, ladder_settings, queue_next
+    from yoloqat.analysis.ladder_groups import committed_report_models, group_runs
+    from yoloqat.analysis.ladder_tables import format_table, ladder_json
 
     args = _ladder_parser().parse_args(argv)
     repo = Path(args.repo)

@@ -2,7 +2,7 @@
 
 DVC experiments live in git refs and the local DVC cache: ``dvc exp gc``, another clone or another
 machine loses them, and with them the tables a report was written from.  This writes, per
-experiment, one small JSON file (schema :data:`~yoloqat.analysis.experiments.ARCHIVE_SCHEMA`)::
+experiment, one small JSON file (schema :data:`~yoloqat.analysis.archive_reader.ARCHIVE_SCHEMA`)::
 
     {"schema": 1, "name": "fs-collapse-s0", "commit": "<the experiment's git revision>",
      "baseline": "<the commit it ran from>", "timestamp": "...", "state": "done", "error": null,
@@ -14,7 +14,7 @@ experiment, one small JSON file (schema :data:`~yoloqat.analysis.experiments.ARC
 it ran with); ``metrics``: every stage's metrics.json; ``curves``: every DVCLive series of the
 qat, train_fp and fp_control folders by its DVCLive name, one value per epoch (``null`` where the
 curve reader's rule gives NaN).  ``yoloqat ladder / search / remedies --from <folder>`` read these
-files instead of DVC (:func:`yoloqat.analysis.experiments.read_archive`) and compute the same
+files instead of DVC (:func:`yoloqat.analysis.archive_reader.read_archive`) and compute the same
 tables.
 
 Nothing is written unless every named experiment is known, finished, and archives into a file
@@ -31,16 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from yoloqat.analysis.experiments import (
-    ARCHIVE_SCHEMA,
-    ARCHIVE_STATES,
-    Curves,
-    ExpRecord,
-    read_experiments,
-    record_from_archive,
-    resolved_params,
-    run_curves,
-)
+from yoloqat.analysis.archive_reader import ARCHIVE_SCHEMA, ARCHIVE_STATES, record_from_archive
+from yoloqat.analysis.exp_curves import run_curves
+from yoloqat.analysis.experiments import read_experiments
+from yoloqat.analysis.records import Curves, ExpRecord, resolved_params
 from yoloqat.analysis.search import select
 from yoloqat.errors import ExperimentsError
 

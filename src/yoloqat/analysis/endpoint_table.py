@@ -28,16 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yoloqat.analysis.experiments import (
-    EMA_TSV,
-    LIVE_TSV,
-    MAP_TSV,
-    ExpRecord,
-    resolved_params,
-    run_curves,
-)
-from yoloqat.analysis.ladder import Group, differing_keys, merge_order
+from yoloqat.analysis.exp_curves import EMA_TSV, LIVE_TSV, MAP_TSV, run_curves
+from yoloqat.analysis.ladder_groups import Group, differing_keys, merge_order
 from yoloqat.analysis.paired import SignFlip, sign_flip
+from yoloqat.analysis.records import ExpRecord, resolved_params
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
 from yoloqat.curves.keys import DVCLIVE_PLOTS, curve_key, series_of_tsv, tsv_of

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from yoloqat.analysis.experiments import ExpRecord
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.numbers import finite_number
 
 COLUMNS = (

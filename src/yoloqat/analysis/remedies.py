@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from yoloqat.analysis.endpoint_table import remedies_rows, remedies_text
-from yoloqat.analysis.experiments import ExpRecord, read_curves, resolved_params
+from yoloqat.analysis.exp_curves import read_curves
+from yoloqat.analysis.records import ExpRecord, resolved_params
 from yoloqat.analysis.search import finish_panel, judge_with_defaults, panel_grid, save_figure
 from yoloqat.errors import ExperimentsError
 from yoloqat.numbers import finite_number

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from yoloqat.analysis.experiments import ExpRecord, read_archive, run_curves
+from yoloqat.analysis.archive_reader import read_archive
+from yoloqat.analysis.exp_curves import run_curves
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.config import StabilityConfig
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip

@@ -7,7 +7,7 @@
 * ``<model>_osc.png``: ``osc/frac_oscillating`` per epoch (fraction of int weights whose
   oscillation frequency is above Nagel's threshold), same layout.
 
-Curves are read per experiment with :func:`yoloqat.analysis.experiments.read_curves` (the
+Curves are read per experiment with :func:`yoloqat.analysis.exp_curves.read_curves` (the
 DVCLive TSVs at the experiment's revision, or the curves an archive file carries), or with any
 ``curve_reader`` given.
 Matplotlib runs on the Agg backend with its bundled DejaVu font: nothing is downloaded.
@@ -19,14 +19,11 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from yoloqat.analysis.experiments import ExpRecord, read_curves
-from yoloqat.analysis.ladder import (
-    Decision,
-    Group,
-    differing_keys,
-    markdown_table,
-    seed_rows_markdown,
-)
+from yoloqat.analysis.exp_curves import read_curves
+from yoloqat.analysis.ladder import Decision
+from yoloqat.analysis.ladder_groups import Group, differing_keys
+from yoloqat.analysis.ladder_tables import markdown_table, seed_rows_markdown
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.numbers import finite_number
 from yoloqat.paths import LADDER_REPORTS
 

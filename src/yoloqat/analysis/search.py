@@ -17,13 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yoloqat.analysis.experiments import (
-    ExpRecord,
-    flatten,
-    is_setting_param,
-    read_curves,
-    resolved_params,
-)
+from yoloqat.analysis.exp_curves import read_curves
+from yoloqat.analysis.records import ExpRecord, flatten, is_setting_param, resolved_params
 from yoloqat.config import Config, StabilityConfig
 from yoloqat.curves.stability import classify_run
 from yoloqat.errors import ExperimentsError

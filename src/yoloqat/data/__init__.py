@@ -12,7 +12,8 @@ from .coco import build_category_map, convert_coco
 from .errors import DataError, DataWarning
 from .manifest import content_hash, write_manifest
 from .prepare import prepare_dataset
-from .synthetic import SHAPES, generate_synthetic
+from .shapes import SHAPES
+from .synthetic import generate_synthetic
 from .yolo import import_yolo
 
 __all__ = [
