@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from yoloqat.analysis.experiments import ExpRecord, run_curves
+from yoloqat.analysis.exp_curves import run_curves
+from yoloqat.analysis.records import ExpRecord
 from yoloqat.curves.keys import AUGMENTED, curve_key, mechanism_group, repair_prefix, series
 from yoloqat.numbers import fixed
 
