@@ -24,8 +24,8 @@ def test_repairs_command_prints_the_table_and_refuses_a_missing_folder_in_one_li
 
 
 def test_mechanism_table_puts_each_epoch_curves_beside_its_mismatch_clipping_and_scales():
-    from yoloqat.analysis.records import ExpRecord
     from yoloqat.analysis.mechanism_report import mechanism_sections
+    from yoloqat.analysis.records import ExpRecord
 
     qat = {"val_live/mAP50-95": [0.1, 0.2], "val_ema/mAP50-95": [0.15, 0.01],
            "val_ema_bnre/mAP50-95": [0.16, 0.25],
