@@ -46,3 +46,15 @@ def test_mechanism_table_puts_each_epoch_curves_beside_its_mismatch_clipping_and
         "| 2 | 0.200 | 0.010 | 0.250 | 1.5000 / 9.0000 | 0.3000 | 0.0200 | 0.7000 | 0.0000 / 0.0000 | 0.5000 | 12.0000 |",
     ]
     assert mechanism_sections([without]) == ""
+
+
+def test_regenerate_the_committed_ladder_endpoints_from_the_archive_byte_for_byte(capsys):
+    """reports/collapse_repairs/ladder.txt is `yoloqat ladder --from runs --no-report`: the runs
+    of seeds 0-2 pool into one setting (fp.seed and the measurement-only params do not split
+    it, params added since the oldest run read as their defaults), and seed 0's repair curves,
+    whose stored verdict has no labels for them, are judged by today's rules from its curves."""
+    assert main(["ladder", "--from", str(STUDY / "runs"), "--no-report",
+                 "--params", str(REPO / "params.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (STUDY / "ladder.txt").read_text()
+    assert "yolo10n  default  3 " in printed and "EMA+QC        3/3" in printed

@@ -216,6 +216,21 @@ def _source(recs: Sequence[ExpRecord], key: str) -> tuple[ExpRecord, str, list[s
     return None
 
 
+def _unlabelled_repair(recs: Sequence[ExpRecord], key: str, read: Reader,
+                       skip: int) -> tuple[str, dict[str, float | None]] | None:
+    """A repair curve a run logged while its stored verdict has no label for it (runs made
+    before the verdict kept repair labels): the label under today's rules, and its endpoints."""
+    if key in ("live", "ema"):
+        return None
+    from yoloqat.analysis.repair_report import current_label
+
+    for rec in recs:
+        if series := read(rec, curve_tsv(key)):
+            e = endpoints(series, skip)
+            return current_label(rec, list(series)), {k: getattr(e, k) for k in ENDPOINTS}
+    return None
+
+
 def group_rows(group: Group, read: Reader) -> list[EndpointRow]:
     """The endpoint rows of one ladder group (only the curves some seed has)."""
     skip = group_skip(group)
@@ -227,8 +242,11 @@ def group_rows(group: Group, read: Reader) -> list[EndpointRow]:
     for key, name in CURVE_ROWS:
         obs = []
         for run in group.runs:
-            src = _source(merge_order(by_seed.get(run.seed, [])), key)
+            recs = merge_order(by_seed.get(run.seed, []))
+            src = _source(recs, key)
             if src is None:
+                if (late := _unlabelled_repair(recs, key, read, skip)) is not None:
+                    obs.append(Obs(run.seed, late[0], late[1], True))
                 continue
             rec, prefix, paths = src
             series = next((c for p in paths if (c := read(rec, p))), None)

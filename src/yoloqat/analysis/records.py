@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from yoloqat.config import apply_preset, set_dotted
+from yoloqat.config import Config, apply_preset, set_dotted
 from yoloqat.errors import ConfigError
 
 Curves = dict[str, dict[str, list[float]]]  # stage -> DVCLive name -> one value per epoch
@@ -86,7 +86,9 @@ def resolved_params(params: dict[str, Any]) -> dict[str, Any]:
     """A run's dotted params with its preset applied: the values it really ran with (params.yaml
     holds the preset's name and the defaults).  As recorded when the preset is unknown here."""
     try:
-        return flatten(apply_preset(nested(params)))
+        # a param added after the run is at its default (a new param's default keeps the old
+        # behaviour), so runs from before and after it compare as one setting
+        return flatten(apply_preset(nested({**flatten(Config().as_dict()), **params})))
     except ConfigError:
         return dict(params)
 
@@ -95,7 +97,12 @@ def resolved_params(params: dict[str, Any]) -> dict[str, Any]:
 # its setting's params away from the defaults): every param except those that say how a run
 # executes (the device; qat.fake_quant, per layer or batched, gives the same forward, and runs
 # from before the param existed record none) or how the tools report it (evaluate.*, ladder.*).
-NOT_SETTING = frozenset({"device", "qat.fake_quant"})
+# Nor the measurements scored on copies beside training (repair curves, mechanism metrics): runs
+# with and without them train bit-identically (tests/test_trainer.py).
+NOT_SETTING = frozenset({
+    "device", "qat.fake_quant",
+    "qat.repair_curves", "qat.repair_every", "qat.repair_bn_batches", "qat.mechanism_batches",
+})
 NOT_SETTING_PREFIXES = ("evaluate.", "ladder.")
 
 

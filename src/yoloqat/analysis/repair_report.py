@@ -31,22 +31,29 @@ def _stability(rec: ExpRecord) -> StabilityConfig:
     return StabilityConfig(**fields)
 
 
-def run_rows(rec: ExpRecord) -> list[str]:
+def current_label(rec: ExpRecord, values: list[float]) -> str:
+    """A curve's label under today's rules, judged from the end of the run's warm-up (for runs
+    whose stored verdict predates a curve's label)."""
     warmup = float(rec.params.get("qat.warmup_epochs") or 0.0)
     rules = after_warmup(_stability(rec), warmup)
+    return classify_run(values, None, rules, (rec.metrics.get("qat") or {}).get("status")).label
+
+
+def run_rows(rec: ExpRecord) -> list[str]:
+    warmup = float(rec.params.get("qat.warmup_epochs") or 0.0)
     qat = run_curves(rec).get("qat", {})
     rows = []
     for prefix, name in CURVE_ROWS:
         values = qat.get(curve_key(prefix))
         if not values:
             continue
-        verdict = classify_run(values, None, rules, (rec.metrics.get("qat") or {}).get("status"))
+        label = current_label(rec, values)
         e = endpoints(values, warmup_skip(warmup))
 
         def f(x: float | None) -> str:
             return fixed(x, 3, nonfinite="nan")
 
-        rows.append(f"| {rec.name} | {name} | {verdict.label} | {f(e.best)} ({e.best_epoch}) | "
+        rows.append(f"| {rec.name} | {name} | {label} | {f(e.best)} ({e.best_epoch}) | "
                     f"{f(e.final)} | {f(e.drawdown)} | {f(e.auc)} |")
     return rows
 
