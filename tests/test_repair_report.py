@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import REPO
 from yoloqat.analysis.repair_report import table_from_archive
 from yoloqat.cli import main
@@ -9,8 +11,17 @@ from yoloqat.cli import main
 STUDY = REPO / "reports" / "collapse_repairs"
 
 
-def test_regenerate_the_committed_repair_table_from_its_archive_byte_for_byte():
-    assert table_from_archive(STUDY / "runs") == (STUDY / "table.md").read_text()
+# every study folder with archived runs and a repair table (collapse_repairs, analog, ...)
+STUDIES = sorted(p.parent for p in (REPO / "reports").glob("*/table.md") if (p.parent / "runs").is_dir())
+
+
+def test_every_archived_study_has_a_table():
+    assert STUDY in STUDIES
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_regenerate_the_committed_repair_table_from_its_archive_byte_for_byte(study):
+    assert table_from_archive(study / "runs") == (study / "table.md").read_text()
 
 
 def test_repairs_command_prints_the_table_and_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
