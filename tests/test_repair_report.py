@@ -53,8 +53,8 @@ def test_mechanism_table_puts_each_epoch_curves_beside_its_mismatch_clipping_and
     assert text.splitlines()[1] == "## Mechanism per epoch: m"
     rows = text.splitlines()[5:]
     assert rows == [
-        "| 1 | 0.100 | 0.150 | 0.160 | 0.0500 / 0.2000 | 0.0400 | 0.0100 | 0.1000 | 0.0050 / 0.0300 | 0.9000 | 0.0000 |",
-        "| 2 | 0.200 | 0.010 | 0.250 | 1.5000 / 9.0000 | 0.3000 | 0.0200 | 0.7000 | 0.0000 / 0.0000 | 0.5000 | 12.0000 |",
+        "| 1 | - | 0.100 | 0.150 | 0.160 | 0.0500 / 0.2000 | 0.0400 | 0.0100 | 0.1000 | 0.0050 / 0.0300 | 0.9000 | 0.0000 |",
+        "| 2 | - | 0.200 | 0.010 | 0.250 | 1.5000 / 9.0000 | 0.3000 | 0.0200 | 0.7000 | 0.0000 / 0.0000 | 0.5000 | 12.0000 |",
     ]
     assert mechanism_sections([without]) == ""
 
@@ -69,3 +69,17 @@ def test_regenerate_the_committed_ladder_endpoints_from_the_archive_byte_for_byt
     printed = capsys.readouterr().out
     assert printed == (STUDY / "ladder.txt").read_text()
     assert "yolo10n  default  3 " in printed and "EMA+QC        3/3" in printed
+
+
+def test_cumulative_decay_is_the_scale_groups_lr_times_wd_times_steps_per_epoch():
+    from yoloqat.analysis.mechanism_report import cumulative_decay
+    from yoloqat.analysis.records import ExpRecord
+
+    rec = ExpRecord(name="d", rev="r", kind="experiment", state="done",
+                    params={"qat.scale_weight_decay": 0.5},
+                    metrics={"qat": {"steps": 20, "epochs": 2}},
+                    curves={"qat": {"lr/pg2": [0.5, 0.5], "lr/pg10": [0.01, 0.02],
+                                    "lr/pg0": [0.1, 0.2]}})
+    assert cumulative_decay(rec) == pytest.approx([0.05, 0.15], abs=1e-15)  # pg10 is the last group
+    rec.params["qat.scale_weight_decay"] = 0.0
+    assert cumulative_decay(rec) == [0.0, 0.0]

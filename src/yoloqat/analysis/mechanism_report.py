@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from yoloqat.analysis.exp_curves import run_curves
-from yoloqat.analysis.records import ExpRecord
+from yoloqat.analysis.records import ExpRecord, resolved_params
 from yoloqat.curves.keys import AUGMENTED, curve_key, mechanism_group, repair_prefix, series
 from yoloqat.numbers import fixed
 
@@ -39,6 +39,25 @@ def has_mechanism(rec: ExpRecord) -> bool:
     return any(name.startswith("mech_") for name in qat)
 
 
+def cumulative_decay(rec: ExpRecord) -> list[float] | None:
+    """Per epoch, the learned scales' cumulative decay lr x weight decay x optimizer steps: the
+    quantity the 100x analog holds equal.  From the logged per-epoch lr of the scale group (the
+    last parameter group, added by the trainer) and steps / epochs; an approximation within an
+    epoch (lr is logged once per epoch)."""
+    qat = run_curves(rec).get("qat", {})
+    groups = sorted((k for k in qat if k.startswith("lr/pg")), key=lambda k: int(k[5:]))
+    params = resolved_params(rec.params)
+    wd, summary = params.get("qat.scale_weight_decay"), rec.metrics.get("qat") or {}
+    steps, epochs = summary.get("steps"), summary.get("epochs")
+    if not groups or not isinstance(wd, (int, float)) or not steps or not epochs:
+        return None
+    per_epoch, total, out = steps / epochs, 0.0, []
+    for lr in qat[groups[-1]]:
+        total += lr * wd * per_epoch
+        out.append(total)
+    return out
+
+
 def mechanism_table(rec: ExpRecord) -> str:
     """One row per epoch; a cell pair "a / b" where the title says so; ``-``: not logged."""
     qat = run_curves(rec).get("qat", {})
@@ -54,9 +73,11 @@ def mechanism_table(rec: ExpRecord) -> str:
         values = qat.get(name) or []
         return fixed(values[i], digits) if i < len(values) else "-"
 
-    lines = ["| epoch | " + " | ".join(titles) + " |", "|" + "---|" * (len(titles) + 1)]
+    decay = cumulative_decay(rec) or []
+    lines = ["| epoch | cum. lr x wd x steps | " + " | ".join(titles) + " |",
+             "|" + "---|" * (len(titles) + 2)]
     for i in range(n):
-        cells: list[str] = []
+        cells: list[str] = [fixed(decay[i], 3) if i < len(decay) else "-"]
         for title, name in cols:
             text = cell(name, i, 3 if name.endswith("mAP50-95") else 4)
             if title:
