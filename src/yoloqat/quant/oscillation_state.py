@@ -74,12 +74,14 @@ class LayerOscillationState:
         self._run_oscs = 0
 
     # the layer's part of the group's buffers (None before the first update)
-    def _weights(self, flat: torch.Tensor | None) -> torch.Tensor | None:
+    def _weights(self, buffer: str) -> torch.Tensor | None:
+        flat = getattr(self.group, buffer) if self.group is not None else None
         if flat is None or self.shape is None:
             return None
         return flat[self.offset : self.offset + self.numel].view(self.shape)
 
-    def _rows(self, flat: torch.Tensor | None) -> torch.Tensor | None:
+    def _rows(self, buffer: str) -> torch.Tensor | None:
+        flat = getattr(self.group, buffer) if self.group is not None else None
         if flat is None or self.scale_shape is None:
             return None
         return flat[self.row : self.row + self.rows].view(self.scale_shape)
@@ -87,32 +89,32 @@ class LayerOscillationState:
     @property
     def prev_int(self) -> torch.Tensor | None:
         """int8 (int16 above 7 bits): the integers of the latest update."""
-        return self._weights(self.group.prev_int) if self.group is not None else None
+        return self._weights("prev_int")
 
     @property
     def last_sign(self) -> torch.Tensor | None:
         """{-1, 0, 1}: the sign of each weight's last non-zero delta."""
-        return self._weights(self.group.last_sign) if self.group is not None else None
+        return self._weights("last_sign")
 
     @property
     def freq(self) -> torch.Tensor | None:
         """float32 EMA of oscillations."""
-        return self._weights(self.group.freq) if self.group is not None else None
+        return self._weights("freq")
 
     @property
     def _x(self) -> torch.Tensor | None:
         """The clamped ``x`` of the latest update."""
-        return self._weights(self.group.x) if self.group is not None else None
+        return self._weights("x")
 
     @property
     def scale(self) -> torch.Tensor | None:
         """The latest scale (kept by reference, read lazily)."""
-        return self._rows(self.group.scale) if self.group is not None else None
+        return self._rows("scale")
 
     @property
     def scale0(self) -> torch.Tensor | None:
         """float32 scale at the first update that gave one."""
-        return self._rows(self.group.scale0) if self.group is not None else None
+        return self._rows("scale0")
 
     @property
     def initialised(self) -> bool:
