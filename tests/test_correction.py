@@ -186,3 +186,18 @@ def test_fold_check_compares_in_full_float32_and_restores_tf32(quant_yolo, monke
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     assert seen == [(False, False), (False, False)]
+
+
+def test_best_checkpoint_is_a_whole_copy_of_the_last_one(quant_yolo, tmp_path):
+    """The trainer writes best.* by copying last.* of the same epoch (baking once)."""
+    from yoloqat.quant.checkpoint import copy_checkpoint, load_qat_checkpoint, save_qat_checkpoint
+
+    saved = save_qat_checkpoint(quant_yolo, QuantRecipe(), tmp_path / "last", {"epoch": 3},
+                                {i: str(i) for i in range(6)})
+    copies = copy_checkpoint(saved, tmp_path / "best")
+    assert [p.name for p in copies] == ["best.qat.pt", "best.pt"]
+    for source, target in zip(saved, copies):
+        assert target.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.qat.pt", "last.pt", "last.qat.pt"]
+    _, payload = load_qat_checkpoint(copies[0])
+    assert payload["info"]["epoch"] == 3

@@ -392,3 +392,39 @@ def test_osc_momentum_reaches_every_tracked_layer_of_the_trainer():
         install_tracker(trainer)
         assert [state.momentum for *_, state in trainer.tracker.layers] == [momentum, momentum]
         assert trainer.freezer.tracker is trainer.tracker
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_trainer_optimizer_uses_the_foreach_update_and_gives_bit_identical_weights(name):
+    """The multi-tensor update (set by FPTrainer.build_optimizer for speed on CPU) must not
+    change training: the same gradients give the same weights, bit for bit, as Ultralytics'
+    own optimizer with PyTorch's per-tensor default."""
+    import copy
+
+    import torch
+    from torch import nn
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from yoloqat.train.trainer import FPTrainer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1, bias=True))
+    models, optimizers = [], []
+    for build in (FPTrainer.build_optimizer, DetectionTrainer.build_optimizer):
+        trainer = FPTrainer.__new__(FPTrainer)
+        trainer.args = SimpleNamespace(lr0=0.01, optimizer=name)
+        m = copy.deepcopy(model)
+        models.append(m)
+        optimizers.append(build(trainer, m, name=name, lr=0.01, momentum=0.9, decay=0.05))
+    ours, stock = optimizers
+    assert all(g["foreach"] for g in ours.param_groups) and ours.defaults["foreach"]
+    assert not any(g["foreach"] for g in stock.param_groups)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in models[0].parameters()]
+        for m, opt in zip(models, optimizers):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)

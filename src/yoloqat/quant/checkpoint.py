@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import numbers
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,17 @@ def save_qat_checkpoint(
         baked_path,
     )
     return qat_path, baked_path
+
+
+def copy_checkpoint(saved: tuple[Path, Path], stem: Path) -> tuple[Path, Path]:
+    """The pair written by :func:`save_qat_checkpoint` copied to ``<stem>.qat.pt`` and
+    ``<stem>.pt``, each file replaced whole (a reader never sees half a copy)."""
+    copies = (stem.with_suffix(".qat.pt"), stem.with_suffix(".pt"))
+    for source, target in zip(saved, copies):
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+    return copies
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
