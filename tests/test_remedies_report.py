@@ -102,3 +102,20 @@ def test_qc_result_goes_on_the_row_of_the_model_qc_corrected():
     assert variant_row(Variant("x", "bnre", ("b",)), [bnre_on], [c]).qc_after == (0.3,)
     assert variant_row(Variant("x", "ema", ("b",)), [bnre_on], [c]).qc_after == ()
     assert variant_row(Variant("x", "live", ("o",)), [ema_off], [c]).qc_after == (0.3,)
+
+
+def test_a_repair_curve_is_a_variant_read_from_the_run_and_judged_on_its_scored_epochs():
+    """qat.repair_curves logs e.g. val_ema_qc/mAP50-95 (thinned by qat.repair_every: None at
+    the skipped epochs); remedies reads it as the curve ``ema_qc``."""
+    from yoloqat.analysis.exp_curves import curves_view
+
+    assert parse_variant("EMA+QC=ema_qc:a") == Variant("EMA+QC", "ema_qc", ("a",))
+    assert parse_variant("x=live_bnre_qc:a").curve == "live_bnre_qc"
+    with pytest.raises(ExperimentsError, match="ema_bnre_bnre"):
+        parse_variant("x=ema_bnre_bnre:a")
+    view = curves_view({"qat": {"val_ema_qc/mAP50-95": [None, 0.20, None, 0.05],
+                                "val_live/mAP50-95": COLLAPSED}})
+    assert str(view["ema_qc"]) == "[nan, 0.2, nan, 0.05]" and view["live"] == COLLAPSED
+    assert view["live_bnre"] is None and view["ema"] is None
+    row = variant_row(Variant("EMA+QC", "ema_qc", ("a",)), [_rec("a")], [view])
+    assert row.bests == (0.20,) and row.finals == (0.05,)

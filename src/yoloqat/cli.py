@@ -206,7 +206,8 @@ def _remedies_parser() -> argparse.ArgumentParser:
                  description="Judge and plot one curve of a group of seed runs per variant "
                              "(README.md + curves.png in --out).")
     ap.add_argument("--variant", action="append", required=True, metavar="LABEL=CURVE:EXP,EXP,...",
-                    help="a table row: its label, the curve judged (live | ema | bnre) and the "
+                    help="a table row: its label, the curve judged (live | ema | bnre, or a repair "
+                         "curve such as ema_qc, live_bnre) and the "
                          "DVC experiments (one per seed); repeat for every row")
     return _report_options(ap, REMEDIES_OUT, "Remedies")
 

@@ -7,10 +7,12 @@ name, put on the run's epochs by the curve reader's one rule
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from yoloqat.analysis.records import Curves, ExpRecord
+from yoloqat.config import REPAIR_CURVES
 from yoloqat.curves.keys import (
     BNRE,
     DVCLIVE_PLOTS,
@@ -20,6 +22,8 @@ from yoloqat.curves.keys import (
     PRIMARY,
     TSV_SUFFIX,
     is_tsv,
+    logged_repairs,
+    repair_prefix,
     series_of_tsv,
     tsv_of,
 )
@@ -107,15 +111,20 @@ def curves_view(curves: Curves) -> dict[str, list[float] | None]:
     mAP50-95), ``live`` and ``ema`` (the paired curves; None for runs made before they were
     logged), ``bnre`` (the deployed model after BN re-estimation; None unless
     qat.bn_reestimate was on), ``osc`` (osc/frac_oscillating) and ``fp_map`` (the FP baseline's
-    val mAP50-95)."""
+    val mAP50-95), and every repair curve by its prefix (``ema_qc``, ``live_bnre``, ...: None
+    unless qat.repair_curves logged it; NaN at the epochs ``qat.repair_every`` skipped)."""
     qat, fp = curves.get("qat", {}), curves.get("train_fp", {})
 
     def pick(block: dict[str, list[float]], name: str) -> list[float] | None:
+        # an archive file stores an epoch without a value as null, a TSV read as NaN: one form
         values = block.get(name)
-        return list(values) if values is not None else None
+        return [math.nan if x is None else x for x in values] if values is not None else None
 
-    return {"map": pick(qat, PRIMARY), "live": pick(qat, LIVE), "ema": pick(qat, EMA),
+    view = {"map": pick(qat, PRIMARY), "live": pick(qat, LIVE), "ema": pick(qat, EMA),
             "bnre": pick(qat, BNRE), "osc": pick(qat, OSC_FRACTION), "fp_map": pick(fp, PRIMARY)}
+    for model, repair, key in logged_repairs(True, REPAIR_CURVES):
+        view[repair_prefix(model, repair)] = pick(qat, key)
+    return view
 
 
 def read_curves(record: ExpRecord, repo: str | Path = ".") -> dict[str, list[float] | None]:

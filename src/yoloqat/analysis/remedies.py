@@ -26,10 +26,15 @@ from yoloqat.analysis.endpoint_table import remedies_rows, remedies_text
 from yoloqat.analysis.exp_curves import read_curves
 from yoloqat.analysis.records import ExpRecord, resolved_params
 from yoloqat.analysis.search import finish_panel, judge_with_defaults, panel_grid, save_figure
+from yoloqat.config import REPAIR_CURVES
+from yoloqat.curves.keys import logged_repairs, repair_prefix
 from yoloqat.errors import ExperimentsError
 from yoloqat.numbers import finite_number
 
-CURVES = ("live", "ema", "bnre")
+# the plain curves, the deployed model after BN re-estimation (qat.bn_reestimate), and every
+# repair curve of either model (qat.repair_curves: ema_qc, live_bnre, ...)
+CURVES = ("live", "ema", "bnre") + tuple(
+    repair_prefix(model, repair) for model, repair, _ in logged_repairs(True, REPAIR_CURVES))
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,8 @@ def write_remedies_report(out_dir: Path, variants: Sequence[Variant], by_name: d
     text = [
         f"# {title}", "",
         (f"Written by `{command}`. Each variant is one curve (live: plain QAT; ema: the EMA model; "
-        "bnre: the deployed model after BN re-estimation) of a group of seed runs, judged by the "
+        "bnre: the deployed model after BN re-estimation; ema_qc, live_bnre, ...: a repair curve "
+        "of qat.repair_curves) of a group of seed runs, judged by the "
         "rules of docs/decision.md; best and final are mean ± sd over the runs. "
         "QC corrects the final deployed model of each run (after BN re-estimation when that is "
         "on, else the EMA model when EMA is on): `final + QC` is on that curve's row only."), "",
