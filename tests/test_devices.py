@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from tests.helpers import REPO
+from yoloqat.config_checks import parse_device
 from yoloqat.errors import ConfigError
-from yoloqat.pipeline.devices import check_devices, parse_device
+from yoloqat.pipeline.devices import check_devices
 
 FORMS = "cpu, a CUDA index N, a list N,M, cuda, cuda:N or mps"
 

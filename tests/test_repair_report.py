@@ -83,3 +83,16 @@ def test_cumulative_decay_is_the_scale_groups_lr_times_wd_times_steps_per_epoch(
     assert cumulative_decay(rec) == pytest.approx([0.05, 0.15], abs=1e-15)  # pg10 is the last group
     rec.params["qat.scale_weight_decay"] = 0.0
     assert cumulative_decay(rec) == [0.0, 0.0]
+
+
+def test_an_archived_run_with_bad_stability_rules_is_one_error_naming_the_key(tmp_path, capsys):
+    import json
+
+    run = json.loads((STUDY / "runs" / "cc-rep-s0.json").read_text())
+    run["params"]["stability.collapse_ratio"] = 1.5
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "cc-rep-s0.json").write_text(json.dumps(run))
+    assert main(["repairs", "--from", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stability.collapse_ratio" in err[0] and "1.5" in err[0]
+    assert not (tmp_path / "t.md").exists()

@@ -267,6 +267,26 @@ class Distinct:
         return tuple(value)
 
 
+# the forms of ``device`` a stage accepts (pipeline/devices.py checks the machine has it)
+FORMS = "cpu, a CUDA index N, a list N,M, cuda, cuda:N or mps"
+_INDICES = re.compile(r"\d+(,\d+)*")
+_CUDA_INDEX = re.compile(r"cuda(:\d+)?")
+
+
+def parse_device(value: str) -> tuple[str, tuple[int, ...]] | None:
+    """``("cpu", ())``, ``("mps", ())`` or ``("cuda", indices)`` for an allowed form, else None."""
+    text = str(value).strip().lower().replace(" ", "")
+    if text in ("cpu", "mps"):
+        return text, ()
+    if _CUDA_INDEX.fullmatch(text):
+        return "cuda", (int(text[5:]) if ":" in text else 0,)
+    if _INDICES.fullmatch(text):
+        indices = tuple(int(i) for i in text.split(","))
+        if len(set(indices)) == len(indices):
+            return "cuda", indices
+    return None
+
+
 @dataclass(frozen=True)
 class Device:
     """``device``: cpu, a CUDA index or a list of them (a YAML integer becomes its string).

@@ -17,6 +17,7 @@ from yoloqat.analysis.archive_reader import read_archive
 from yoloqat.analysis.exp_curves import run_curves
 from yoloqat.analysis.records import ExpRecord
 from yoloqat.config import StabilityConfig
+from yoloqat.config_checks import build
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
 from yoloqat.curves.keys import curve_key
@@ -27,8 +28,9 @@ HEADER = "| run | curve | label (current rules) | best (epoch) | final | post-pe
 
 
 def _stability(rec: ExpRecord) -> StabilityConfig:
+    """The run's stability rules, checked like params.yaml's section (missing keys: defaults)."""
     fields = {k.split(".", 1)[1]: v for k, v in rec.params.items() if k.startswith("stability.")}
-    return StabilityConfig(**fields)
+    return build(StabilityConfig, fields, prefix="stability.")
 
 
 def current_label(rec: ExpRecord, values: list[float]) -> str:

@@ -17,29 +17,11 @@ torch is imported only to check a value other than ``cpu``: the default params n
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any
 
+from yoloqat.config_checks import FORMS, parse_device
 from yoloqat.errors import ConfigError
-
-FORMS = "cpu, a CUDA index N, a list N,M, cuda, cuda:N or mps"
-_INDICES = re.compile(r"\d+(,\d+)*")
-_CUDA_INDEX = re.compile(r"cuda(:\d+)?")
-
-
-def parse_device(value: str) -> tuple[str, tuple[int, ...]] | None:
-    """``("cpu", ())``, ``("mps", ())`` or ``("cuda", indices)`` for an allowed form, else None."""
-    text = str(value).strip().lower().replace(" ", "")
-    if text in ("cpu", "mps"):
-        return text, ()
-    if _CUDA_INDEX.fullmatch(text):
-        return "cuda", (int(text[5:]) if ":" in text else 0,)
-    if _INDICES.fullmatch(text):
-        indices = tuple(int(i) for i in text.split(","))
-        if len(set(indices)) == len(indices):
-            return "cuda", indices
-    return None
 
 
 def machine_devices(torch: Any) -> list[str]:

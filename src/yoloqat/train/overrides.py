@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from yoloqat.config import AUTO, Config
+from yoloqat.config_checks import parse_device
 from yoloqat.errors import DataError
 from yoloqat.paths import DATASET_YAML
 
@@ -21,7 +22,8 @@ def require_dataset(path: Path = DATASET_YAML) -> Path:
 
 def device_is_cuda(device: str) -> bool:
     """``device`` as params.yaml gives it (``cpu``, ``0``, ``0,1``, ``cuda:0``) names a CUDA device."""
-    return str(device).strip().lower() not in ("cpu", "mps", "")
+    parsed = parse_device(device)
+    return parsed is not None and parsed[0] == "cuda"
 
 
 AUTO_WORKERS_MAX = 8
