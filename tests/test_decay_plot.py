@@ -133,16 +133,18 @@ def test_a_folder_without_a_drawable_run_is_refused_in_one_line_with_nothing_wri
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("target", ["a_file/d.png", "d.svg"])
-def test_an_unwritable_folder_or_a_path_not_png_is_refused_in_one_line(tmp_path, capsys, target):
+# a folder that cannot be written; a path that is not .png; a PNG path that is taken by a folder,
+# so the CSV beside it is written first and must be removed again
+@pytest.mark.parametrize("target", ["a_file/d.png", "d.svg", "taken/d.png"])
+def test_an_unwritable_output_or_a_path_not_png_is_refused_in_one_line_with_nothing_written(
+    tmp_path, capsys, target
+):
     (tmp_path / "a_file").write_text("not a folder")
-    before = sorted(tmp_path.iterdir())
-    assert (
-        main(["repairs", "--from", str(STUDY / "runs"), "--decay-plot", str(tmp_path / target)])
-        == 2
-    )
+    (tmp_path / "taken" / "d.png").mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["repairs", "--from", str(STUDY / "runs"), "--decay-plot", str(tmp_path / target)]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("yoloqat repairs: error: ") and "d." in err[0]
-    assert (
-        sorted(tmp_path.iterdir()) == before and (tmp_path / "a_file").read_text() == "not a folder"
-    )
+    assert sorted(tmp_path.rglob("*")) == before
+    assert (tmp_path / "a_file").read_text() == "not a folder"
