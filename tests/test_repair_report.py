@@ -76,7 +76,7 @@ def test_cumulative_decay_is_the_scale_groups_lr_times_wd_times_steps_per_epoch(
     from yoloqat.analysis.records import ExpRecord
 
     rec = ExpRecord(name="d", rev="r", kind="experiment", state="done",
-                    params={"qat.scale_weight_decay": 0.5},
+                    params={"qat.scaling": "decoupled", "qat.scale_weight_decay": 0.5},
                     metrics={"qat": {"steps": 20, "epochs": 2}},
                     curves={"qat": {"lr/pg2": [0.5, 0.5], "lr/pg10": [0.01, 0.02],
                                     "lr/pg0": [0.1, 0.2]}})

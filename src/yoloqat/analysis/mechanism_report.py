@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from yoloqat.analysis.exp_curves import run_curves
 from yoloqat.analysis.records import ExpRecord, resolved_params
+from yoloqat.config import LEARNED_SCALINGS
 from yoloqat.curves.keys import AUGMENTED, curve_key, mechanism_group, repair_prefix, series
 from yoloqat.numbers import fixed
 
@@ -41,15 +42,22 @@ def has_mechanism(rec: ExpRecord) -> bool:
 
 def cumulative_decay(rec: ExpRecord) -> list[float] | None:
     """Per epoch, the learned scales' cumulative decay lr x weight decay x optimizer steps: the
-    quantity the 100x analog holds equal.  From the logged per-epoch lr of the scale group (the
-    last parameter group, added by the trainer) and steps / epochs; an approximation within an
-    epoch (lr is logged once per epoch)."""
+    quantity the 100x analog holds equal.  From the logged per-epoch lr of the scale group and
+    steps / epochs; an approximation within an epoch (lr is logged once per epoch).  None when
+    the run has no learned scales (qat.scaling maxabs) or did not log what the sum needs.
+
+    The scale group is the last ``lr/pgN``: QATTrainer.build_optimizer appends it with
+    ``add_param_group`` (qat_setup.move_to_group) after Ultralytics has built all of its own
+    groups, Ultralytics builds the optimizer once (a resume loads state into the same groups) and
+    logs ``lr/pg<i>`` in ``param_groups`` order.  It exists only when the model has learned
+    scales; without them the last group is one of Ultralytics' own, hence the scaling check."""
     qat = run_curves(rec).get("qat", {})
     groups = sorted((k for k in qat if k.startswith("lr/pg")), key=lambda k: int(k[5:]))
     params = resolved_params(rec.params)
     wd, summary = params.get("qat.scale_weight_decay"), rec.metrics.get("qat") or {}
     steps, epochs = summary.get("steps"), summary.get("epochs")
-    if not groups or not isinstance(wd, (int, float)) or not steps or not epochs:
+    learned = params.get("qat.scaling") in LEARNED_SCALINGS
+    if not learned or not groups or not isinstance(wd, (int, float)) or not steps or not epochs:
         return None
     per_epoch, total, out = steps / epochs, 0.0, []
     for lr in qat[groups[-1]]:

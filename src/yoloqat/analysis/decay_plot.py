@@ -1,0 +1,239 @@
+"""The mechanism of archived runs against cumulative scale decay (lr x wd x steps): one figure
+and the table it plots, so runs that decay their learned scales at different rates are compared
+at the same total decay (``yoloqat repairs --from DIR --decay-plot PATH.png``).
+
+Three panels share x, the learned scales' cumulative lr x wd x steps at each epoch's end
+(mechanism_report.cumulative_decay): (a) the learned scale over its start (median), (b) the BN
+log-var mismatch on the plain images, (c) val mAP50-95.  Colour is the run, the dash the model.
+The CSV beside the PNG holds exactly the plotted points, one row each.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from yoloqat.analysis.exp_curves import run_curves
+from yoloqat.analysis.mechanism_report import cumulative_decay, has_mechanism
+from yoloqat.analysis.records import ExpRecord, resolved_params
+from yoloqat.curves.keys import curve_key, mechanism_group, series
+from yoloqat.errors import ExperimentsError
+
+# the models a series belongs to: its legend text and its dash, the same in every panel
+MODELS = {
+    "live": ("live", "-"),
+    "ema": ("EMA", "--"),
+    "ema_bnre": ("EMA after BN re-estimation", ":"),
+}
+
+
+@dataclass(frozen=True)
+class Panel:
+    key: str  # the CSV's panel column
+    title: str
+    ylabel: str
+    lines: tuple[tuple[str, str], ...]  # (series, model of MODELS), drawn in this order
+
+
+def _mech(model: str, metric: str, bnre: bool = False) -> str:
+    return series(mechanism_group(model, bnre=bnre), metric)
+
+
+PANELS = (
+    Panel(
+        "scale",
+        "(a) learned scale / its start (median)",
+        "scale / start",
+        (
+            (_mech("live", "scale_ratio_median"), "live"),
+            (_mech("ema", "scale_ratio_median"), "ema"),
+        ),
+    ),
+    Panel(
+        "bn_mismatch",
+        "(b) BN log-var mismatch on the plain images: |log(running var / batch var)|, "
+        "mean over layers",
+        "BN log-var mismatch",
+        (
+            (_mech("live", "bn_logvar_mean"), "live"),
+            (_mech("ema", "bn_logvar_mean"), "ema"),
+            (_mech("ema", "bn_logvar_mean", bnre=True), "ema_bnre"),
+        ),
+    ),
+    Panel(
+        "map",
+        "(c) val mAP50-95",
+        "mAP50-95",
+        ((curve_key("live"), "live"), (curve_key("ema"), "ema")),
+    ),
+)
+CSV_HEADER = ("run", "panel", "series", "epoch", "cum_lr_wd_steps", "value")
+
+
+@dataclass(frozen=True)
+class DecayRun:
+    """A run that can be drawn: its name, scale weight decay, epochs and per-epoch cumulative
+    decay (epoch i + 1 at index i)."""
+
+    name: str
+    weight_decay: float
+    epochs: int
+    decay: tuple[float, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (scale wd {self.weight_decay:.3g} x {self.epochs} epochs)"
+
+
+@dataclass(frozen=True)
+class DecayPoint:
+    run: str
+    panel: str
+    series: str
+    epoch: int  # 1-based
+    decay: float
+    value: float
+
+
+def decay_run(rec: ExpRecord) -> DecayRun | None:
+    """The run as drawn, or None when it logged no mechanism metrics, no cumulative decay, or a
+    total decay of 0 (every point would sit at x = 0)."""
+    decay = cumulative_decay(rec) if has_mechanism(rec) else None
+    if not decay or not decay[-1] > 0:
+        return None
+    wd = resolved_params(rec.params)["qat.scale_weight_decay"]
+    return DecayRun(rec.name, float(wd), len(decay), tuple(decay))
+
+
+def decay_points(records: Sequence[ExpRecord]) -> tuple[list[DecayRun], list[DecayPoint]]:
+    """The runs that can be drawn (by name) and every point the figure plots: each panel's
+    series at each epoch with both a finite value and a cumulative decay.  ExperimentsError (one
+    line) when no run can be drawn."""
+    by_name = {r.name: r for r in records}
+    runs = [run for run in (decay_run(by_name[n]) for n in sorted(by_name)) if run is not None]
+    if not runs:
+        names = ", ".join(sorted(by_name)) or "none"
+        raise ExperimentsError(
+            f"no run logged mechanism metrics with a cumulative scale decay (runs: {names}); "
+            "expected a run with qat.mechanism_batches > 0, learned scales and a numeric "
+            "qat.scale_weight_decay > 0 (and qat steps / epochs in its metrics)"
+        )
+    points = []
+    for run in runs:
+        qat = run_curves(by_name[run.name]).get("qat", {})
+        for panel in PANELS:
+            for name, _ in panel.lines:
+                for i, value in enumerate(qat.get(name) or []):
+                    if i < len(run.decay) and math.isfinite(value):
+                        points.append(
+                            DecayPoint(run.name, panel.key, name, i + 1, run.decay[i], value)
+                        )
+    return runs, points
+
+
+def decay_csv(points: Sequence[DecayPoint]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for p in points:
+        writer.writerow((p.run, p.panel, p.series, p.epoch, f"{p.decay:.6f}", f"{p.value:.6g}"))
+    return out.getvalue()
+
+
+def _fitted(values: Sequence[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    pad = 0.06 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1.0)
+    return lo - pad, hi + pad
+
+
+def decay_png(runs: Sequence[DecayRun], points: Sequence[DecayPoint]) -> bytes:
+    """The figure as PNG bytes: Agg, no pyplot state, the bundled font, no date or version in
+    the file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    colours = {run.name: f"C{i % 10}" for i, run in enumerate(runs)}
+    fig = Figure(figsize=(8.0, 9.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(PANELS), 1, sharex=True)
+    for ax, panel in zip(axes, PANELS, strict=True):
+        mine = [p for p in points if p.panel == panel.key]
+        drawn_models = []
+        for run in runs:
+            for name, model in panel.lines:
+                xy = [(p.decay, p.value) for p in mine if p.run == run.name and p.series == name]
+                if not xy:
+                    continue
+                xs, ys = zip(*xy, strict=True)
+                ax.plot(
+                    xs, ys, MODELS[model][1], color=colours[run.name], lw=1.3, marker="o", ms=2.2
+                )
+                drawn_models.append(model)
+        if mine:
+            ax.set_ylim(*_fitted([p.value for p in mine]))
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        models = [m for _, m in panel.lines if m in drawn_models]
+        if models:
+            ax.legend(
+                [Line2D([], [], ls=MODELS[m][1], color="0.25") for m in models],
+                [MODELS[m][0] for m in models],
+                fontsize=7,
+                loc="best",
+            )
+        ax.set_title(panel.title, fontsize=9, loc="left")
+        ax.set_ylabel(panel.ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel(
+        "cumulative lr x wd x steps of the learned scales (at each epoch's end)", fontsize=8
+    )
+    axes[-1].set_xlim(left=0.0)
+    fig.legend(
+        [Line2D([], [], color=colours[r.name], lw=2) for r in runs],
+        [r.label for r in runs],
+        loc="upper center",
+        ncols=min(len(runs), 2),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.035 * math.ceil(len(runs) / 2)))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def csv_beside(png: Path) -> Path:
+    return png.with_suffix(".csv")
+
+
+def write_decay_plot(png: str | Path, records: Sequence[ExpRecord]) -> tuple[Path, Path]:
+    """Write the figure to ``png`` and its points to the CSV of the same stem; both or neither
+    (ExperimentsError for a path that is not .png or no drawable run, OSError for a folder that
+    cannot be written)."""
+    png = Path(png)
+    if png.suffix.lower() != ".png":
+        raise ExperimentsError(
+            f"--decay-plot {png}: not allowed; expected a path ending in .png "
+            "(the CSV is written beside it with the same stem)"
+        )
+    runs, points = decay_points(records)
+    image, table = decay_png(runs, points), decay_csv(points)
+    written: list[Path] = []
+    try:
+        for path, write in (
+            (csv_beside(png), lambda p: p.write_text(table)),
+            (png, lambda p: p.write_bytes(image)),
+        ):
+            write(path)
+            written.append(path)
+    except OSError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return png, csv_beside(png)
