@@ -428,3 +428,23 @@ def test_trainer_optimizer_uses_the_foreach_update_and_gives_bit_identical_weigh
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b)
+
+
+def test_listed_parameters_stand_in_for_the_walk_only_inside_the_block():
+    import torch
+    from torch import nn
+
+    from yoloqat.train.trainer import listed_parameters
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    listed = list(model.parameters())
+    with listed_parameters(model, listed):
+        model.extra = nn.Parameter(torch.zeros(1))  # not in the list made before
+        inside = list(model.parameters())
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 3.0)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+    assert [id(p) for p in inside] == [id(p) for p in listed]
+    assert "parameters" not in model.__dict__
+    assert len(list(model.parameters())) == len(listed) + 1  # the walk is back
+    assert float(norm) == pytest.approx(3.0 * sum(p.numel() for p in listed) ** 0.5)

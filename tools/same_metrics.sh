@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The same tiny pipeline (48 train images, 3 FP + 3 QAT epochs) at commit OLD and at HEAD, then
 # every stage's metrics.json compared (timing fields differ run to run; everything else must not).
-# Usage: tools/same_metrics.sh OLD_COMMIT   (about 5 min on 2 cores; clones into /tmp/eq-old, /tmp/eq-new)
-OLD=${1:?usage: tools/same_metrics.sh OLD_COMMIT}
+# Usage: tools/same_metrics.sh OLD_COMMIT [KEY=VALUE ...]   (about 5 min on 2 cores; clones into
+# /tmp/eq-old, /tmp/eq-new). KEY=VALUE set params in both, after the tiny sizes, as `dvc exp run -S`
+# would (dotted keys, YAML values), e.g. preset=collapse_cpu qat.epochs=3 for SGD + learned scales.
+OLD=${1:?usage: tools/same_metrics.sh OLD_COMMIT [KEY=VALUE ...]}
+shift
+export SAME_METRICS_SET="$*"
 REPO=$(git rev-parse --show-toplevel)
 set -e
 export PATH=$REPO/.venv/bin:$PATH OMP_NUM_THREADS=1 GIT_AUTHOR_NAME=y GIT_COMMITTER_NAME=y GIT_AUTHOR_EMAIL=y@l GIT_COMMITTER_EMAIL=y@l
@@ -14,6 +18,14 @@ import yaml
 d=yaml.safe_load(open('params.yaml'))
 d['data'].update(train_images=48, val_images=16, calib_images=16)
 d['fp']['epochs']=3; d['qat']['epochs']=3
+import os
+for item in os.environ["SAME_METRICS_SET"].split():
+    key, _, value = item.partition("=")
+    *path, last = key.split(".")
+    node = d
+    for part in path:
+        node = node[part]
+    node[last] = yaml.safe_load(value)
 yaml.safe_dump(d, open('params.yaml','w'), sort_keys=False)
 PY
   git commit -qam tiny

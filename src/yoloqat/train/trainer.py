@@ -139,6 +139,20 @@ def with_foreach_update(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
     return optimizer
 
 
+@contextmanager
+def listed_parameters(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Inside the block ``model.parameters()`` returns ``params`` (``list(model.parameters())``
+    made once, so in the same order).  Ultralytics' ``optimizer_step`` clips the gradients over
+    ``self.model.parameters()``, which walks every submodule: a Brevitas model's tree is deep
+    enough that the walk cost more than the clipping (~30 ms a step on CPU).  The instance
+    attribute shadows the method only inside the block."""
+    model.parameters = lambda recurse=True: iter(params)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.__dict__["parameters"]
+
+
 def _stop_on_nonfinite_loss(trainer: Any) -> None:
     if not loss_is_finite(trainer):
         trainer.diverged = True
@@ -187,6 +201,7 @@ class QATTrainer(FPTrainer):
         self.initial_scales: dict[str, torch.Tensor] = {}  # learned scales at the start
         self.mechanism: Any = None  # train.mechanism.MechanismProbe, built at the first validation
         self.mechanism_row: dict[str, float] = {}  # this epoch's mechanism series
+        self._listed: tuple[nn.Module, list[nn.Parameter]] | None = None  # for optimizer_step
         super().__init__(*args, **kwargs)
         for install in (install_ema, install_tracker, install_dampening, snapshot_scales):
             self.add_callback("on_pretrain_routine_end", install)
@@ -231,7 +246,10 @@ class QATTrainer(FPTrainer):
     def optimizer_step(self) -> None:
         if self.freezer is not None:
             self.freezer.mask_grads()
-        super().optimizer_step()
+        if self._listed is None or self._listed[0] is not self.model:
+            self._listed = (self.model, list(self.model.parameters()))
+        with listed_parameters(*self._listed):
+            super().optimizer_step()
         if self.tracker is not None and self.tracker.step() and self.freezer is not None:
             self.freezer.update()
 
