@@ -239,6 +239,24 @@ def test_the_rung_is_decided_on_the_ema_qc_curve_where_it_was_logged():
     assert run.others["ema"].label == "collapsed"  # the plain EMA curve is kept as a row
 
 
+def test_a_logged_ema_qc_curve_without_a_stored_label_is_judged_from_the_curve():
+    """Runs whose verdict predates the per-repair labels still logged the EMA+QC curve: the rung
+    judges that curve by today's rules (as the endpoint rows do), not the plain EMA curve."""
+    steady = [0.10, 0.20, 0.25, 0.26, 0.27, 0.27]
+    falls = [0.10, 0.25, 0.26, 0.05, 0.04, 0.03]
+    recs = rung_seeds("yolo10n", ["collapsed"] * 3, live="collapsed",
+                      extra_params={"qat.repair_curves": ["qc"]})
+    curves = {rec.name: {"qat": {"val_ema_qc/mAP50-95": steady if i else falls}}
+              for i, rec in enumerate(recs)}
+    runs = group_runs(recs, lambda rec: curves[rec.name])[0].runs
+    assert [(r.method, r.ema.label) for r in runs] == [
+        ("EMA+QC", "collapsed"), ("EMA+QC", "stable"), ("EMA+QC", "stable")]
+    assert runs[1].ema.best == 0.27 and runs[1].ema.final == 0.27
+    # a run that did not log the curve keeps the EMA fallback, and nothing is read for it
+    plain = rung_seeds("yolo10n", ["collapsed"])
+    assert group_runs(plain, lambda rec: pytest.fail("read"))[0].runs[0].method == "EMA"
+
+
 def test_no_failure_reproduced_stops_the_ladder():
     d = decide(group_runs(rung_seeds("yolo10n", ["stable"] * 3, live="stable")), CFG, PARAMS)
     r = d.rung("yolo10n")

@@ -60,15 +60,17 @@ def test_mechanism_table_puts_each_epoch_curves_beside_its_mismatch_clipping_and
 
 
 def test_regenerate_the_committed_ladder_endpoints_from_the_archive_byte_for_byte(capsys):
-    """reports/collapse_repairs/ladder.txt is `yoloqat ladder --from runs --no-report`: the runs
-    of seeds 0-2 pool into one setting (fp.seed and the measurement-only params do not split
-    it, params added since the oldest run read as their defaults), and seed 0's repair curves,
-    whose stored verdict has no labels for them, are judged by today's rules from its curves."""
+    """reports/collapse_repairs/ladder.txt is `yoloqat ladder --from runs --no-report --params
+    ladder_params.yaml` (the collapse_cpu setting, seeds 0-9): the runs pool into one setting
+    (fp.seed and the measurement-only params do not split it, params added since the oldest
+    run read as their defaults), and seed 0's repair curves, whose stored verdict has no labels
+    for them, are judged by today's rules from its curves, in the endpoint rows and the rung."""
     assert main(["ladder", "--from", str(STUDY / "runs"), "--no-report",
-                 "--params", str(REPO / "params.yaml")]) == 0
+                 "--params", str(STUDY / "ladder_params.yaml")]) == 0
     printed = capsys.readouterr().out
     assert printed == (STUDY / "ladder.txt").read_text()
-    assert "yolo10n  default  3 " in printed and "EMA+QC        3/3" in printed
+    assert "yolo10n  preset=collapse_cpu  " in printed and "EMA+QC        " in printed
+    assert "other setting(s) not pooled" not in printed
 
 
 def test_cumulative_decay_is_the_scale_groups_lr_times_wd_times_steps_per_epoch():

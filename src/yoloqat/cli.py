@@ -67,6 +67,7 @@ def _from_archive(ap: argparse.ArgumentParser) -> None:
 
 
 def ladder_main(argv: list[str]) -> int:
+    from yoloqat.analysis.exp_curves import run_curves
     from yoloqat.analysis.experiments import load_runs
     from yoloqat.analysis.ladder import decide, ladder_settings, queue_next
     from yoloqat.analysis.ladder_groups import committed_report_models, group_runs
@@ -82,7 +83,7 @@ def ladder_main(argv: list[str]) -> int:
     try:
         ladder_cfg, configured = ladder_settings(params)
         records = load_runs(repo, args.from_json, args.archive, all_commits=args.all_commits)
-        rows = group_runs(records)
+        rows = group_runs(records, lambda rec: run_curves(rec, repo))
         decision = decide(rows, ladder_cfg, configured)
         models, left_out = None, []
         if not args.no_report and not args.out:  # never replace committed evidence from commits

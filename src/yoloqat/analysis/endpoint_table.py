@@ -32,6 +32,7 @@ from yoloqat.analysis.exp_curves import EMA_TSV, LIVE_TSV, MAP_TSV, run_curves
 from yoloqat.analysis.ladder_groups import Group, differing_keys, merge_order
 from yoloqat.analysis.paired import SignFlip, sign_flip
 from yoloqat.analysis.records import ExpRecord, resolved_params
+from yoloqat.analysis.rejudge import current_label
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
 from yoloqat.curves.keys import DVCLIVE_PLOTS, curve_key, series_of_tsv, tsv_of
@@ -222,8 +223,6 @@ def _unlabelled_repair(recs: Sequence[ExpRecord], key: str, read: Reader,
     before the verdict kept repair labels): the label under today's rules, and its endpoints."""
     if key in ("live", "ema"):
         return None
-    from yoloqat.analysis.repair_report import current_label
-
     for rec in recs:
         if series := read(rec, curve_tsv(key)):
             e = endpoints(series, skip)

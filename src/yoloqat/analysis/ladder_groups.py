@@ -24,27 +24,33 @@ seeds it improved.
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yoloqat.analysis.exp_curves import run_curves
 from yoloqat.analysis.paired import PairedOutcome, paired_outcome
 from yoloqat.analysis.records import (
     FAILED,
     PENDING,
+    Curves,
     ExpRecord,
     is_setting_param,
     resolved_params,
 )
+from yoloqat.analysis.rejudge import verdict_now
 from yoloqat.config import MODELS
 from yoloqat.curves.compare import CURVE_ROWS
+from yoloqat.curves.keys import curve_key
 from yoloqat.curves.stability import STABLE, TOO_SHORT, mean_std
 from yoloqat.errors import ExperimentsError
 from yoloqat.numbers import finite_number
 
 RUNGS = MODELS  # yolo10n, yolo10s, yolo10m
+CurvesOf = Callable[[ExpRecord], Curves]  # a run's curves (exp_curves.run_curves)
 # What the ladder varies within a setting (the seeds, EMA / QC on or off of one seed's runs) and
 # across rungs (the model): kept out of a Setting's values, which hold every other setting param
 # (records.is_setting_param).  fp.seed is a seed too: a grid over QAT seeds from one FP model
@@ -67,8 +73,12 @@ class Setting:
     values: tuple[tuple[str, str], ...]  # every setting param, sorted, as text
 
     def describe(self, keys: Iterable[str]) -> str:
+        """The params in ``keys`` (those that tell groups apart), after the preset the setting
+        was made from unless that is ``none``: ``default`` for the plain default."""
         d = dict(self.values)
-        shown = [f"{k}={d.get(k, '-')}" for k in keys]
+        keys = list(keys)
+        preset = [] if "preset" in keys or d.get("preset", "none") == "none" else ["preset"]
+        shown = [f"{k}={d.get(k, '-')}" for k in preset + keys]
         return " ".join(shown) if shown else "default"
 
 
@@ -173,21 +183,42 @@ def merge_order(recs: Iterable[ExpRecord]) -> list[ExpRecord]:
     return sorted(_newest_first(recs), key=lambda r: (not r.params["ema"], not r.params["qc"]))
 
 
-def merge_seed(seed: int, recs: Sequence[ExpRecord]) -> SeedRun:
+def _rejudged(rec: ExpRecord, prefix: str, curves_of: CurvesOf) -> CurveResult | None:
+    """A repair curve the run logged (``qat.repair_curves``) that its stored verdict has no
+    label for (runs made before the verdict kept one): judged by today's rules, as the endpoint
+    rows and the repair table judge it."""
+    _, _, repair = prefix.partition("_")
+    if repair not in (rec.params.get("qat.repair_curves") or ()):
+        return None
+    values = curves_of(rec).get("qat", {}).get(curve_key(prefix))
+    if not values:
+        return None
+    verdict = verdict_now(rec, [math.nan if x is None else x for x in values])
+    return CurveResult(
+        label=verdict.label, best=finite_number(verdict.best), final=finite_number(verdict.final),
+        max_drawdown=finite_number(verdict.max_drawdown),
+        collapse_events=verdict.collapse_events, reason=verdict.reason,
+    )
+
+
+def merge_seed(seed: int, recs: Sequence[ExpRecord], curves_of: CurvesOf = run_curves) -> SeedRun:
     """One seed's evidence from its judged records; each field from the first record that has
-    it, in the order EMA+QC, EMA only, EMA off (newest first within each)."""
+    it, in the order EMA+QC, EMA only, EMA off (newest first within each).  A repair curve
+    without a stored label is judged from the run's curves (``curves_of``) by today's rules."""
     run = SeedRun(seed)
     lacks_live = False
     for rec in merge_order(recs):
         v = rec.verdict
         run.names.append(rec.name)
         if rec.params["ema"]:
-            method = _curve(v, "ema_qc_")
+            method = _curve(v, "ema_qc_") or _rejudged(rec, "ema_qc", curves_of)
             ema = _curve(v, "ema_") or (_curve(v, "") if "live_label" not in v else None)
             if run.ema is None and (method or ema):
                 run.ema, run.method = (method, METHOD_EMA_QC) if method else (ema, METHOD_EMA)
             for name in OTHER_CURVES:
                 curve = _curve(v, f"{name}_")
+                if curve is None and "_" in name:
+                    curve = _rejudged(rec, name, curves_of)
                 if curve is not None:
                     run.others.setdefault(name, curve)
             lacks_live = lacks_live or "live_label" not in v
@@ -261,8 +292,8 @@ class Group:
         }
 
 
-def group_runs(records: Iterable[ExpRecord]) -> list[Group]:
-    """One group per model and setting, in ladder order."""
+def group_runs(records: Iterable[ExpRecord], curves_of: CurvesOf = run_curves) -> list[Group]:
+    """One group per model and setting, in ladder order (``curves_of``: see :func:`merge_seed`)."""
     buckets: dict[Setting, list[ExpRecord]] = {}
     for rec in records:
         if rec.kind == "baseline":  # a plain commit is not an experiment of a setting
@@ -285,7 +316,7 @@ def group_runs(records: Iterable[ExpRecord]) -> list[Group]:
                 judged_recs.append(rec)
             elif "qat" in rec.metrics:
                 unjudged.append((rec.name, seed))
-        runs = [merge_seed(s, rs) for s, rs in sorted(by_seed.items())]
+        runs = [merge_seed(s, rs, curves_of) for s, rs in sorted(by_seed.items())]
         if runs or pending or failed or unjudged:
             groups.append(Group(setting, runs, sorted(pending), sorted(failed), sorted(unjudged),
                                 judged_recs))

@@ -16,29 +16,13 @@ from pathlib import Path
 from yoloqat.analysis.archive_reader import read_archive
 from yoloqat.analysis.exp_curves import run_curves
 from yoloqat.analysis.records import ExpRecord
-from yoloqat.config import StabilityConfig
-from yoloqat.config_checks import build
+from yoloqat.analysis.rejudge import current_label
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
 from yoloqat.curves.keys import curve_key
-from yoloqat.curves.stability import after_warmup, classify_run
 from yoloqat.numbers import fixed
 
 HEADER = "| run | curve | label (current rules) | best (epoch) | final | post-peak drawdown | mean after warm-up |"
-
-
-def _stability(rec: ExpRecord) -> StabilityConfig:
-    """The run's stability rules, checked like params.yaml's section (missing keys: defaults)."""
-    fields = {k.split(".", 1)[1]: v for k, v in rec.params.items() if k.startswith("stability.")}
-    return build(StabilityConfig, fields, prefix="stability.")
-
-
-def current_label(rec: ExpRecord, values: list[float]) -> str:
-    """A curve's label under today's rules, judged from the end of the run's warm-up (for runs
-    whose stored verdict predates a curve's label)."""
-    warmup = float(rec.params.get("qat.warmup_epochs") or 0.0)
-    rules = after_warmup(_stability(rec), warmup)
-    return classify_run(values, None, rules, (rec.metrics.get("qat") or {}).get("status")).label
 
 
 def run_rows(rec: ExpRecord) -> list[str]:
