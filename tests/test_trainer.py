@@ -434,7 +434,7 @@ def test_listed_parameters_stand_in_for_the_walk_only_inside_the_block():
     import torch
     from torch import nn
 
-    from yoloqat.train.trainer import listed_parameters
+    from yoloqat.train.optimizer_speed import listed_parameters
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     listed = list(model.parameters())

@@ -29,6 +29,7 @@ from yoloqat.curves.keys import BNRE_PREFIX, MAP, MAP50, OSC, series, val_group
 from yoloqat.numbers import finite_or_none
 from yoloqat.quant.convert import QuantRecipe, quantize_model, set_fake_quant_mode
 from yoloqat.train.offline_setup import disk_cache_dir, offline_amp_check, redirect_disk_cache
+from yoloqat.train.optimizer_speed import listed_parameters, with_foreach_update
 from yoloqat.train.qat_setup import (
     install_dampening,
     install_ema,
@@ -125,32 +126,6 @@ class FPTrainer(DetectionTrainer):
             self.diverged = True
             self.stop = True
         return False
-
-
-def with_foreach_update(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """``optimizer`` set to the multi-tensor update, for its groups and any group added later;
-    left as it is where Ultralytics chose the fused kernel (Adam/AdamW on CUDA), which excludes
-    ``foreach``."""
-    if optimizer.defaults.get("fused"):
-        return optimizer
-    optimizer.defaults["foreach"] = True
-    for group in optimizer.param_groups:
-        group["foreach"] = True
-    return optimizer
-
-
-@contextmanager
-def listed_parameters(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-    """Inside the block ``model.parameters()`` returns ``params`` (``list(model.parameters())``
-    made once, so in the same order).  Ultralytics' ``optimizer_step`` clips the gradients over
-    ``self.model.parameters()``, which walks every submodule: a Brevitas model's tree is deep
-    enough that the walk cost more than the clipping (~30 ms a step on CPU).  The instance
-    attribute shadows the method only inside the block."""
-    model.parameters = lambda recurse=True: iter(params)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del model.__dict__["parameters"]
 
 
 def _stop_on_nonfinite_loss(trainer: Any) -> None:
