@@ -33,7 +33,7 @@ PY
 done
 python - <<'PY'
 import glob, json, re, sys
-timing = re.compile(r"seconds|latency|throughput|images_per_s|loop_s")
+timing = re.compile(r"seconds|latency|throughput|images_per_s|loop_s|time_ratio")
 def flat(d, p=""):
     out = {}
     for k, v in d.items():
