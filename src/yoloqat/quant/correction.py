@@ -202,7 +202,9 @@ def train_correction(
     batch_idx); re-iterated as often as needed.
     """
     params = freeze_for_correction(model)
-    opt = torch.optim.Adam(params, lr=lr)
+    # the multi-tensor update (PyTorch's default on accelerators only): on CPU the per-tensor
+    # loop over ~200 small gamma/beta tensors cost more than the update; same arithmetic
+    opt = torch.optim.Adam(params, lr=lr, foreach=True)
     done, last = 0, None
     # weights and scales are frozen: quantize them once, not on every forward
     with constant_quant_weights(model):
