@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+from tests.helpers import REPO
 from yoloqat.analysis import archive as archive_mod
 from yoloqat.analysis import exp_curves
 from yoloqat.analysis.archive import archive_doc, archive_runs, dumps
@@ -248,3 +249,25 @@ def test_ladder_from_an_archive_writes_reports_only_where_out_says(live, tmp_pat
     out = tmp_path / "elsewhere"
     assert main(["ladder", "--from", str(runs), "--out", str(out), *params]) == 0
     assert sorted(p.suffix for p in out.iterdir()) and (out / "yolo10n.md").is_file()
+
+
+def test_several_from_folders_are_read_together_and_a_name_in_two_is_one_error(tmp_path, capsys):
+    """A remedies table pairs a study's runs with the control runs archived by another study."""
+    from yoloqat.analysis.experiments import load_runs
+
+    study = REPO / "reports" / "collapse_repairs" / "runs"
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for name in ("cc-rep-s0", "cc-rep-s1"):
+        (a / f"{name}.json").write_text((study / f"{name}.json").read_text())
+    (b / "cc-rep-s2.json").write_text((study / "cc-rep-s2.json").read_text())
+    assert sorted(r.name for r in load_runs(archive=[a, b])) == ["cc-rep-s0", "cc-rep-s1", "cc-rep-s2"]
+    assert main(["remedies", "--from", str(a), "--from", str(b), "--out", str(tmp_path / "out"),
+                 "--variant", "live=live:cc-rep-s0,cc-rep-s2", "--variant", "EMA+QC=ema_qc:cc-rep-s0,cc-rep-s2"]) == 0
+    assert "| EMA+QC | 2/2 |" in (tmp_path / "out" / "README.md").read_text()
+    (b / "cc-rep-s0.json").write_text((study / "cc-rep-s0.json").read_text())
+    assert main(["remedies", "--from", str(a), "--from", str(b), "--out", str(tmp_path / "out2"),
+                 "--variant", "live=live:cc-rep-s0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'cc-rep-s0' is also archived in --from" in err[-1]
+    assert not (tmp_path / "out2").exists()

@@ -61,9 +61,10 @@ def _ladder_parser() -> argparse.ArgumentParser:
 
 
 def _from_archive(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--from", dest="archive", metavar="DIR",
+    ap.add_argument("--from", dest="archive", metavar="DIR", action="append",
                     help="read the runs archived in DIR by `yoloqat archive` (params, metrics, "
-                         "curves) instead of this repo's DVC experiments")
+                         "curves) instead of this repo's DVC experiments; repeat to read "
+                         "several folders")
 
 
 def ladder_main(argv: list[str]) -> int:

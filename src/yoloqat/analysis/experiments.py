@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,23 @@ def read_experiments(
 
 
 def load_runs(repo: str | Path = ".", json_file: str | Path | None = None,
-              archive: str | Path | None = None, all_commits: bool = True) -> list[ExpRecord]:
-    """The runs the reports read: an archive folder when given, else the repo's DVC experiments
-    (or a saved ``dvc exp show --json``)."""
-    if archive is not None:
-        return read_archive(archive)
-    return read_experiments(repo, json_file, all_commits)
+              archive: str | Path | Sequence[str | Path] | None = None,
+              all_commits: bool = True) -> list[ExpRecord]:
+    """The runs the reports read: the archive folder(s) when given (a study's runs and, say, the
+    control runs of another study; a name archived in two of them is an error), else the repo's
+    DVC experiments (or a saved ``dvc exp show --json``)."""
+    if archive is None:
+        return read_experiments(repo, json_file, all_commits)
+    folders = [archive] if isinstance(archive, (str, Path)) else list(archive)
+    records: list[ExpRecord] = []
+    seen: dict[str, str | Path] = {}
+    for folder in folders:
+        for rec in read_archive(folder):
+            if rec.name in seen:
+                raise ExperimentsError(
+                    f"--from {folder}: experiment {rec.name!r} is also archived in --from "
+                    f"{seen[rec.name]}; each experiment may be read once"
+                )
+            seen[rec.name] = folder
+            records.append(rec)
+    return records
