@@ -87,7 +87,8 @@ def mechanism_table(rec: ExpRecord) -> str:
     for i in range(n):
         cells: list[str] = [fixed(decay[i], 3) if i < len(decay) else "-"]
         for title, name in cols:
-            text = cell(name, i, 3 if name.endswith("mAP50-95") else 4)
+            digits = 3 if name.endswith("mAP50-95") else 0 if name.endswith("_below_fp16") else 4
+            text = cell(name, i, digits)
             if title:
                 cells.append(text)
             else:  # the second half of the column before
