@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from yoloqat.analysis import remedies
@@ -119,3 +121,38 @@ def test_a_repair_curve_is_a_variant_read_from_the_run_and_judged_on_its_scored_
     assert view["live_bnre"] is None and view["ema"] is None
     row = variant_row(Variant("EMA+QC", "ema_qc", ("a",)), [_rec("a")], [view])
     assert row.bests == (0.20,) and row.finals == (0.05,)
+
+
+def _committed_remedies_reports():
+    from tests.helpers import REPO
+
+    for readme in sorted((REPO / "reports").glob("*/*/README.md")):
+        lines = readme.read_text().splitlines()
+        if len(lines) > 2 and lines[2].startswith("Written by `yoloqat remedies --from "):
+            yield readme
+
+
+@pytest.mark.parametrize("readme", list(_committed_remedies_reports()),
+                         ids=lambda p: str(p.parent.relative_to(p.parents[2])))
+def test_regenerate_each_committed_remedies_report_from_its_archives_byte_for_byte(readme, tmp_path,
+                                                                                 monkeypatch):
+    """A remedies README written from archived runs opens with its command: run again from the
+    committed archives, it writes the same README."""
+    import shlex
+
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    text = readme.read_text()
+    command = text.splitlines()[2].removeprefix("Written by `").split("`. ", 1)[0]
+    argv = shlex.split(command)[1:]
+    out = argv[argv.index("--out") + 1]
+    assert Path(out) == readme.parent.relative_to(REPO)
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    assert main(argv) == 0
+    again = (tmp_path / "out" / "README.md").read_text().replace(str(tmp_path / "out"), out)
+    assert again == text
+
+
+def test_the_committed_remedies_reports_are_found():
+    assert any("remedies_recommended" in str(p) for p in _committed_remedies_reports())

@@ -227,7 +227,8 @@ def remedies_main(argv: list[str]) -> int:
         found, _ = find_named(load_runs(args.repo, args.from_json, args.archive), names,
                               args.out, REMEDIES_OUT)
         return write_remedies_report(Path(args.out or REMEDIES_OUT), variants,
-                                     {r.name: r for r in found}, args.repo, args.title)
+                                     {r.name: r for r in found}, args.repo, args.title,
+                                     args.archive or ())
 
     return _write_report("yoloqat remedies", write)
 

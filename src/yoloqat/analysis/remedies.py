@@ -17,6 +17,7 @@ older than the field) the curve is judged here with the default stability rules.
 
 from __future__ import annotations
 
+import shlex
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -162,11 +163,19 @@ def plot_variants(path: Path, rows: Sequence[VariantRow],
     save_figure(plt, fig, path)
 
 
+def _quoted(text: str) -> str:
+    """``text`` as one shell word, always in quotes (the command line a README shows)."""
+    quoted = shlex.quote(text)
+    return quoted if quoted.startswith("'") else f"'{text}'"
+
+
 def write_remedies_report(out_dir: Path, variants: Sequence[Variant], by_name: dict[str, ExpRecord],
-                          repo: str | Path = ".", title: str = "Remedies") -> tuple[Path, str]:
+                          repo: str | Path = ".", title: str = "Remedies",
+                          archives: Sequence[str | Path] = ()) -> tuple[Path, str]:
     """README.md + curves.png in ``out_dir``.  A variant's experiment missing from ``by_name``
     (not found in ``dvc exp show``; the CLI allows that only with an explicit ``--out``) is
-    left out of its row as ``NAME (not found)``."""
+    left out of its row as ``NAME (not found)``.  The README opens with the command that wrote
+    it (``archives``: the ``--from`` folders read), so it can be regenerated from them."""
     curves = {name: read_curves(rec, repo) for name, rec in by_name.items()}
     rows = []
     for v in variants:
@@ -178,8 +187,11 @@ def write_remedies_report(out_dir: Path, variants: Sequence[Variant], by_name: d
     ends, pairing = remedies_rows(variants, by_name, curves, _judge)
     tables = (variant_table(rows) + "\n\n" + remedies_text(ends, pairing) + "\n\n"
               + run_table([by_name[n] for n in ordered]))
-    command = "yoloqat remedies " + " ".join(
-        f"--variant '{v.label}={v.curve}:{','.join(v.names)}'" for v in variants)
+    command = " ".join(
+        ["yoloqat remedies", *(f"--from {a}" for a in archives)]
+        + [f"--variant {_quoted(f'{v.label}={v.curve}:' + ','.join(v.names))}" for v in variants]
+        + ([f"--title {_quoted(title)}"] if title != "Remedies" else [])
+        + ([f"--out {out_dir}"] if archives else []))
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_variants(out_dir / "curves.png", rows, curves)
     text = [
