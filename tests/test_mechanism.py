@@ -145,3 +145,100 @@ def test_weight_mechanism_clipped_fraction_and_scale_ratios_are_exact():
     # without a snapshot (max-abs, or a plain model) there is no ratio; a plain model has nothing
     assert set(weight_mechanism(model, {})[1]) == {"clipped_mean", "clipped_max"}
     assert weight_mechanism(nn.Sequential(nn.Conv2d(1, 1, 1)), {}) == ([], {})
+
+
+# two images, three end-to-end rows each (x1, y1, x2, y2, score, class), best first as the
+# head's postprocess orders them
+DETECTIONS = torch.tensor(
+    [
+        [
+            [10.0, 20.0, 14.0, 29.0, 0.875, 1.0],  # 4 x 9: side 6
+            [0.0, 0.0, 50.0, 50.0, 0.3, 0.0],
+            [0.0, 0.0, 1.0, 1.0, 0.001, 2.0],  # on the validator's threshold: not kept
+        ],
+        [
+            [6.0, 5.0, 5.0, 30.0, 0.25, 0.0],  # x2 < x1: an empty box, side 0; 0.25 is not kept
+            [1.0, 1.0, 3.0, 3.0, 0.002, 1.0],
+            [1.0, 1.0, 3.0, 3.0, 0.0005, 1.0],
+        ],
+    ]
+)
+
+
+def test_detection_statistics_are_the_hand_counted_ones():
+    from yoloqat.quant.mechanism import detection_statistics
+
+    assert detection_statistics(DETECTIONS) == {
+        "out_score_max_mean": (0.875 + 0.25) / 2,
+        "out_above_001": (2 + 2) / 2,
+        "out_above_025": (2 + 0) / 2,
+        "out_box_wh_median": 0.0,  # the lower median of {6, 0}
+    }
+    three = torch.cat([DETECTIONS, DETECTIONS[:1]])  # sides 6, 0, 6
+    assert detection_statistics(three)["out_box_wh_median"] == 6.0
+    # the top box is the highest score's, wherever its row is
+    flipped = DETECTIONS[:1].flip(1)
+    assert detection_statistics(flipped)["out_box_wh_median"] == 6.0
+
+
+def test_head_outputs_pool_images_over_batches_and_count_nonfinite_raw_values():
+    from yoloqat.quant.mechanism import HeadOutputs
+
+    outputs = HeadOutputs()
+    assert outputs.summary() == {}
+    raw = torch.tensor([1.0, math.inf, -math.inf, math.nan, 0.0])
+    outputs.add(DETECTIONS[:1], (raw, torch.zeros(3)))
+    outputs.add(DETECTIONS[1:], (torch.zeros(2),))
+    summary = outputs.summary()
+    assert summary["out_nonfinite"] == 3 / 10
+    assert summary["out_above_001"] == 2.0 and summary["out_box_wh_median"] == 0.0
+
+
+def _v10_head() -> nn.Module:
+    from ultralytics.nn.modules.head import v10Detect
+
+    torch.manual_seed(0)
+    head = v10Detect(nc=3, ch=(16, 32))
+    head.stride = torch.tensor([8.0, 16.0])
+    return head
+
+
+FEATURES = [
+    torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(1)),
+    torch.randn(2, 32, 2, 2, generator=torch.Generator().manual_seed(2)),
+]
+
+
+def test_recording_outputs_decodes_the_one_to_one_branch_as_the_validator_and_puts_it_back():
+    from yoloqat.quant.mechanism import recording_outputs
+
+    head = _v10_head().eval()
+    assert not head.end2end  # built: the one-to-many branch decodes, until a validator chooses
+    with torch.no_grad():
+        head.end2end = True  # what Ultralytics' validator sets with nms=False
+        want, raw = head([f.clone() for f in FEATURES])
+        del head.__dict__["_end2end"]
+        with recording_outputs(head) as outputs:
+            head([f.clone() for f in FEATURES])
+    assert outputs is not None and len(outputs.detections) == 1
+    assert want.shape == (2, 20, 6)  # k = min(max_det 300, 16 + 4 anchors)
+    assert outputs.detections[0].equal(want)
+    assert outputs.values == raw["one2one"]["boxes"].numel() + raw["one2one"]["scores"].numel()
+    # the head's choice is back (here: never made), and its hook gone
+    assert "_end2end" not in head.__dict__ and not head.end2end and not head._forward_hooks
+    for chosen in (False, True):
+        head.end2end = chosen
+        with recording_outputs(head):
+            assert head.end2end
+        assert head.__dict__["_end2end"] is chosen
+    # training-mode forwards (raw dicts) are not recorded
+    with recording_outputs(head.train()) as outputs:
+        head([f.clone() for f in FEATURES])
+    assert outputs is not None and outputs.detections == []
+
+
+def test_recording_outputs_yields_none_without_a_one_to_one_head():
+    from yoloqat.quant.mechanism import recording_outputs
+
+    with recording_outputs(_conv_bn_bn()) as outputs:
+        assert outputs is None

@@ -44,7 +44,9 @@ def test_mechanism_table_puts_each_epoch_curves_beside_its_mismatch_clipping_and
            "mech_ema_aug/bn_logvar_mean": [0.04, 0.3], "mech_ema_bnre/bn_logvar_mean": [0.01, 0.02],
            "mech_ema/bn_mean_shift_mean": [0.1, 0.7], "mech_ema/clipped_mean": [0.005, 0.0],
            "mech_ema/clipped_max": [0.03, 0.0], "mech_ema/scale_ratio_median": [0.9, 0.5],
-           "mech_ema/bn_var_below_fp16": [0.0, 12.0]}
+           "mech_ema/bn_var_below_fp16": [0.0, 12.0],
+           "mech_ema/out_score_max_mean": [0.6125, 0.00125], "mech_ema/out_above_001": [187.5, 0.0625],
+           "mech_live/out_score_max_mean": [0.9, 0.9]}  # the live model's: not in the table
     with_mech = ExpRecord(name="m", rev="r", kind="experiment", state="done", params={"ema": True},
                           curves={"qat": qat})
     without = ExpRecord(name="n", rev="r", kind="experiment", state="done", params={"ema": True},
@@ -53,9 +55,12 @@ def test_mechanism_table_puts_each_epoch_curves_beside_its_mismatch_clipping_and
     assert text.splitlines()[1] == "## Mechanism per epoch: m"
     rows = text.splitlines()[5:]
     assert rows == [
-        "| 1 | - | 0.100 | 0.150 | 0.160 | 0.0500 / 0.2000 | 0.0400 | 0.0100 | 0.1000 | 0.0050 / 0.0300 | 0.9000 | 0 |",
-        "| 2 | - | 0.200 | 0.010 | 0.250 | 1.5000 / 9.0000 | 0.3000 | 0.0200 | 0.7000 | 0.0000 / 0.0000 | 0.5000 | 12 |",
+        "| 1 | - | 0.100 | 0.150 | 0.160 | 0.0500 / 0.2000 | 0.0400 | 0.0100 | 0.1000 | 0.0050 / 0.0300 | 0.9000 | 0 | 0.6125 | 187.5 |",
+        "| 2 | - | 0.200 | 0.010 | 0.250 | 1.5000 / 9.0000 | 0.3000 | 0.0200 | 0.7000 | 0.0000 / 0.0000 | 0.5000 | 12 | 0.0013 | 0.1 |",
     ]
+    # a run archived before the output statistics existed prints '-' in their columns
+    del qat["mech_ema/out_score_max_mean"], qat["mech_ema/out_above_001"]
+    assert mechanism_sections([with_mech]).splitlines()[-1].endswith("| 12 | - | - |")
     assert mechanism_sections([without]) == ""
 
 

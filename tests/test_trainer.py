@@ -324,8 +324,11 @@ def test_repair_curves_are_scored_every_kth_epoch_and_when_training_stops(every,
 
 def _check_mechanism_outputs(repo, summary):
     """What qat.mechanism_batches=1 leaves after 2 epochs of a yolov10n with max-abs scales."""
-    groups = {"mech_live": 10 - 2, "mech_ema": 10 - 2, "mech_live_aug": 4, "mech_ema_aug": 4,
-              "mech_ema_bnre": 6, "mech_ema_bnre_aug": 4}  # max-abs: no scale-ratio series
+    from yoloqat.curves.keys import OUTPUT_SERIES
+
+    # max-abs: no scale-ratio series; the output series on the plain images of each model
+    groups = {"mech_live": 10 - 2 + 5, "mech_ema": 10 - 2 + 5, "mech_live_aug": 4, "mech_ema_aug": 4,
+              "mech_ema_bnre": 6 + 5, "mech_ema_bnre_aug": 4}
     metrics = repo / "results/qat/plots/metrics"
     for group, count in groups.items():
         series = sorted(p.stem for p in (metrics / group).glob("*.tsv"))
@@ -334,6 +337,15 @@ def _check_mechanism_outputs(repo, summary):
             assert len(_tsv(repo, f"{group}/{name}.tsv").splitlines()[1:]) == 2, (group, name)
     assert not (metrics / "mech_live_bnre").exists()  # only the deployed (EMA) model's copy
     assert float(_tsv(repo, "mech_ema/clipped_max.tsv").splitlines()[-1].split("\t")[-1]) == 0.0
+    anchors = 8 * 8 + 4 * 4 + 2 * 2  # 64 px at strides 8, 16, 32: every anchor is a row (< 300)
+    for group in ("mech_live", "mech_ema", "mech_ema_bnre"):
+        last = {k: float(_tsv(repo, f"{group}/{k}.tsv").splitlines()[-1].split("\t")[-1])
+                for k in OUTPUT_SERIES}
+        assert last["out_nonfinite"] == 0.0, group
+        assert 0.0 < last["out_score_max_mean"] < 1.0, group
+        assert 0.0 <= last["out_above_025"] <= last["out_above_001"] <= anchors, group
+        # the DFL decode reaches at most reg_max - 1 = 15 strides (32 px at most) to each side
+        assert 0.0 < last["out_box_wh_median"] <= 2 * 15 * 32, group
     doc = json.loads((repo / "results/qat/mechanism.json").read_text())
     assert doc["mechanism_batches"] == 1 and doc["batches"] == {"plain": 1, "aug": 1}
     assert doc["images_per_set"] == {"plain": 8, "aug": 8}

@@ -18,7 +18,7 @@ eval mode, hooks removed).  Each epoch's row goes to ``monitor.history``, to
 ``<save_dir>/qat_monitor.csv`` (one column per series), to ``<save_dir>/qat_monitor.json``
 (per-layer detail, the worst layers' names) and, when Ultralytics' DVCLive callback is active,
 to its Live (the same series names as the qat stage: ``mech_ema/bn_logvar_mean``, ...).
-Plain convs give the BN measurements only.
+Plain convs give the BN measurements (and, with a YOLOv10 head, the output series) only.
 
 ``bn_reestimate=N`` also re-estimates the EMA model's BN statistics on N augmentation-free
 training batches before each validation (Nagel et al.), so validation and the saved checkpoints

@@ -1,5 +1,6 @@
 """Per-epoch mechanism tables of archived runs (``qat.mechanism_batches``): the curves beside
-the BN running-statistics mismatch, the clipped fraction and the learned-scale shrink of the same
+the BN running-statistics mismatch, the clipped fraction, the learned-scale shrink and the
+deployed model's output (its top score, how many predictions the validator keeps) of the same
 epoch, so "does the collapse coincide with the mismatch, the clipping, or neither" is read off
 committed data (``yoloqat repairs --from DIR`` appends one table per run that logged them).
 """
@@ -32,7 +33,20 @@ def _columns(deployed: str) -> list[tuple[str, str]]:
         ("", series(plain, "clipped_max")),
         ("scale / start (median)", series(plain, "scale_ratio_median")),
         ("BN var < fp16 tiny", series(plain, "bn_var_below_fp16")),
+        # what the deployed model outputs there: no confident box at all, or confident ones
+        ("top score, plain (mean)", series(plain, "out_score_max_mean")),
+        ("predictions > 0.001 per image", series(plain, "out_above_001")),
     ]
+
+
+def _digits(name: str) -> int:
+    if name.endswith("mAP50-95"):
+        return 3
+    if name.endswith("_below_fp16"):
+        return 0  # a channel count
+    if name.endswith("out_above_001"):
+        return 1  # a mean count per image
+    return 4
 
 
 def has_mechanism(rec: ExpRecord) -> bool:
@@ -87,8 +101,7 @@ def mechanism_table(rec: ExpRecord) -> str:
     for i in range(n):
         cells: list[str] = [fixed(decay[i], 3) if i < len(decay) else "-"]
         for title, name in cols:
-            digits = 3 if name.endswith("mAP50-95") else 0 if name.endswith("_below_fp16") else 4
-            text = cell(name, i, digits)
+            text = cell(name, i, _digits(name))
             if title:
                 cells.append(text)
             else:  # the second half of the column before

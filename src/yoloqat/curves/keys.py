@@ -163,6 +163,14 @@ PLAIN, AUGMENTED = "plain", "aug"  # the two fixed image sets: letterboxed, the 
 MISMATCH_SERIES = ("bn_logvar_mean", "bn_logvar_worst", "bn_mean_shift_mean", "bn_mean_shift_worst")
 FLOOR_SERIES = ("bn_var_min", "bn_var_below_fp16")
 WEIGHT_SERIES = ("scale_ratio_median", "scale_ratio_min", "clipped_mean", "clipped_max")
+# the end-to-end head's output on the plain images (quant/mechanism.py detection_statistics)
+OUTPUT_SERIES = (
+    "out_score_max_mean",
+    "out_above_001",
+    "out_above_025",
+    "out_nonfinite",
+    "out_box_wh_median",
+)
 
 
 def mechanism_group(model: str, images: str = PLAIN, bnre: bool = False) -> str:

@@ -21,13 +21,21 @@ which repair works:
   max is above it).
 * **BN variance floor.**  The smallest running variance in the network and how many channels
   are below float16's smallest normal number (they underflow to subnormals under fp16 AMP).
+* **Outputs.**  What YOLOv10's end-to-end (one-to-one) head puts out on the same images, decoded
+  as Ultralytics' validator decodes it with ``nms=False`` (the head's ``postprocess``: the
+  ``max_det`` highest class confidences over anchors x classes, ``x1, y1, x2, y2, score, class``
+  rows in input pixels, best first), before the validator keeps the rows with a confidence
+  above its threshold: so a curve at mAP 0 can be told apart as "no confident prediction",
+  "confident but misplaced boxes" or "non-finite output".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +45,8 @@ from yoloqat.quant.convert import quant_convs, weight_int_max, weight_scale
 from yoloqat.quant.scales import scale_ratios
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny)
+# Ultralytics' confidence thresholds: validation (args.conf unset) and prediction defaults
+VAL_CONF, PREDICT_CONF = 0.001, 0.25
 
 
 @dataclass(frozen=True)
@@ -191,3 +201,113 @@ def mismatch_summary(layers: list[BNMismatch]) -> tuple[dict[str, float], dict[s
 
 def _order(value: float) -> float:
     return math.inf if math.isnan(value) else value  # a NaN layer is the worst there is
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+
+
+def detection_statistics(detections: torch.Tensor) -> dict[str, float]:
+    """Per-image statistics of end-to-end detections ``(images, k, 6)`` (rows ``x1, y1, x2, y2,
+    score, class``, what the head's ``postprocess`` returns), averaged over the images:
+
+    * ``out_score_max_mean``: the highest score of the image (the best class confidence of any
+      anchor), mean over images;
+    * ``out_above_001`` / ``out_above_025``: how many rows have a score above 0.001 (the
+      validator's threshold, ``score > conf`` as its filter keeps them) / above 0.25, mean over
+      images; at most ``k`` (the head's ``max_det``, clamped to the anchor count);
+    * ``out_box_wh_median``: the lower median over images of sqrt(w * h) of the image's
+      highest-scoring box (the side of a square of its area, input pixels; 0 for an empty box).
+
+    A NaN score makes its image's maximum NaN (and the mean); ``out_nonfinite`` counts it."""
+    scores = detections[..., 4]
+    top = scores.argmax(dim=1, keepdim=True)  # the first of ties, as postprocess orders rows
+    box = detections[..., :4].double().gather(1, top[..., None].expand(-1, -1, 4))[:, 0]
+    side = ((box[:, 2] - box[:, 0]).clamp(min=0) * (box[:, 3] - box[:, 1]).clamp(min=0)).sqrt()
+
+    def above(conf: float) -> float:
+        # in the scores' own dtype, as the validator compares: a float32 score of 0.001 is not kept
+        return float((scores > conf).sum(dim=1).double().mean())
+
+    return {
+        "out_score_max_mean": float(scores.double().max(dim=1).values.mean()),
+        "out_above_001": above(VAL_CONF),
+        "out_above_025": above(PREDICT_CONF),
+        "out_box_wh_median": float(side.median()),
+    }
+
+
+@dataclass
+class HeadOutputs:
+    """The end-to-end head's outputs over several batches: the decoded detections, kept (a few kB
+    per image), and the raw one-to-one tensors' finite/non-finite counts."""
+
+    detections: list[torch.Tensor] = field(default_factory=list)
+    nonfinite: int = 0
+    values: int = 0
+
+    def add(self, detections: torch.Tensor, raw: Sequence[torch.Tensor]) -> None:
+        self.detections.append(detections.detach().cpu())
+        for t in raw:
+            self.nonfinite += int((~torch.isfinite(t)).sum())
+            self.values += t.numel()
+
+    def summary(self) -> dict[str, float]:
+        """:func:`detection_statistics` over every image, and ``out_nonfinite``: the fraction
+        of non-finite values of the raw one-to-one box and class tensors (before the sigmoid,
+        which would map an infinite logit to a finite score).  {} when nothing was recorded."""
+        if not self.detections:
+            return {}
+        values = detection_statistics(torch.cat(self.detections))
+        values["out_nonfinite"] = self.nonfinite / self.values if self.values else 0.0
+        return values
+
+
+def end2end_head(model: nn.Module) -> nn.Module | None:
+    """The last Ultralytics detection head of ``model`` with a one-to-one branch (YOLOv10's
+    ``v10Detect``), or None."""
+    heads = [
+        m
+        for m in model.modules()
+        if getattr(m, "one2one_cv2", None) is not None and hasattr(m, "postprocess")
+    ]
+    return heads[-1] if heads else None
+
+
+_UNSET = object()
+
+
+@contextmanager
+def recording_outputs(model: nn.Module) -> Iterator[HeadOutputs | None]:
+    """Inside the block every eval-mode forward of ``model`` records its end-to-end head's
+    output into the yielded :class:`HeadOutputs` (None: no one-to-one head, nothing recorded).
+
+    The head decodes its one-to-one branch inside the block (``end2end`` on, as the validator sets
+    it with ``nms=False``) with its own ``max_det``; what the model returns is unchanged but for
+    that choice of branch.  On exit the hook is removed and the head's ``end2end`` choice is put
+    back as it was (its anchor cache is recomputed from the feature shapes whenever they change,
+    so the values it keeps are the ones any later decode computes)."""
+    head = end2end_head(model)
+    if head is None:
+        yield None
+        return
+    outputs = HeadOutputs()
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        if not isinstance(output, tuple):  # training: the raw dicts; export: no raw tensors
+            return
+        detections, preds = output
+        one2one = preds["one2one"]
+        outputs.add(detections, (one2one["boxes"], one2one["scores"]))
+
+    chosen = head.__dict__.get("_end2end", _UNSET)
+    handle = head.register_forward_hook(hook)
+    try:
+        head._end2end = True
+        yield outputs
+    finally:
+        handle.remove()
+        if chosen is _UNSET:
+            head.__dict__.pop("_end2end", None)
+        else:
+            head._end2end = chosen

@@ -13,11 +13,14 @@ training is the same with and without it.  DVCLive series (values rounded to 4 s
 digits, so that an archive of a run stays small) are ``mech_<model>[_bnre][_aug]/<name>``:
 
 * ``mech_<model>/`` (plain images): the 4 mismatch series, ``bn_var_min``,
-  ``bn_var_below_fp16``, and, for quantized models, ``scale_ratio_median``,
-  ``scale_ratio_min``, ``clipped_mean``, ``clipped_max``;
+  ``bn_var_below_fp16``, for quantized models ``scale_ratio_median``, ``scale_ratio_min``,
+  ``clipped_mean``, ``clipped_max``, and for a YOLOv10 head the 5 output series
+  (:data:`~yoloqat.curves.keys.OUTPUT_SERIES`), recorded from the same forward pass as the
+  mismatch, so they cost no extra forward;
 * ``mech_<model>_aug/``: the 4 mismatch series on the augmented images;
 * ``mech_<model>_bnre[_aug]/``: the BN-re-estimated copy of the repair curves
-  (``qat.repair_curves`` with bnre or bnre_qc), its 4 mismatch series (and the variance floor).
+  (``qat.repair_curves`` with bnre or bnre_qc), its 4 mismatch series (and the variance floor
+  and the output series).
 
 The worst layers' names and every layer's values go to the per-epoch JSON
 (:meth:`MechanismProbe.document`), not to series.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -44,6 +48,7 @@ from yoloqat.quant.mechanism import (
     bn_mismatch,
     bn_variance_floor,
     mismatch_summary,
+    recording_outputs,
     weight_mechanism,
 )
 from yoloqat.train.rng import preserved_rng, seed_everything
@@ -113,13 +118,15 @@ class MechanismProbe:
         for images in self.images:
             group = mechanism_group(model_name, images, bnre)
             # quantized once for all the batches: the weights do not change during the block
-            with torch.no_grad(), constant_quant_weights(model):
+            outputs = recording_outputs(model) if images == PLAIN else nullcontext(None)
+            with torch.no_grad(), constant_quant_weights(model), outputs as out:
                 bn_layers = bn_mismatch(model, self._inputs(images, model))
             self.layers.setdefault("bn", [b.name for b in bn_layers])
             values, worst = mismatch_summary(bn_layers)
             if images == PLAIN:
                 values.update(floor)
                 values.update(weights)
+                values.update(out.summary() if out is not None else {})
             row.update({f"{group}/{k}": rounded(v) for k, v in values.items()})
             detail: dict[str, Any] = {k: rounded(v) for k, v in values.items()}
             detail.update(worst)
