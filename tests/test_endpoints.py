@@ -211,6 +211,30 @@ def test_ladder_rows_exact_endpoints_and_paired_difference():
     assert lqc.column("best") == [0.5] * 3 and lqc.column("auc") == [] and lqc.vs_live is None
 
 
+def test_the_fp_continued_control_is_a_row_judged_by_todays_rules_and_paired_with_live():
+    """fp.control trains the FP model on with QAT's recipe, unquantized: its curve is a row, so
+    a dip it shows too is the recipe's (issue: the early dip of every collapse_cpu curve)."""
+    from yoloqat.analysis.exp_curves import FP_CONTROL_TSV
+
+    fp = {0: [0.20, 0.10, 0.30, 0.30, 0.30], 1: [0.20, 0.25, 0.30, 0.10, 0.30]}
+
+    def with_fp(rec, path):
+        if path == FP_CONTROL_TSV:
+            return fp.get(rec.params["seed"])
+        return reader(rec, path)
+
+    (group,) = group_runs([record(s) for s in (0, 1, 2)])
+    rows = {r.name: r for r in et.group_rows(group, with_fp)}
+    assert list(rows)[-1] == "FP cont."
+    control = rows["FP cont."]
+    assert [o.pair for o in control.obs] == [0, 1]  # seed 2 trained none
+    # warm-up 1 epoch: seed 0's dip at epoch 2 does not count, seed 1's at epoch 4 does
+    assert [o.label for o in control.obs] == ["stable", "unstable"]
+    assert control.column("auc") == pytest.approx([0.25, 0.2375])
+    assert control.vs_live.n == 2 and control.vs_live.mean == pytest.approx((0.05 + 0.0875) / 2)
+    assert "FP cont." not in {r.name for r in et.group_rows(group, reader)}
+
+
 def test_ladder_table_cells_and_text_fit_160_columns():
     tables = et.ladder_tables(group_runs([record(s) for s in (0, 1, 2)]), reader)
     cells = [et.row_cells(r) for r in tables[0].rows]

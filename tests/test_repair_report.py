@@ -28,7 +28,7 @@ def test_repairs_command_prints_the_table_and_refuses_a_missing_folder_in_one_li
     assert main(["repairs", "--from", str(STUDY / "runs"), "--out", str(tmp_path / "t.md")]) == 0
     printed = capsys.readouterr().out
     assert printed == (tmp_path / "t.md").read_text() == (STUDY / "table.md").read_text()
-    assert "| cc-rep-s0 | EMA+QC |" in printed
+    assert "| cc-rep-s0 | EMA+QC |" in printed and "| cc-rep-s0 | FP cont. | unstable |" in printed
     assert main(["repairs", "--from", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("yoloqat repairs: error: --from ")

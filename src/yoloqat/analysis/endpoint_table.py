@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yoloqat.analysis.exp_curves import EMA_TSV, LIVE_TSV, MAP_TSV, run_curves
+from yoloqat.analysis.exp_curves import (
+    EMA_TSV,
+    FP_CONTROL_TSV,
+    LIVE_FOLDERS,
+    LIVE_TSV,
+    MAP_TSV,
+    run_curves,
+)
 from yoloqat.analysis.ladder_groups import Group, differing_keys, merge_order
 from yoloqat.analysis.paired import SignFlip, sign_flip
 from yoloqat.analysis.records import ExpRecord, resolved_params
@@ -54,16 +61,19 @@ def curve_tsv(key: str) -> str:
 
 
 def default_reader(repo: str | Path = ".") -> Reader:
-    """Reads a run's QAT curve by its TSV path from the run's curves (its archive file, or
-    DVCLive's files at its revision: :func:`run_curves`), each run read once."""
+    """Reads a run's curve by its TSV path (QAT's, or a float stage's) from the run's curves
+    (its archive file, or DVCLive's files at its revision: :func:`run_curves`), each run read
+    once."""
     runs: dict[tuple[str, str | None], Any] = {}
-    folder = (QAT_RESULTS / DVCLIVE_PLOTS).as_posix() + "/"
+    folders = {stage: (results / DVCLIVE_PLOTS).as_posix() + "/"
+               for stage, results in LIVE_FOLDERS.items()}
 
     def read(rec: ExpRecord, path: str) -> list[float] | None:
-        if not path.startswith(folder):
+        stage = next((st for st, folder in folders.items() if path.startswith(folder)), None)
+        if stage is None:
             return None
         curves = runs.setdefault((rec.name, rec.rev), run_curves(rec, repo))
-        values = curves.get("qat", {}).get(series_of_tsv(path[len(folder):]))
+        values = curves.get(stage, {}).get(series_of_tsv(path[len(folders[stage]):]))
         return list(values) if values else None
 
     return read
@@ -253,7 +263,28 @@ def group_rows(group: Group, read: Reader) -> list[EndpointRow]:
                                rec.verdict, prefix))
         if obs:
             rows.append(EndpointRow(name, tuple(obs)))
+    if control := _fp_control_row(group, by_seed, read, skip):
+        rows.append(control)
     return with_paired(rows, next((r for r in rows if r.name == "live"), None))
+
+
+FP_CONTROL_ROW = "FP cont."  # the FP model trained on with QAT's own recipe, unquantized
+
+
+def _fp_control_row(group: Group, by_seed: dict[int, list[ExpRecord]], read: Reader,
+                    skip: int) -> EndpointRow | None:
+    """The FP-continued control of each seed (``fp.control``: QAT's optimizer, schedule and
+    augmentation, no quantization), judged by today's rules: a dip it shows too is the recipe's,
+    not quantization's.  None when no seed trained it."""
+    obs = []
+    for run in group.runs:
+        for rec in merge_order(by_seed.get(run.seed, [])):
+            if series := read(rec, FP_CONTROL_TSV):
+                e = endpoints(series, skip)
+                obs.append(Obs(run.seed, current_label(rec, list(series)),
+                               {k: getattr(e, k) for k in ENDPOINTS}, True))
+                break
+    return EndpointRow(FP_CONTROL_ROW, tuple(obs)) if obs else None
 
 
 def group_skip(group: Group) -> int:

@@ -35,6 +35,7 @@ from yoloqat.paths import FP_CONTROL_RESULTS, FP_RESULTS, QAT_RESULTS
 LIVE_FOLDERS = {"qat": QAT_RESULTS, "train_fp": FP_RESULTS, "fp_control": FP_CONTROL_RESULTS}
 MAP_TSV = tsv_of(QAT_RESULTS, PRIMARY)
 LIVE_TSV = tsv_of(QAT_RESULTS, LIVE)
+FP_CONTROL_TSV = tsv_of(FP_CONTROL_RESULTS, PRIMARY)  # the FP-continued control's val curve
 EMA_TSV = tsv_of(QAT_RESULTS, EMA)
 
 
