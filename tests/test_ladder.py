@@ -257,6 +257,33 @@ def test_a_logged_ema_qc_curve_without_a_stored_label_is_judged_from_the_curve()
     assert group_runs(plain, lambda rec: pytest.fail("read"))[0].runs[0].method == "EMA"
 
 
+def test_a_live_failure_counts_only_where_it_is_worse_than_the_fp_continued_control():
+    """fp.control trains the FP model on with QAT's own recipe: where that unquantized control
+    fails as badly as live, the failure is the recipe's, and the rung may not count it."""
+    steady = [0.10, 0.20, 0.25, 0.26, 0.27, 0.27]
+    swing = [0.10, 0.25, 0.26, 0.15, 0.27, 0.26]  # one deep dip, recovered: unstable
+    recs = rung_seeds("yolo10n", ["stable"] * 3, live="unstable",
+                      extra_params={"fp.control": True})
+    fp = {recs[0].name: swing, recs[1].name: swing, recs[2].name: swing}
+
+    def curves_of(rec):
+        return {"fp_control": {"val/mAP50-95": fp[rec.name]}}
+
+    d = decide(group_runs(recs, curves_of), CFG, PARAMS)
+    r = d.rung("yolo10n")
+    assert [run.fp_control.label for run in group_runs(recs, curves_of)[0].runs] == ["unstable"] * 3
+    assert (r.state, r.live_failed, r.live_failed_beyond_fp) == ("no_failure", 3, 0)
+    assert "worse than its FP-continued control in 0/3" in r.text()
+    fp[recs[1].name] = steady  # this seed's control held: its live failure is quantization's
+    r = decide(group_runs(recs, curves_of), CFG, PARAMS).rung("yolo10n")
+    assert (r.state, r.live_failed_beyond_fp) == ("passed", 1)
+    # without the control (fp.control off, or runs from before it) every live failure counts
+    off = rung_seeds("yolo10n", ["stable"] * 3, live="unstable", extra_params={"fp.control": False})
+    r = decide(group_runs(off, lambda rec: pytest.fail("read")), CFG,
+               {**PARAMS, "fp.control": False}).rung("yolo10n")
+    assert (r.state, r.live_failed_beyond_fp) == ("passed", None)
+
+
 def test_no_failure_reproduced_stops_the_ladder():
     d = decide(group_runs(rung_seeds("yolo10n", ["stable"] * 3, live="stable")), CFG, PARAMS)
     r = d.rung("yolo10n")

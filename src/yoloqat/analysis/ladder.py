@@ -33,6 +33,7 @@ from yoloqat.analysis.ladder_groups import (
     RUNGS,
     Group,
     Setting,
+    live_failed_beyond_fp,
     method_name,
     setting_values,
 )
@@ -63,6 +64,9 @@ class Rung:
     too_short: int = 0  # seeds whose EMA curve was too short to judge (never counted)
     # the curve the rung was decided on: "EMA+QC" (every seed logged it), else says what it was
     method: str = METHOD_EMA_QC
+    # seeds whose live curve failed worse than their FP-continued control (same recipe, no
+    # quantization); None when no seed trained that control
+    live_failed_beyond_fp: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -72,6 +76,9 @@ class Rung:
             return f"waiting for {self.blocked_by}"
         counts = (f"{self.method} not stable in {self.ema_failed}/{self.seeds} seeds, live (control) in "
                   f"{self.live_failed}/{self.seeds}")
+        if self.live_failed_beyond_fp is not None:
+            counts += (f", worse than its FP-continued control in "
+                       f"{self.live_failed_beyond_fp}/{self.seeds}")
         p = f", paired p = {self.p_value:.3f}" if self.p_value is not None else ""
         return {
             PASSED: f"passed ({counts}{p})",
@@ -97,7 +104,8 @@ class Decision:
 
     def lines(self) -> list[str]:
         out = [(f"Ladder {' -> '.join(RUNGS)} at the configured setting: a rung passes when "
-                f"the live curve (control) fails in >= 1 seed and every EMA+QC curve (EMA where "
+                f"the live curve (control) fails in >= 1 seed (worse than its FP-continued control "
+                f"where one was trained) and every EMA+QC curve (EMA where "
                 f"no per-epoch QC curve was logged) is "
                 f"stable, over >= {self.min_seeds} seeds.")]
         out += [f"  {r.model}: {r.text()}" + (f"; {r.other_settings} other setting(s) not pooled"
@@ -129,6 +137,10 @@ def _rung(model: str, groups: Sequence[Group], cfg: LadderConfig, params: dict[s
     missing = [s for s in cfg.seeds if s not in have]
     ema_failed = sum(r.ema.failed for r in runs if r.ema)
     live_failed = sum(r.live.failed for r in runs if r.live)
+    with_fp = any(r.fp_control is not None for r in runs)
+    # with the FP-continued control trained, a failure counts as quantization's only where it
+    # is worse than the control's under the same recipe (a dip both show is the recipe's)
+    failures = sum(live_failed_beyond_fp(r) for r in runs) if with_fp else live_failed
     p = group.paired() if group else None
     if ema_failed:
         # a rung passes only if *every* EMA(+QC) curve is stable: one failure decides it, so
@@ -136,13 +148,14 @@ def _rung(model: str, groups: Sequence[Group], cfg: LadderConfig, params: dict[s
         state = FAILED_RUNG
     elif len(runs) < cfg.min_seeds:
         state = INCOMPLETE if runs or pending or short else NOT_STARTED
-    elif not live_failed:
+    elif not failures:
         state = NO_FAILURE
     else:
         state = PASSED
     return Rung(model, state, len(runs), cfg.min_seeds, ema_failed, live_failed,
                 p.p_value if p and p.pairs else None, pending, missing, others,
-                too_short=len(short), method=method_name(runs))
+                too_short=len(short), method=method_name(runs),
+                live_failed_beyond_fp=failures if with_fp else None)
 
 
 def decide(groups: Sequence[Group], cfg: LadderConfig, params: dict[str, Any]) -> Decision:

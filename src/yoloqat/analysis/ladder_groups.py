@@ -44,7 +44,7 @@ from yoloqat.analysis.records import (
 from yoloqat.analysis.rejudge import verdict_now
 from yoloqat.config import MODELS
 from yoloqat.curves.compare import CURVE_ROWS
-from yoloqat.curves.keys import curve_key
+from yoloqat.curves.keys import PRIMARY, curve_key
 from yoloqat.curves.stability import STABLE, TOO_SHORT, mean_std
 from yoloqat.errors import ExperimentsError
 from yoloqat.numbers import finite_number
@@ -116,6 +116,15 @@ class CurveResult:
     def failed(self) -> bool:
         return self.judged and self.label != STABLE
 
+    @property
+    def severity(self) -> int:
+        """How badly the curve failed: stable 0, unstable (and any other label) 1, collapsed
+        2, diverged 3."""
+        return _SEVERITY.get(self.label, 1)
+
+
+_SEVERITY = {STABLE: 0, "collapsed": 2, "diverged": 3}
+
 
 def _curve(v: dict[str, Any], prefix: str) -> CurveResult | None:
     label = v.get(f"{prefix}label")
@@ -139,10 +148,23 @@ class SeedRun:
     method: str = ""  # which curve ``ema`` is: METHOD_EMA_QC, or METHOD_EMA (no QC curve)
     # every other judged curve of the run by verdict prefix (ema, live_bnre, ema_bnre_qc, ...)
     others: dict[str, CurveResult] = field(default_factory=dict)
+    # the FP-continued control of the same seed (fp.control: QAT's recipe, no quantization),
+    # judged by today's rules from its curve; None where none was trained
+    fp_control: CurveResult | None = None
     qc_delta: float | None = None
     w4a16: float | None = None
     gap: float | None = None  # FP reference (control when trained) minus W4A16, onnxruntime
     note: str = ""
+
+
+def live_failed_beyond_fp(run: SeedRun) -> bool:
+    """The live curve failed, and worse than the same seed's FP-continued control (when one
+    was trained): a failure the unquantized model shows as badly under the same recipe is the
+    recipe's, not quantization's."""
+    if run.live is None or not run.live.failed:
+        return False
+    fp = run.fp_control
+    return fp is None or not fp.judged or run.live.severity > fp.severity
 
 
 def _is_failed(rec: ExpRecord) -> bool:
@@ -191,8 +213,20 @@ def _rejudged(rec: ExpRecord, prefix: str, curves_of: CurvesOf) -> CurveResult |
     if repair not in (rec.params.get("qat.repair_curves") or ()):
         return None
     values = curves_of(rec).get("qat", {}).get(curve_key(prefix))
-    if not values:
+    return _judged_now(rec, values) if values else None
+
+
+def _fp_control(rec: ExpRecord, curves_of: CurvesOf) -> CurveResult | None:
+    """The run's FP-continued control curve judged by today's rules (the verdict stores no
+    label for it); None when ``fp.control`` was off (as resolved: a preset may turn it off),
+    or the run predates the param, or its curve was not logged."""
+    if "fp.control" not in rec.params or resolved_params(rec.params).get("fp.control") is not True:
         return None
+    values = curves_of(rec).get("fp_control", {}).get(PRIMARY)
+    return _judged_now(rec, values) if values else None
+
+
+def _judged_now(rec: ExpRecord, values: Sequence[float | None]) -> CurveResult:
     verdict = verdict_now(rec, [math.nan if x is None else x for x in values])
     return CurveResult(
         label=verdict.label, best=finite_number(verdict.best), final=finite_number(verdict.final),
@@ -225,6 +259,8 @@ def merge_seed(seed: int, recs: Sequence[ExpRecord], curves_of: CurvesOf = run_c
             run.live = run.live or _curve(v, "live_")
         else:
             run.live = run.live or _curve(v, "live_") or _curve(v, "")
+        if run.fp_control is None:
+            run.fp_control = _fp_control(rec, curves_of)
         if rec.params["qc"] and run.qc_delta is None:
             run.qc_delta = finite_number(v.get("qc_delta_mAP50-95"))
         run.w4a16 = run.w4a16 if run.w4a16 is not None else finite_number(v.get("w4a16_mAP50-95"))
