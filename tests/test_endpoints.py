@@ -223,7 +223,13 @@ def test_the_fp_continued_control_is_a_row_judged_by_todays_rules_and_paired_wit
             return fp.get(rec.params["seed"])
         return reader(rec, path)
 
-    (group,) = group_runs([record(s) for s in (0, 1, 2)])
+    def runs(control: bool):
+        records = [record(s) for s in (0, 1, 2)]
+        for rec in records:
+            rec.params["fp.control"] = control
+        return records
+
+    (group,) = group_runs(runs(True))
     rows = {r.name: r for r in et.group_rows(group, with_fp)}
     assert list(rows)[-1] == "FP cont."
     control = rows["FP cont."]
@@ -233,6 +239,9 @@ def test_the_fp_continued_control_is_a_row_judged_by_todays_rules_and_paired_wit
     assert control.column("auc") == pytest.approx([0.25, 0.2375])
     assert control.vs_live.n == 2 and control.vs_live.mean == pytest.approx((0.05 + 0.0875) / 2)
     assert "FP cont." not in {r.name for r in et.group_rows(group, reader)}
+    # runs with fp.control off: a curve found for them (a stale output) is no control
+    (off,) = group_runs(runs(False))
+    assert "FP cont." not in {r.name for r in et.group_rows(off, with_fp)}
 
 
 def test_ladder_table_cells_and_text_fit_160_columns():

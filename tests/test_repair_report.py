@@ -117,3 +117,27 @@ def test_an_archived_run_with_bad_stability_rules_is_one_error_naming_the_key(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stability.collapse_ratio" in err[0] and "1.5" in err[0]
     assert not (tmp_path / "t.md").exists()
+
+
+def test_the_fp_control_curve_is_read_by_one_rule_fp_control_as_resolved():
+    """The repair table, the endpoint rows and the ladder read a run's FP-continued control
+    through one rule: fp.control as the run resolved it (a preset may set it), never a stale
+    curve of a run that trained none, nor a run from before the param."""
+    from yoloqat.analysis.exp_curves import fp_control_ran, fp_control_series
+    from yoloqat.analysis.records import ExpRecord
+    from yoloqat.analysis.repair_report import run_rows
+
+    curves = {"qat": {"val_live/mAP50-95": [0.1, 0.2]}, "fp_control": {"val/mAP50-95": [0.3, 0.4]}}
+
+    def rec(params):
+        return ExpRecord(name="r", rev="r", kind="experiment", state="done",
+                         params={"ema": True, **params}, curves=curves)
+
+    on, off = rec({"fp.control": True}), rec({"fp.control": False})
+    by_preset = rec({"fp.control": True, "preset": "reference"})  # the preset turns it off
+    old = rec({})  # before the param existed
+    assert [fp_control_ran(r) for r in (on, off, by_preset, old)] == [True, False, False, False]
+    assert fp_control_series(on, curves) == [0.3, 0.4]
+    assert fp_control_series(off, curves) is fp_control_series(old, curves) is None
+    assert any("| FP cont. |" in row for row in run_rows(on))
+    assert not any("| FP cont. |" in row for r in (off, by_preset, old) for row in run_rows(r))

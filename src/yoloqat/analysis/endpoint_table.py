@@ -34,6 +34,7 @@ from yoloqat.analysis.exp_curves import (
     LIVE_FOLDERS,
     LIVE_TSV,
     MAP_TSV,
+    fp_control_ran,
     run_curves,
 )
 from yoloqat.analysis.ladder_groups import Group, differing_keys, merge_order
@@ -279,7 +280,7 @@ def _fp_control_row(group: Group, by_seed: dict[int, list[ExpRecord]], read: Rea
     obs = []
     for run in group.runs:
         for rec in merge_order(by_seed.get(run.seed, [])):
-            if series := read(rec, FP_CONTROL_TSV):
+            if fp_control_ran(rec) and (series := read(rec, FP_CONTROL_TSV)):
                 e = endpoints(series, skip)
                 obs.append(Obs(run.seed, current_label(rec, list(series)),
                                {k: getattr(e, k) for k in ENDPOINTS}, True))

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from yoloqat.analysis.records import Curves, ExpRecord
+from yoloqat.analysis.records import Curves, ExpRecord, resolved_params
 from yoloqat.config import REPAIR_CURVES
 from yoloqat.curves.keys import (
     BNRE,
@@ -105,6 +105,22 @@ def read_stage_curves(repo: str | Path, rev: str) -> Curves:
 def run_curves(record: ExpRecord, repo: str | Path = ".") -> Curves:
     """A run's curves: carried by the record (an archive) or read at its revision."""
     return record.curves if record.curves is not None else read_stage_curves(repo, record.rev)
+
+
+def fp_control_ran(record: ExpRecord) -> bool:
+    """Whether the run trained the FP-continued control: ``fp.control`` as resolved (a preset may
+    turn it off) is true.  A run from before the param has none.  The one rule every table and
+    the ladder use, so a stale control curve of a run that did not train one is never read."""
+    params = record.params
+    return "fp.control" in params and resolved_params(params).get("fp.control") is True
+
+
+def fp_control_series(record: ExpRecord, curves: Curves) -> list[float | None] | None:
+    """The FP-continued control's val curve of a run's curves, or None when the run did not
+    train one (:func:`fp_control_ran`) or did not log it."""
+    if not fp_control_ran(record):
+        return None
+    return curves.get("fp_control", {}).get(PRIMARY) or None
 
 
 def curves_view(curves: Curves) -> dict[str, list[float] | None]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yoloqat.analysis.exp_curves import run_curves
+from yoloqat.analysis.exp_curves import fp_control_ran, fp_control_series, run_curves
 from yoloqat.analysis.paired import PairedOutcome, paired_outcome
 from yoloqat.analysis.records import (
     FAILED,
@@ -44,7 +44,7 @@ from yoloqat.analysis.records import (
 from yoloqat.analysis.rejudge import verdict_now
 from yoloqat.config import MODELS
 from yoloqat.curves.compare import CURVE_ROWS
-from yoloqat.curves.keys import PRIMARY, curve_key
+from yoloqat.curves.keys import curve_key
 from yoloqat.curves.stability import STABLE, TOO_SHORT, mean_std
 from yoloqat.errors import ExperimentsError
 from yoloqat.numbers import finite_number
@@ -218,11 +218,10 @@ def _rejudged(rec: ExpRecord, prefix: str, curves_of: CurvesOf) -> CurveResult |
 
 def _fp_control(rec: ExpRecord, curves_of: CurvesOf) -> CurveResult | None:
     """The run's FP-continued control curve judged by today's rules (the verdict stores no
-    label for it); None when ``fp.control`` was off (as resolved: a preset may turn it off),
-    or the run predates the param, or its curve was not logged."""
-    if "fp.control" not in rec.params or resolved_params(rec.params).get("fp.control") is not True:
-        return None
-    values = curves_of(rec).get("fp_control", {}).get(PRIMARY)
+    label for it); None when the run trained none or did not log it."""
+    if not fp_control_ran(rec):
+        return None  # asked first: reading a run's curves at its revision is slow
+    values = fp_control_series(rec, curves_of(rec))
     return _judged_now(rec, values) if values else None
 
 

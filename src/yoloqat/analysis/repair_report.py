@@ -15,12 +15,12 @@ from pathlib import Path
 
 from yoloqat.analysis.archive_reader import read_archive
 from yoloqat.analysis.endpoint_table import FP_CONTROL_ROW
-from yoloqat.analysis.exp_curves import run_curves
+from yoloqat.analysis.exp_curves import fp_control_series, run_curves
 from yoloqat.analysis.records import ExpRecord
 from yoloqat.analysis.rejudge import current_label
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
-from yoloqat.curves.keys import PRIMARY, curve_key
+from yoloqat.curves.keys import curve_key
 from yoloqat.numbers import fixed
 
 HEADER = "| run | curve | label (current rules) | best (epoch) | final | post-peak drawdown | mean after warm-up |"
@@ -33,7 +33,7 @@ def run_rows(rec: ExpRecord) -> list[str]:
     curves = run_curves(rec)
     qat = curves.get("qat", {})
     named = [(name, qat.get(curve_key(prefix))) for prefix, name in CURVE_ROWS]
-    named.append((FP_CONTROL_ROW, curves.get("fp_control", {}).get(PRIMARY)))
+    named.append((FP_CONTROL_ROW, fp_control_series(rec, curves)))
     rows = []
     for name, values in named:
         if not values:
