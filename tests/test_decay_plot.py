@@ -148,3 +148,13 @@ def test_an_unwritable_output_or_a_path_not_png_is_refused_in_one_line_with_noth
     assert len(err) == 1 and err[0].startswith("yoloqat repairs: error: ") and "d." in err[0]
     assert sorted(tmp_path.rglob("*")) == before
     assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_runs_of_one_rate_share_a_colour_and_differ_by_marker():
+    from yoloqat.analysis.decay_plot import DecayRun, run_styles
+
+    runs = [DecayRun("a-s0", 0.0167, 45, (0.1,)), DecayRun("b-s0", 0.05, 15, (0.1,)),
+            DecayRun("a-s1", 0.0167, 45, (0.1,)), DecayRun("b-s1", 0.05, 15, (0.1,))]
+    colours, markers = run_styles(runs)
+    assert colours == {"a-s0": "C0", "a-s1": "C0", "b-s0": "C1", "b-s1": "C1"}
+    assert markers == {"a-s0": "o", "a-s1": "s", "b-s0": "o", "b-s1": "s"}

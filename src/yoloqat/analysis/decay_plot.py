@@ -4,7 +4,8 @@ at the same total decay (``yoloqat repairs --from DIR --decay-plot PATH.png``).
 
 Three panels share x, the learned scales' cumulative lr x wd x steps at each epoch's end
 (mechanism_report.cumulative_decay): (a) the learned scale over its start (median), (b) the BN
-log-var mismatch on the plain images, (c) val mAP50-95.  Colour is the run, the dash the model.
+log-var mismatch on the plain images, (c) val mAP50-95.  Colour is the rate (the scale weight
+decay), the marker the run within it (its seeds), the dash the model.
 The CSV beside the PNG holds exactly the plotted points, one row each.
 """
 
@@ -150,6 +151,23 @@ def _fitted(values: Sequence[float]) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+RUN_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def run_styles(runs: Sequence[DecayRun]) -> tuple[dict[str, str], dict[str, str]]:
+    """Colour per rate (the runs' scale weight decay, in order of first appearance) and marker
+    per run within its rate, so the seeds of one rate read as one family."""
+    rates: dict[float, list[str]] = {}
+    for run in runs:
+        rates.setdefault(run.weight_decay, []).append(run.name)
+    colours, markers = {}, {}
+    for i, names in enumerate(rates.values()):
+        for j, name in enumerate(names):
+            colours[name] = f"C{i % 10}"
+            markers[name] = RUN_MARKERS[j % len(RUN_MARKERS)]
+    return colours, markers
+
+
 def decay_png(runs: Sequence[DecayRun], points: Sequence[DecayPoint]) -> bytes:
     """The figure as PNG bytes: Agg, no pyplot state, the bundled font, no date or version in
     the file."""
@@ -157,7 +175,7 @@ def decay_png(runs: Sequence[DecayRun], points: Sequence[DecayPoint]) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    colours = {run.name: f"C{i % 10}" for i, run in enumerate(runs)}
+    colours, markers = run_styles(runs)
     fig = Figure(figsize=(8.0, 9.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(PANELS), 1, sharex=True)
@@ -171,7 +189,8 @@ def decay_png(runs: Sequence[DecayRun], points: Sequence[DecayPoint]) -> bytes:
                     continue
                 xs, ys = zip(*xy, strict=True)
                 ax.plot(
-                    xs, ys, MODELS[model][1], color=colours[run.name], lw=1.3, marker="o", ms=2.2
+                    xs, ys, MODELS[model][1], color=colours[run.name], lw=1.3,
+                    marker=markers[run.name], ms=2.6,
                 )
                 drawn_models.append(model)
         if mine:
@@ -195,7 +214,7 @@ def decay_png(runs: Sequence[DecayRun], points: Sequence[DecayPoint]) -> bytes:
     )
     axes[-1].set_xlim(left=0.0)
     fig.legend(
-        [Line2D([], [], color=colours[r.name], lw=2) for r in runs],
+        [Line2D([], [], color=colours[r.name], lw=2, marker=markers[r.name], ms=5) for r in runs],
         [r.label for r in runs],
         loc="upper center",
         ncols=min(len(runs), 2),
