@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import REPO
 from yoloqat.analysis.archive_reader import read_archive
-from yoloqat.analysis.decay_plot import decay_csv, decay_points
+from yoloqat.analysis.decay_plot import decay_csv, decay_points, decay_summary
 from yoloqat.analysis.mechanism_report import cumulative_decay
 from yoloqat.analysis.records import ExpRecord
 from yoloqat.cli import main
@@ -77,6 +77,7 @@ def test_regenerate_the_committed_decay_csv_from_the_archive_byte_for_byte(tmp_p
         == 0
     )
     assert (tmp_path / "d.csv").read_bytes() == (STUDY / "decay.csv").read_bytes()
+    assert (tmp_path / "d.md").read_bytes() == (STUDY / "decay.md").read_bytes()
 
 
 def test_the_png_is_written_non_empty_without_a_version_or_date(tmp_path):
@@ -158,3 +159,19 @@ def test_runs_of_one_rate_share_a_colour_and_differ_by_marker():
     colours, markers = run_styles(runs)
     assert colours == {"a-s0": "C0", "a-s1": "C0", "b-s0": "C1", "b-s1": "C1"}
     assert markers == {"a-s0": "o", "a-s1": "s", "b-s0": "o", "b-s1": "s"}
+
+
+def test_the_summary_row_gives_each_extreme_with_its_epoch_and_cumulative_decay():
+    rec = hand_record()
+    rec.curves["qat"].update({
+        "val_ema/mAP50-95": [0.25, 0.125, 0.5],
+        "mech_live/bn_logvar_mean": [0.5, None],  # null: an epoch an archive has no value for
+        "mech_ema/scale_ratio_median": [0.5, 0.25],
+    })
+    rec.params.update({"seed": 3, "qat.warmup_epochs": 1.0})
+    rows = decay_summary([rec]).splitlines()
+    assert len(rows) == 3 and rows[0].count("|") == rows[2].count("|") == 10
+    # x of epochs 1 and 2: 1.0, 1.5; the EMA curve's epoch 3 has no decay and is not drawn;
+    # warm-up 1 epoch: the lowest EMA value counts from epoch 2
+    assert rows[2] == ("| hand | 3 | 0.5 x 2 | stable | 0.125 (2, 1.500) | 0.500 "
+                       "| 2.500 (2, 1.500) | 0.500 (1, 1.000) | 0.250 |")

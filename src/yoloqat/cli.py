@@ -277,7 +277,8 @@ def repairs_main(argv: list[str]) -> int:
     ap.add_argument("--decay-plot", metavar="PATH.png",
                     help="also plot the learned-scale shrink, the BN mismatch and mAP of the runs "
                     "that logged mechanism metrics against cumulative lr x wd x steps, with the "
-                    "plotted points in PATH.csv beside it (into an existing folder)")
+                    "plotted points in PATH.csv and a row per run in PATH.md beside it (into an "
+                    "existing folder)")
     args = ap.parse_args(argv)
     try:
         table = table_from_archive(args.archive)
@@ -285,8 +286,8 @@ def repairs_main(argv: list[str]) -> int:
             from yoloqat.analysis.archive_reader import read_archive
             from yoloqat.analysis.decay_plot import write_decay_plot
 
-            png, table_csv = write_decay_plot(args.decay_plot, read_archive(args.archive))
-            print(f"yoloqat repairs: wrote {png} and {table_csv}", file=sys.stderr)
+            png, table_csv, summary = write_decay_plot(args.decay_plot, read_archive(args.archive))
+            print(f"yoloqat repairs: wrote {png}, {table_csv} and {summary}", file=sys.stderr)
         if args.out:
             Path(args.out).write_text(table)
     except (YoloqatError, OSError) as exc:

@@ -6,7 +6,9 @@ Three panels share x, the learned scales' cumulative lr x wd x steps at each epo
 (mechanism_report.cumulative_decay): (a) the learned scale over its start (median), (b) the BN
 log-var mismatch on the plain images, (c) val mAP50-95.  Colour is the rate (the scale weight
 decay), the marker the run within it (its seeds), the dash the model.
-The CSV beside the PNG holds exactly the plotted points, one row each.
+The CSV beside the PNG holds exactly the plotted points, one row each; the markdown beside it
+(:func:`decay_summary`) one row per run: where its EMA curve fell lowest after warm-up and where
+its EMA model's BN mismatch peaked, each with its epoch and cumulative decay.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from yoloqat.analysis.exp_curves import run_curves
 from yoloqat.analysis.mechanism_report import cumulative_decay, has_mechanism
 from yoloqat.analysis.records import ExpRecord, resolved_params
+from yoloqat.analysis.rejudge import current_label
+from yoloqat.curves.endpoints import warmup_skip
 from yoloqat.curves.keys import curve_key, mechanism_group, series
 from yoloqat.errors import ExperimentsError
 
@@ -129,7 +133,7 @@ def decay_points(records: Sequence[ExpRecord]) -> tuple[list[DecayRun], list[Dec
         for panel in PANELS:
             for name, _ in panel.lines:
                 for i, value in enumerate(qat.get(name) or []):
-                    if i < len(run.decay) and math.isfinite(value):
+                    if i < len(run.decay) and _finite(value):
                         points.append(
                             DecayPoint(run.name, panel.key, name, i + 1, run.decay[i], value)
                         )
@@ -143,6 +147,60 @@ def decay_csv(points: Sequence[DecayPoint]) -> str:
     for p in points:
         writer.writerow((p.run, p.panel, p.series, p.epoch, f"{p.decay:.6f}", f"{p.value:.6g}"))
     return out.getvalue()
+
+
+SUMMARY_HEADER = (
+    "| run | seed | scale wd x epochs | EMA label (current rules) | EMA lowest after warm-up "
+    "(epoch, cum. decay) | EMA final | EMA BN log-var mismatch, peak (epoch, cum. decay) | "
+    "live mismatch, peak | EMA scale / start at the end |"
+)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)  # an archive stores a missing epoch as null
+
+
+def _extreme(values: Sequence[float] | None, decay: Sequence[float], skip: int,
+             pick: Callable[[Iterable[float]], float]) -> str:
+    """``value (epoch, x)`` of the finite value ``pick`` (min or max) chooses at epochs after
+    ``skip``, the first such epoch on a tie; ``-`` when there is none."""
+    found = [(v, i) for i, v in enumerate(values or []) if skip <= i < len(decay)
+             and _finite(v)]
+    if not found:
+        return "-"
+    value = pick(v for v, _ in found)
+    i = next(i for v, i in found if v == value)
+    return f"{value:.3f} ({i + 1}, {decay[i]:.3f})"
+
+
+def _last(values: Sequence[float] | None) -> str:
+    finite = [v for v in values or [] if _finite(v)]
+    return f"{finite[-1]:.3f}" if finite else "-"
+
+
+def decay_summary(records: Sequence[ExpRecord]) -> str:
+    """One markdown row per drawable run (as :func:`decay_points` draws them): the EMA curve's
+    label by today's rules, its lowest value after warm-up and its final value, the peak BN
+    log-var mismatch (plain images) of the EMA and the live model, and the EMA model's median
+    scale over its start at the end; each extreme with its epoch and cumulative decay, so runs
+    at different rates are compared at the decay where things happened."""
+    runs, _ = decay_points(records)
+    by_name = {r.name: r for r in records}
+    lines = [SUMMARY_HEADER, "|" + "---|" * 9]
+    for run in runs:
+        rec = by_name[run.name]
+        qat = run_curves(rec).get("qat", {})
+        ema = qat.get(curve_key("ema"))
+        skip = warmup_skip(resolved_params(rec.params).get("qat.warmup_epochs"))
+        label = current_label(rec, ema) if ema else "-"
+        lines.append(
+            f"| {run.name} | {rec.params.get('seed', '-')} | {run.weight_decay:.3g} x {run.epochs} "
+            f"| {label} | {_extreme(ema, run.decay, skip, min)} | {_last(ema)} "
+            f"| {_extreme(qat.get(_mech('ema', 'bn_logvar_mean')), run.decay, 0, max)} "
+            f"| {_extreme(qat.get(_mech('live', 'bn_logvar_mean')), run.decay, 0, max)} "
+            f"| {_last(qat.get(_mech('ema', 'scale_ratio_median')))} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _fitted(values: Sequence[float]) -> tuple[float, float]:
@@ -231,22 +289,27 @@ def csv_beside(png: Path) -> Path:
     return png.with_suffix(".csv")
 
 
-def write_decay_plot(png: str | Path, records: Sequence[ExpRecord]) -> tuple[Path, Path]:
-    """Write the figure to ``png`` and its points to the CSV of the same stem; both or neither
-    (ExperimentsError for a path that is not .png or no drawable run, OSError for a folder that
-    cannot be written)."""
+def summary_beside(png: Path) -> Path:
+    return png.with_suffix(".md")
+
+
+def write_decay_plot(png: str | Path, records: Sequence[ExpRecord]) -> tuple[Path, Path, Path]:
+    """Write the figure to ``png``, its points to the CSV and the per-run summary to the
+    markdown of the same stem; all or none (ExperimentsError for a path that is not .png or no
+    drawable run, OSError for a folder that cannot be written)."""
     png = Path(png)
     if png.suffix.lower() != ".png":
         raise ExperimentsError(
             f"--decay-plot {png}: not allowed; expected a path ending in .png "
-            "(the CSV is written beside it with the same stem)"
+            "(the CSV and the summary are written beside it with the same stem)"
         )
     runs, points = decay_points(records)
-    image, table = decay_png(runs, points), decay_csv(points)
+    image, table, summary = decay_png(runs, points), decay_csv(points), decay_summary(records)
     written: list[Path] = []
     try:
         for path, write in (
             (csv_beside(png), lambda p: p.write_text(table)),
+            (summary_beside(png), lambda p: p.write_text(summary)),
             (png, lambda p: p.write_bytes(image)),
         ):
             write(path)
@@ -255,4 +318,4 @@ def write_decay_plot(png: str | Path, records: Sequence[ExpRecord]) -> tuple[Pat
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return png, csv_beside(png)
+    return png, csv_beside(png), summary_beside(png)
