@@ -169,7 +169,7 @@ def test_the_summary_row_gives_each_extreme_with_its_epoch_and_cumulative_decay(
         "mech_ema/scale_ratio_median": [0.5, 0.25],
     })
     rec.params.update({"seed": 3, "qat.warmup_epochs": 1.0})
-    rows = decay_summary([rec]).splitlines()
+    rows = decay_summary(decay_points([rec])[0], [rec]).splitlines()
     assert len(rows) == 3 and rows[0].count("|") == rows[2].count("|") == 10
     # x of epochs 1 and 2: 1.0, 1.5; the EMA curve's epoch 3 has no decay and is not drawn;
     # warm-up 1 epoch: the lowest EMA value counts from epoch 2

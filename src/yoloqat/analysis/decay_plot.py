@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from yoloqat.analysis.rejudge import current_label
 from yoloqat.curves.endpoints import warmup_skip
 from yoloqat.curves.keys import curve_key, mechanism_group, series
 from yoloqat.errors import ExperimentsError
+from yoloqat.numbers import finite_number
 
 # the models a series belongs to: its legend text and its dash, the same in every panel
 MODELS = {
@@ -133,7 +134,7 @@ def decay_points(records: Sequence[ExpRecord]) -> tuple[list[DecayRun], list[Dec
         for panel in PANELS:
             for name, _ in panel.lines:
                 for i, value in enumerate(qat.get(name) or []):
-                    if i < len(run.decay) and _finite(value):
+                    if i < len(run.decay) and finite_number(value) is not None:
                         points.append(
                             DecayPoint(run.name, panel.key, name, i + 1, run.decay[i], value)
                         )
@@ -156,35 +157,31 @@ SUMMARY_HEADER = (
 )
 
 
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)  # an archive stores a missing epoch as null
-
-
-def _extreme(values: Sequence[float] | None, decay: Sequence[float], skip: int,
-             pick: Callable[[Iterable[float]], float]) -> str:
+def _extreme(values: Sequence[float | None] | None, decay: Sequence[float], skip: int,
+             pick: Callable[..., tuple[float, int]]) -> str:
     """``value (epoch, x)`` of the finite value ``pick`` (min or max) chooses at epochs after
-    ``skip``, the first such epoch on a tie; ``-`` when there is none."""
-    found = [(v, i) for i, v in enumerate(values or []) if skip <= i < len(decay)
-             and _finite(v)]
+    ``skip``, the first such epoch on a tie; ``-`` when there is none (an archive stores an
+    epoch without a value as null)."""
+    found = [(f, i) for i, v in enumerate(values or []) if skip <= i < len(decay)
+             and (f := finite_number(v)) is not None]
     if not found:
         return "-"
-    value = pick(v for v, _ in found)
-    i = next(i for v, i in found if v == value)
+    value, i = pick(found, key=lambda pair: pair[0])
     return f"{value:.3f} ({i + 1}, {decay[i]:.3f})"
 
 
-def _last(values: Sequence[float] | None) -> str:
-    finite = [v for v in values or [] if _finite(v)]
+def _last(values: Sequence[float | None] | None) -> str:
+    finite = [f for v in values or [] if (f := finite_number(v)) is not None]
     return f"{finite[-1]:.3f}" if finite else "-"
 
 
-def decay_summary(records: Sequence[ExpRecord]) -> str:
-    """One markdown row per drawable run (as :func:`decay_points` draws them): the EMA curve's
-    label by today's rules, its lowest value after warm-up and its final value, the peak BN
-    log-var mismatch (plain images) of the EMA and the live model, and the EMA model's median
-    scale over its start at the end; each extreme with its epoch and cumulative decay, so runs
-    at different rates are compared at the decay where things happened."""
-    runs, _ = decay_points(records)
+def decay_summary(runs: Sequence[DecayRun], records: Sequence[ExpRecord]) -> str:
+    """One markdown row per drawable run (``runs``, as :func:`decay_points` found them among
+    ``records``): the EMA curve's label by today's rules, its lowest value after warm-up and its
+    final value, the peak BN log-var mismatch (plain images) of the EMA and the live model, and
+    the EMA model's median scale over its start at the end; each extreme with its epoch and
+    cumulative decay, so runs at different rates are compared at the decay where things
+    happened."""
     by_name = {r.name: r for r in records}
     lines = [SUMMARY_HEADER, "|" + "---|" * 9]
     for run in runs:
@@ -304,7 +301,7 @@ def write_decay_plot(png: str | Path, records: Sequence[ExpRecord]) -> tuple[Pat
             "(the CSV and the summary are written beside it with the same stem)"
         )
     runs, points = decay_points(records)
-    image, table, summary = decay_png(runs, points), decay_csv(points), decay_summary(records)
+    image, table, summary = decay_png(runs, points), decay_csv(points), decay_summary(runs, records)
     written: list[Path] = []
     try:
         for path, write in (
