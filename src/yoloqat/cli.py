@@ -297,13 +297,52 @@ def repairs_main(argv: list[str]) -> int:
     return 0
 
 
+def bnre_images_main(argv: list[str]) -> int:
+    from yoloqat.analysis.bnre_images import IMAGE_SETS, bnre_images_table, probe_checkpoint
+
+    ap = _Parser(
+        prog="yoloqat bnre-images",
+        description="Score saved QAT checkpoints as saved and after BN re-estimation on each of "
+                    f"{', '.join(IMAGE_SETS)} images of the training split (the same number of "
+                    "batches each), with the validator the training curves use.")
+    ap.add_argument("checkpoints", nargs="+", metavar="CKPT.qat.pt")
+    ap.add_argument("--data", required=True, metavar="DATASET.yaml",
+                    help="the dataset the checkpoints were trained on, e.g. data/prepared/dataset.yaml")
+    ap.add_argument("--imgsz", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=8, help="the run's qat.batch (default 8)")
+    ap.add_argument("--batches", type=int, default=50,
+                    help="re-estimation batches per image set (default 50: qat.repair_bn_batches)")
+    ap.add_argument("--mosaic", type=float, default=0.0,
+                    help="the run's qat.mosaic, for the augmented set (default 0)")
+    ap.add_argument("--out", metavar="FILE", help="also write the markdown table here")
+    args = ap.parse_args(argv)
+    for name in ("imgsz", "batch", "batches"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.mosaic <= 1.0:
+        ap.error(f"--mosaic must be in [0, 1], got {args.mosaic}")
+    if not Path(args.data).is_file():
+        ap.error(f"--data {args.data!r} is not a file")
+    try:
+        rows = [probe_checkpoint(Path(c), args.data, args.imgsz, args.batch, args.batches,
+                                 args.mosaic) for c in args.checkpoints]
+    except (YoloqatError, OSError) as exc:
+        print(f"yoloqat bnre-images: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    table = bnre_images_table(rows)
+    if args.out:
+        Path(args.out).write_text(table)
+    print(table, end="")
+    return 0
+
+
 def _main_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="yoloqat",
         description="EMA + Quantization Correction for W4A16 QAT of YOLOv10: stability tools.",
     )
     sub = ap.add_subparsers(dest="command",
-                            metavar="{exps,judge,ladder,search,remedies,archive,repairs}")
+                            metavar="{exps,judge,ladder,search,remedies,archive,repairs,bnre-images}")
     sub.add_parser("exps", help="one compact line per DVC experiment (yoloqat exps -h)",
                    add_help=False)
     sub.add_parser("judge", help="label training curves stable / collapsed / ... "
@@ -318,6 +357,8 @@ def _main_parser() -> argparse.ArgumentParser:
                    "--from (yoloqat archive -h)", add_help=False)
     sub.add_parser("repairs", help="every repair curve of archived runs, judged, with endpoints "
                    "(yoloqat repairs -h)", add_help=False)
+    sub.add_parser("bnre-images", help="checkpoints scored after BN re-estimation on each of "
+                   "three image sets (yoloqat bnre-images -h)", add_help=False)
     return ap
 
 
@@ -340,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             return archive_main(argv[1:])
         if argv and argv[0] == "repairs":
             return repairs_main(argv[1:])
+        if argv and argv[0] == "bnre-images":
+            return bnre_images_main(argv[1:])
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     ap = _main_parser()
@@ -347,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help(sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     print(f"yoloqat: error: unknown command {argv[0]!r}; expected exps, judge, ladder, search, remedies, "
-          "archive or repairs",
+          "archive, repairs or bnre-images",
           file=sys.stderr)
     return 2
 
