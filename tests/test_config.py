@@ -331,6 +331,15 @@ def test_repair_curves_keep_their_order_and_bn_batches_must_be_positive(tmp_path
         load_config(write_params(tmp_path, qat__repair_bn_batches=0))
 
 
+def test_bn_images_is_letterbox_or_augmented_else_one_line(tmp_path):
+    assert load_config(write_params(tmp_path)).qat.bn_images == "letterbox"
+    assert load_config(write_params(tmp_path, qat__bn_images="augmented")).qat.bn_images == "augmented"
+    with pytest.raises(ConfigError) as err:
+        load_config(write_params(tmp_path, qat__bn_images="mosaic"))
+    assert str(err.value).splitlines() == [str(err.value)]
+    assert "qat.bn_images='mosaic' is not allowed" in str(err.value) and "letterbox | augmented" in str(err.value)
+
+
 def test_qat_nbs_accumulates_to_a_nominal_batch_never_below_the_batch(tmp_path):
     from yoloqat.train.overrides import qat_schedule
 

@@ -139,6 +139,15 @@ def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_u
     assert any(not sd[k].equal(v) for k, v in plain_sd.items() if k.endswith("running_mean"))
     assert all(int(sd[k]) == 2 for k in sd if k.endswith("num_batches_tracked"))
 
+    # qat.bn_images=augmented: the same training, statistics from the augmented batches instead
+    _run_qat_stage(qat_repo, {"qat": {**base, "bn_reestimate": 2, "bn_images": "augmented"}})
+    for n in names:
+        assert _tsv(qat_repo, n).splitlines()[1:] == plain_tsv[n], n
+    aug = load_qat_checkpoint(qat_repo / "models/qat/last.qat.pt")[0].state_dict()
+    assert all(aug[k].equal(v) for k, v in plain_sd.items() if "running" not in k and "num_batches" not in k)
+    assert any(not aug[k].equal(sd[k]) for k in sd if k.endswith("running_var"))
+    assert all(int(aug[k]) == 2 for k in aug if k.endswith("num_batches_tracked"))
+
     # annealed freezing from the first step, 0.005 -> 0.004 (under 2x the tracker's momentum:
     # a warning, not an error), and the weight-unit dampening
     both = _run_qat_stage(qat_repo, {"qat": {**base, "dampening": 1e-4, "dampening_ramp": True,
@@ -155,6 +164,28 @@ def test_remedies_in_the_stage_bn_reestimation_leaves_training_and_plain_curve_u
     for name in ("osc/frac_frozen.tsv", "damp/penalty.tsv", "damp/lambda.tsv"):
         assert (qat_repo / "results/qat/plots/metrics" / name).is_file(), name
     assert torch.isfinite(torch.tensor(both["best"]))
+
+
+@pytest.mark.parametrize("images", ["letterbox", "augmented"])
+def test_both_bn_reestimations_take_the_images_qat_bn_images_names(images):
+    """qat.bn_images reaches the deployed BN re-estimation and the bnre repair curves alike."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from yoloqat.train.trainer import QATTrainer
+
+    drawn = [torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)]
+    loader = [{"img": torch.zeros((1, 3, 2, 2), dtype=torch.uint8)}]
+    fake = SimpleNamespace(
+        qat_settings=SimpleNamespace(qat=SimpleNamespace(bn_images=images)),
+        device=torch.device("cpu"), batch_size=1, _bnre_loader=loader,
+        _repair_loader=lambda split, batch: loader)
+    fake._augmented_bn_images = lambda: (x.float() / 255 for x in drawn)
+    expected = 1.0 if images == "augmented" else 0.0
+    for source in (QATTrainer._bnre_images, QATTrainer._repair_bn_images):
+        got = list(source(fake))
+        assert len(got) == 1 and float(got[0].mean()) == expected, source.__name__
 
 
 def test_nonfinite_loss_stops_training_and_marks_diverged():

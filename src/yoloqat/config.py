@@ -60,6 +60,8 @@ REPAIR_CURVES = ("bnre", "qc", "bnre_qc")
 # The dampening loss's units (quant/dampening.py): weight = Nagel et al.'s
 # ||s * round(clip(w / s)) - clip(w)||^2; scale = the same per weight divided by s^2.
 DAMPENING_FORMS = ("weight", "scale")
+# the images of every BN re-estimation (qat.bn_reestimate and the bnre repair curves)
+BN_IMAGES = ("letterbox", "augmented")
 AUTO = "auto"  # fp.workers / qat.workers: resolved per machine by train.overrides.resolve_workers
 MAX_IMGSZ = 2048  # 4096 px and up fail in prepare or training with MemoryError, not a message
 
@@ -150,6 +152,11 @@ class QATConfig:
     freeze_threshold_end: float | None = param(None, Loose())  # judged by cross_check
     freeze_anneal_start: float = param(0.25, FloatRange(0.0, 1.0, hi_open=True))
     bn_reestimate: int = param(0, IntRange(0))  # BN re-estimation batches before val/save; 0 = off
+    # what every BN re-estimation sees: training images letterboxed without augmentation, or
+    # batches drawn once through the training augmentation with the run's seed (the same ones
+    # at every epoch).  letterbox costs a healthy model ~0.019 mAP50-95, augmented
+    # nothing (reports/default_repairs); letterbox stays the default so archived runs compare.
+    bn_images: str = param("letterbox", Choice(BN_IMAGES))
     lsq_grad_scale: bool = param(False, Bool())  # learned scales: LSQ's 1/sqrt(N * Qp) grad scale
     # learned scales only: their weight decay (stock Ultralytics, the reference run's: 0.0005)
     scale_weight_decay: float = param(0.0, FRACTION)

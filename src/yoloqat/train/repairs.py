@@ -6,7 +6,8 @@ it, so training (weights, optimizer, BN statistics, data order) is exactly what 
 them (tested).  QC is the qc stage's: the ``correction`` settings, on the calibration split,
 Adam on per-channel gamma/beta only (:func:`yoloqat.quant.correction.train_correction`).  BN
 re-estimation uses the first ``qat.repair_bn_batches`` batches of an augmentation-free,
-fixed-order loader over the training split, the same batches for both models and every epoch,
+fixed-order loader over the training split (or, with ``qat.bn_images=augmented``, batches drawn
+once through the training augmentation), the same batches for both models and every epoch,
 so the live and EMA repairs are paired.  ``bnre_qc`` corrects the BN-re-estimated copy, so BN
 re-estimation runs once per model and epoch whichever of the two curves asked for it.
 """

@@ -170,6 +170,7 @@ class QATTrainer(FPTrainer):
         self.freezer: Any = None
         self.bnre_state: dict[str, torch.Tensor] | None = None  # BN stats of the last val_bnre
         self._bnre_loader: Any = None
+        self._augmented_bn: list[torch.Tensor] | None = None  # qat.bn_images=augmented, drawn once
         self._repair_loaders: dict[str, Any] = {}  # "bn" (training split) and "calib"
         self.repair_seconds = 0.0  # wall time spent on the repair curves, for their cost
         self._repairs_pending = False  # a validation ran whose repair curves are not scored yet
@@ -322,6 +323,9 @@ class QATTrainer(FPTrainer):
         return loader
 
     def _repair_bn_images(self) -> Iterator[torch.Tensor]:
+        if self.qat_settings.qat.bn_images == "augmented":
+            yield from self._augmented_bn_images()
+            return
         for batch in self._repair_loader("train", int(self.batch_size)):
             yield batch["img"].to(self.device).float() / 255
 
@@ -359,7 +363,11 @@ class QATTrainer(FPTrainer):
 
         A loader of its own: drawing from the training loader would shift the batches training
         sees.  Ultralytics' loader keeps one iterator, so successive re-estimations walk on
-        through the training split instead of reusing its first batches."""
+        through the training split instead of reusing its first batches.  With
+        ``qat.bn_images=augmented``: the augmented batches, the same at every call."""
+        if self.qat_settings.qat.bn_images == "augmented":
+            yield from self._augmented_bn_images()
+            return
         if self._bnre_loader is None:
             from yoloqat.train.validation import calibration_batches
 
@@ -368,6 +376,19 @@ class QATTrainer(FPTrainer):
             )
         for batch in self._bnre_loader:
             yield batch["img"].to(self.device).float() / 255
+
+    def _augmented_bn_images(self) -> Iterator[torch.Tensor]:
+        """Batches drawn once through the training augmentation with the run's seed (the
+        caller's random state is kept; the mechanism's augmented set is the first of them), as
+        many as the larger of the two BN re-estimations asks for, kept as uint8."""
+        if self._augmented_bn is None:
+            from yoloqat.train.mechanism import augmented_batches
+
+            q = self.qat_settings.qat
+            batches = max(q.bn_reestimate, q.repair_bn_batches if q.repair_curves else 0)
+            self._augmented_bn = augmented_batches(self, batches, seed=int(self.args.seed))
+        for images in self._augmented_bn:
+            yield images.to(self.device).float() / 255
 
     def _validate_live(self) -> dict[str, float | None]:
         """Score the live fake-quant weights with the same validator (it reads ``ema.ema``).
