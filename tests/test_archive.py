@@ -69,8 +69,48 @@ def live(monkeypatch):
         return by_rev.get(rev, {})
 
     monkeypatch.setattr(exp_curves, "read_stage_curves", fake_read)
-    monkeypatch.setattr(archive_mod, "read_experiments", lambda repo=".": recs)
+    known = {r.name for r in recs}
+
+    def fake_experiments(repo=".", all_commits=True, revs=()):
+        # archive asks for the commits its experiments came from; here all came from "base"
+        assert (all_commits, tuple(revs)) in {(False, ("base",)), (True, ())}
+        return recs
+
+    monkeypatch.setattr(archive_mod, "baselines_of",
+                        lambda names, repo=".": ["base"] if known & set(names) else [])
+    monkeypatch.setattr(archive_mod, "read_experiments", fake_experiments)
     return recs
+
+
+def test_archive_reads_only_the_commits_its_experiments_were_run_from(monkeypatch):
+    """DVC's experiment list names each experiment's baseline; exp show then reads those only."""
+    import dvc.repo
+
+    from yoloqat.analysis import experiments
+
+    class FakeRepo:
+        def __init__(self, root):
+            self.experiments = self
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def ls(self, all_commits):
+            assert all_commits
+            return {"ccc": ["s1"], "aaa": [("s0", "sha0")], "bbb": [("other", "sha2")]}
+
+    monkeypatch.setattr(dvc.repo, "Repo", FakeRepo)
+    assert experiments.baselines_of(["s0", "s1"]) == ["aaa", "ccc"]
+    assert experiments.baselines_of(["nope"]) == []
+    calls = []
+    monkeypatch.setattr(experiments, "run_dvc", lambda args, repo=".": calls.append(args) or "[]")
+    experiments.load_exp_show(all_commits=False, revs=["aaa", "ccc"])
+    experiments.load_exp_show()
+    assert calls == [["exp", "show", "--json", "--rev", "aaa", "--rev", "ccc"],
+                     ["exp", "show", "--json", "--all-commits"]]
 
 
 def _same(a, b) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 
 from yoloqat.analysis.archive_reader import ARCHIVE_SCHEMA, ARCHIVE_STATES, record_from_archive
 from yoloqat.analysis.exp_curves import run_curves
-from yoloqat.analysis.experiments import read_experiments
+from yoloqat.analysis.experiments import baselines_of, read_experiments
 from yoloqat.analysis.records import Curves, ExpRecord, resolved_params
 from yoloqat.analysis.search import select
 from yoloqat.errors import ExperimentsError
@@ -105,13 +105,19 @@ def archive_runs(
 ) -> list[tuple[Path, int]]:
     """Archive the named experiments into ``to``; ``(file, bytes)`` per run, in order.
 
-    ``records``: the experiments to pick from (default: this repo's, ``dvc exp show -A``).
+    ``records``: the experiments to pick from (default: this repo's, from the commits the named
+    experiments were run from).
     Every check runs before the first file is written."""
     to = Path(to)
     names = list(dict.fromkeys(names))
     _check_names(names)
     _check_writable(to)
-    chosen = select(records if records is not None else read_experiments(repo), names)
+    if records is None:
+        # only the commits the named experiments came from; a name DVC does not list falls
+        # through to every commit's experiments, and select() names what is missing
+        revs = baselines_of(names, repo)
+        records = read_experiments(repo, all_commits=not revs, revs=revs)
+    chosen = select(records, names)
     texts = []
     for rec in chosen:
         if rec.state not in ARCHIVE_STATES:

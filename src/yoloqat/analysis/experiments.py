@@ -104,11 +104,27 @@ def run_dvc(args: list[str], repo: str | Path = ".", timeout: float = 600) -> st
 # exp show JSON -> records
 
 
+def baselines_of(names: Sequence[str], repo: str | Path = ".") -> list[str]:
+    """The commits the named experiments were run from, from DVC's experiment list over every
+    commit (fast: no metrics are read), so that ``dvc exp show`` reads only those commits'
+    experiments instead of every commit's (``-A``, minutes on a long history)."""
+    from dvc.repo import Repo
+
+    wanted = set(names)
+    with Repo(str(repo)) as dvc_repo:
+        listing = dvc_repo.experiments.ls(all_commits=True)
+    # an entry is (name, sha) in DVC 3.x, a bare name in older versions
+    return sorted(base for base, exps in listing.items()
+                  if wanted & {e if isinstance(e, str) else e[0] for e in exps})
+
+
 def load_exp_show(
-    repo: str | Path = ".", json_file: str | Path | None = None, all_commits: bool = True
+    repo: str | Path = ".", json_file: str | Path | None = None, all_commits: bool = True,
+    revs: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """The parsed ``dvc exp show --json`` (``-A``: experiments of every commit, not only
-    HEAD's), or a recorded copy of it from ``json_file``."""
+    HEAD's; else those of ``revs``, or of HEAD when none), or a recorded copy of it from
+    ``json_file``."""
     if json_file is not None:
         try:
             text = Path(json_file).read_text()
@@ -119,6 +135,9 @@ def load_exp_show(
         args = ["exp", "show", "--json"]
         if all_commits:
             args.append("--all-commits")
+        else:
+            for rev in revs:
+                args += ["--rev", rev]
         text = run_dvc(args, repo)
         source = "dvc exp show --json"
     try:
@@ -194,9 +213,10 @@ def flatten_exp_show(raw: list[dict[str, Any]]) -> list[ExpRecord]:
 
 
 def read_experiments(
-    repo: str | Path = ".", json_file: str | Path | None = None, all_commits: bool = True
+    repo: str | Path = ".", json_file: str | Path | None = None, all_commits: bool = True,
+    revs: Sequence[str] = (),
 ) -> list[ExpRecord]:
-    return flatten_exp_show(load_exp_show(repo, json_file, all_commits))
+    return flatten_exp_show(load_exp_show(repo, json_file, all_commits, revs))
 
 
 def load_runs(repo: str | Path = ".", json_file: str | Path | None = None,
