@@ -154,8 +154,9 @@ class QATConfig:
     bn_reestimate: int = param(0, IntRange(0))  # BN re-estimation batches before val/save; 0 = off
     # what every BN re-estimation sees: training images letterboxed without augmentation, or
     # batches drawn once through the training augmentation with the run's seed (the same ones
-    # at every epoch).  letterbox costs a healthy model ~0.019 mAP50-95, augmented
-    # nothing (reports/default_repairs); letterbox stays the default so archived runs compare.
+    # at every epoch).  On the final checkpoints of 5 healthy default runs letterbox cost ~0.019
+    # mAP50-95, augmented nothing (reports/default_repairs); letterbox stays the default so
+    # that the archived runs compare.
     bn_images: str = param("letterbox", Choice(BN_IMAGES))
     lsq_grad_scale: bool = param(False, Bool())  # learned scales: LSQ's 1/sqrt(N * Qp) grad scale
     # learned scales only: their weight decay (stock Ultralytics, the reference run's: 0.0005)
