@@ -9,6 +9,9 @@
 * ``yoloqat archive EXP... --to reports/<study>/runs/``: one JSON file per experiment (params,
   metrics, curves) that ``ladder``, ``search`` and ``remedies`` read with ``--from`` instead of
   DVC (:mod:`yoloqat.analysis.archive`).
+* ``yoloqat repairs --from DIR``: every curve of archived runs, judged, with endpoints.
+* ``yoloqat bnre-images CKPT... --data DATASET.yaml``: checkpoints scored after BN
+  re-estimation on three image sets (:mod:`yoloqat.analysis.bnre_images`).
 
 Errors are one line on stderr and exit status 2.
 """
@@ -308,7 +311,7 @@ def bnre_images_main(argv: list[str]) -> int:
     ap.add_argument("checkpoints", nargs="+", metavar="CKPT.qat.pt")
     ap.add_argument("--data", required=True, metavar="DATASET.yaml",
                     help="the dataset the checkpoints were trained on, e.g. data/prepared/dataset.yaml")
-    ap.add_argument("--imgsz", type=int, default=96)
+    ap.add_argument("--imgsz", type=int, default=96, help="the run's data.imgsz (default 96)")
     ap.add_argument("--batch", type=int, default=8, help="the run's qat.batch (default 8)")
     ap.add_argument("--batches", type=int, default=50,
                     help="re-estimation batches per image set (default 50: qat.repair_bn_batches)")
