@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import yoloqat.quant.checkpoint  # noqa: F401 (torch/brevitas import-time warnings print here, not in a test's stderr)
 from yoloqat.analysis.bnre_images import IMAGE_SETS, BnreImagesRow, bnre_images_table, image_batches
 from yoloqat.cli import main
 from yoloqat.config import DataConfig
