@@ -18,7 +18,6 @@ the table.
 from __future__ import annotations
 
 import copy
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -38,7 +37,9 @@ class BnreImagesRow:
     shapes: dict[str, tuple[int, int]]  # image set -> (height, width) of its first batch
 
 
-def _dataset(data_yaml: str, imgsz: int, batch: int, mode: str, rect: bool, mosaic: float) -> Any:
+def _augmented_dataset(data_yaml: str, imgsz: int, batch: int, mosaic: float) -> Any:
+    """The training split through Ultralytics' training augmentation (its defaults, ``mosaic``
+    as given: the only augmentation setting this project changes)."""
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
@@ -46,7 +47,7 @@ def _dataset(data_yaml: str, imgsz: int, batch: int, mode: str, rect: bool, mosa
 
     data = check_det_dataset(data_yaml)
     cfg = get_cfg(DEFAULT_CFG, {"imgsz": imgsz, "batch": batch, "mosaic": mosaic})
-    return build_yolo_dataset(cfg, data["train"], batch, data, mode=mode, rect=rect, stride=32)
+    return build_yolo_dataset(cfg, data["train"], batch, data, mode="train", rect=False, stride=32)
 
 
 def image_batches(image_set: str, data_yaml: str, imgsz: int, batch: int, mosaic: float = 0.0,
@@ -54,20 +55,16 @@ def image_batches(image_set: str, data_yaml: str, imgsz: int, batch: int, mosaic
     """Float image batches in [0, 1] of the training split, as ``image_set`` prepares them."""
     from ultralytics.data import build_dataloader
 
+    from yoloqat.train.rng import seed_everything
     from yoloqat.train.validation import calibration_batches
 
     if image_set == "letterbox":
         loader = calibration_batches(data_yaml, imgsz, batch, split="train")
     elif image_set == "val geometry":
-        loader = build_dataloader(_dataset(data_yaml, imgsz, batch, "val", True, mosaic), batch,
-                                  workers=0, shuffle=False, pin_memory=False)
+        loader = calibration_batches(data_yaml, imgsz, batch, split="train", rect=True)
     elif image_set == "augmented":
-        random.seed(seed)
-        torch.manual_seed(seed)
-        import numpy as np
-
-        np.random.seed(seed)
-        loader = build_dataloader(_dataset(data_yaml, imgsz, batch, "train", False, mosaic), batch,
+        seed_everything(seed)
+        loader = build_dataloader(_augmented_dataset(data_yaml, imgsz, batch, mosaic), batch,
                                   workers=0, shuffle=False, pin_memory=False)
     else:
         raise ValueError(f"unknown image set {image_set!r}; expected one of {', '.join(IMAGE_SETS)}")

@@ -71,8 +71,11 @@ def validate_model(
     return {MAP: float(stats[f"metrics/{MAP}(B)"]), MAP50: float(stats[f"metrics/{MAP50}(B)"])}
 
 
-def calibration_batches(data_yaml: str, imgsz: int, batch: int, split: str = "calib") -> Any:
-    """A deterministic, augmentation-free dataloader over a split, yielding detection batches."""
+def calibration_batches(data_yaml: str, imgsz: int, batch: int, split: str = "calib",
+                        rect: bool = False) -> Any:
+    """A deterministic, augmentation-free dataloader over a split, yielding detection batches:
+    letterboxed to ``imgsz`` x ``imgsz``, or with ``rect`` batched as the validator batches
+    (by aspect ratio, padded by half a stride)."""
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_dataloader, build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
@@ -86,5 +89,5 @@ def calibration_batches(data_yaml: str, imgsz: int, batch: int, split: str = "ca
     if not images.is_absolute():
         images = Path(data["path"]) / images
     cfg = get_cfg(DEFAULT_CFG, {"imgsz": imgsz, "batch": batch})
-    ds = build_yolo_dataset(cfg, str(images), batch, data, mode="val", rect=False, stride=32)
+    ds = build_yolo_dataset(cfg, str(images), batch, data, mode="val", rect=rect, stride=32)
     return build_dataloader(ds, batch, workers=0, shuffle=False, pin_memory=False)
