@@ -98,6 +98,19 @@ def insert_correction(model: nn.Module, head: bool = False) -> list[ChannelAffin
     return added + wrap_convs(model, heads)
 
 
+def remove_correction(model: nn.Module) -> int:
+    """Undo :func:`insert_correction` without folding: every :class:`CorrectedConv` is replaced
+    by the conv it wraps (a scratch copy goes back to its model's structure); returns how many."""
+    removed = 0
+    for name, m in list(model.named_modules()):
+        if isinstance(m, CorrectedConv):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, m.conv)
+            removed += 1
+    return removed
+
+
 def corrected_convs(model: nn.Module) -> list[str]:
     """Module paths of every :class:`CorrectedConv` (after :func:`fold_qc_into_bn`: the head's)."""
     return [n for n, m in model.named_modules() if isinstance(m, CorrectedConv)]

@@ -172,6 +172,7 @@ class QATTrainer(FPTrainer):
         self._bnre_loader: Any = None
         self._augmented_bn: list[torch.Tensor] | None = None  # qat.bn_images=augmented, drawn once
         self._repair_loaders: dict[str, Any] = {}  # "bn" (training split) and "calib"
+        self._repair_copies: Any = None  # the repair curves' scratch copies, made on first use
         self.repair_seconds = 0.0  # wall time spent on the repair curves, for their cost
         self._repairs_pending = False  # a validation ran whose repair curves are not scored yet
         self.initial_scales: dict[str, torch.Tensor] = {}  # learned scales at the start
@@ -299,15 +300,18 @@ class QATTrainer(FPTrainer):
     def _validate_repairs(self) -> dict[str, dict[str, float | None]]:
         """The repair curves of this epoch (train/repairs.py), on copies of the live and EMA
         models, with the random state restored: training is unchanged."""
-        from yoloqat.train.repairs import RepairPlan, score_repairs
+        from yoloqat.train.repairs import RepairPlan, ScratchCopies, score_repairs
 
         s = self.qat_settings
+        if self._repair_copies is None:
+            self._repair_copies = ScratchCopies()
         plan = RepairPlan(s.qat.repair_curves, s.qat.repair_bn_batches, s.correction)
         inspect = self._measure_bnre_copy if self.mechanism is not None else None
         with preserved_rng():
             return score_repairs(self._measure_models(), plan, self._repair_bn_images,
                                  lambda: self._repair_loader("calib", s.correction.batch),
-                                 self._score_copy, self.device, inspect_bnre=inspect)
+                                 self._score_copy, self.device, inspect_bnre=inspect,
+                                 copies=self._repair_copies)
 
     def _repair_loader(self, split: str, batch: int) -> Any:
         """An augmentation-free, fixed-order loader over ``split``, rewound on every call so that
