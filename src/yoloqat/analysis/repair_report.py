@@ -56,8 +56,34 @@ def repair_table(records: Sequence[ExpRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COST_HEADER = ("| run | QAT epochs | qat stage (s) | repair curves (s) | repair_time_ratio "
+               "| mechanism metrics (s) |")
+
+
+def cost_table(records: Sequence[ExpRecord]) -> str:
+    """Where each run's qat stage time went, from its ``metrics.json``: the repair curves'
+    cost (the ratio is the stage's time over its time without them).  Empty when no run timed
+    its repair curves."""
+    rows = []
+    for rec in sorted(records, key=lambda r: r.name):
+        q = rec.metrics.get("qat", {})
+        if "repair_seconds" not in q:
+            continue
+        mechanism = q.get("mechanism_seconds")
+        rows.append(f"| {rec.name} | {q.get('epochs', '-')} | {q.get('seconds', '-')} | "
+                    f"{q['repair_seconds']} | {q.get('repair_time_ratio', '-')} | "
+                    f"{'-' if mechanism is None else mechanism} |")
+    if not rows:
+        return ""
+    return ("\n## QAT stage time\n\nEach run's `results/qat/metrics.json`: `seconds`, `repair_seconds` "
+            "(scoring every repair curve of both models), `repair_time_ratio` (the stage's time over "
+            "its time without the repair curves) and `mechanism_seconds`.  Wall times of the machine "
+            "and load each run had.\n\n" + COST_HEADER + "\n|" + "---|" * 6 + "\n"
+            + "\n".join(rows) + "\n")
+
+
 def table_from_archive(folder: str | Path) -> str:
     from yoloqat.analysis.mechanism_report import mechanism_sections
 
     records = read_archive(folder)
-    return repair_table(records) + mechanism_sections(records)
+    return repair_table(records) + cost_table(records) + mechanism_sections(records)
