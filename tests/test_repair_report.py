@@ -141,3 +141,19 @@ def test_the_fp_control_curve_is_read_by_one_rule_fp_control_as_resolved():
     assert fp_control_series(off, curves) is fp_control_series(old, curves) is None
     assert any("| FP cont. |" in row for row in run_rows(on))
     assert not any("| FP cont. |" in row for r in (off, by_preset, old) for row in run_rows(r))
+
+
+def test_cost_table_sets_a_run_without_repair_curves_beside_one_with_them():
+    from yoloqat.analysis.records import ExpRecord
+    from yoloqat.analysis.repair_report import cost_table
+
+    on = ExpRecord("on", "r1", "experiment", "done", metrics={"qat": {
+        "epochs": 15, "seconds": 1200.0, "repair_seconds": 720.0, "repair_time_ratio": 2.5,
+        "mechanism_seconds": 30.1}})
+    off = ExpRecord("off", "r2", "experiment", "done", metrics={"qat": {"epochs": 15, "seconds": 510.4}})
+    untimed = ExpRecord("failed", "r3", "experiment", "failed")
+    rows = cost_table([on, off, untimed]).splitlines()[-3:]
+    assert rows == ["|---|---|---|---|---|---|",
+                    "| off | 15 | 510.4 | - | - | - |",
+                    "| on | 15 | 1200.0 | 720.0 | 2.5 | 30.1 |"]
+    assert cost_table([off, untimed]) == ""  # nothing to compare with

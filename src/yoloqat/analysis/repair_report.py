@@ -62,19 +62,18 @@ COST_HEADER = ("| run | QAT epochs | qat stage (s) | repair curves (s) | repair_
 
 def cost_table(records: Sequence[ExpRecord]) -> str:
     """Where each run's qat stage time went, from its ``metrics.json``: the repair curves'
-    cost (the ratio is the stage's time over its time without them).  Empty when no run timed
+    cost (the ratio is the stage's time over its time without them); a run without repair
+    curves shows its stage time alone, to set beside one with them.  Empty when no run timed
     its repair curves."""
-    rows = []
-    for rec in sorted(records, key=lambda r: r.name):
-        q = rec.metrics.get("qat", {})
-        if "repair_seconds" not in q:
-            continue
-        mechanism = q.get("mechanism_seconds")
-        rows.append(f"| {rec.name} | {q.get('epochs', '-')} | {q.get('seconds', '-')} | "
-                    f"{q['repair_seconds']} | {q.get('repair_time_ratio', '-')} | "
-                    f"{'-' if mechanism is None else mechanism} |")
-    if not rows:
+    timed = [r for r in sorted(records, key=lambda r: r.name) if "seconds" in r.metrics.get("qat", {})]
+    if not any("repair_seconds" in r.metrics["qat"] for r in timed):
         return ""
+    rows = []
+    for rec in timed:
+        q = rec.metrics["qat"]
+        cells = [q.get(k) for k in ("epochs", "seconds", "repair_seconds", "repair_time_ratio",
+                                    "mechanism_seconds")]
+        rows.append(f"| {rec.name} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     return ("\n## QAT stage time\n\nEach run's `results/qat/metrics.json`: `seconds`, `repair_seconds` "
             "(scoring every repair curve of both models), `repair_time_ratio` (the stage's time over "
             "its time without the repair curves) and `mechanism_seconds`.  Wall times of the machine "
