@@ -133,3 +133,32 @@ def test_reused_copies_score_every_repair_as_fresh_copies_do(quant_yolo):
     assert run(reused) == fresh  # epoch 2 refreshes them
     for k, m in models.items():
         assert all(torch.equal(v, states[k][n]) for n, v in m.state_dict().items())
+
+
+def test_a_replayed_loader_gives_the_same_batches_every_pass_whatever_a_consumer_replaces():
+    from yoloqat.train.repairs import ReplayLoader
+
+    class Loader:  # a deterministic loader that counts its passes, like a rewound DataLoader
+        dataset, batch_size = "the dataset", 2
+
+        def __init__(self) -> None:
+            self.passes = 0
+
+        def __len__(self) -> int:
+            return 3
+
+        def __iter__(self):
+            self.passes += 1
+            return iter([{"img": torch.full((2, 1), float(i)), "cls": torch.tensor([i])} for i in range(3)])
+
+    loader = Loader()
+    replay = ReplayLoader(loader)
+    for _ in range(2):
+        seen = []
+        for batch in replay:
+            seen.append(float(batch["img"][0, 0]))
+            batch["img"] = batch["img"] / 255  # what Ultralytics' preprocess does to its batch
+        assert seen == [0.0, 1.0, 2.0]
+    assert loader.passes == 1 and len(replay) == 3
+    assert (replay.dataset, replay.batch_size) == ("the dataset", 2)  # what the validator reads
+    assert [float(b["img"][0, 0]) for b in ReplayLoader(Loader(), limit=2)] == [0.0, 1.0]

@@ -45,6 +45,29 @@ class RepairPlan:
         return "bnre" in self.repairs or "bnre_qc" in self.repairs
 
 
+class ReplayLoader:
+    """The batches of a deterministic loader (no augmentation, fixed order), read once and
+    replayed: each iteration yields shallow copies of the same batch dicts (consumers replace
+    their entries, e.g. the validator's ``img``), so later passes skip decoding the images again.
+    ``limit``: keep only the first batches.  Other attributes (``dataset``, ``sampler``,
+    ``batch_size``: what Ultralytics' validator reads) are the loader's."""
+
+    def __init__(self, loader: Any, limit: int | None = None) -> None:
+        self._loader = loader
+        self._batches = list(islice(iter(loader), limit))
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (dict(b) for b in self._batches)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_loader":
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+
 @torch.no_grad()
 def refresh_copy(copy_: nn.Module, source: nn.Module) -> nn.Module:
     """Make ``copy_`` (an earlier deep copy of ``source``, same structure) equal ``source`` as it

@@ -173,6 +173,7 @@ class QATTrainer(FPTrainer):
         self._augmented_bn: list[torch.Tensor] | None = None  # qat.bn_images=augmented, drawn once
         self._repair_loaders: dict[str, Any] = {}  # "bn" (training split) and "calib"
         self._repair_copies: Any = None  # the repair curves' scratch copies, made on first use
+        self._val_replay: Any = None  # the validator's batches, replayed for the repair scores
         self.repair_seconds = 0.0  # wall time spent on the repair curves, for their cost
         self._repairs_pending = False  # a validation ran whose repair curves are not scored yet
         self.initial_scales: dict[str, torch.Tensor] = {}  # learned scales at the start
@@ -307,23 +308,37 @@ class QATTrainer(FPTrainer):
             self._repair_copies = ScratchCopies()
         plan = RepairPlan(s.qat.repair_curves, s.qat.repair_bn_batches, s.correction)
         inspect = self._measure_bnre_copy if self.mechanism is not None else None
+        validator = self.validator
+        val_loader = validator.dataloader
         with preserved_rng():
-            return score_repairs(self._measure_models(), plan, self._repair_bn_images,
-                                 lambda: self._repair_loader("calib", s.correction.batch),
-                                 self._score_copy, self.device, inspect_bnre=inspect,
-                                 copies=self._repair_copies)
+            # the validator's own batches, read once and replayed for the six repair scores
+            if self._val_replay is None:
+                from yoloqat.train.repairs import ReplayLoader
+
+                self._val_replay = ReplayLoader(val_loader)
+            validator.dataloader = self._val_replay
+            try:
+                return score_repairs(self._measure_models(), plan, self._repair_bn_images,
+                                     lambda: self._repair_loader("calib", s.correction.batch),
+                                     self._score_copy, self.device, inspect_bnre=inspect,
+                                     copies=self._repair_copies)
+            finally:
+                validator.dataloader = val_loader
 
     def _repair_loader(self, split: str, batch: int) -> Any:
-        """An augmentation-free, fixed-order loader over ``split``, rewound on every call so that
-        every epoch's repairs see the same batches (Ultralytics' loaders otherwise continue)."""
+        """The batches of an augmentation-free, fixed-order loader over ``split``, read once and
+        replayed on every call, so every epoch's repairs and measurements see the same batches
+        without decoding them again; of the training split only as many as they use."""
         loader = self._repair_loaders.get(split)
         if loader is None:
+            from yoloqat.train.repairs import ReplayLoader
             from yoloqat.train.validation import calibration_batches
 
-            loader = self._repair_loaders[split] = calibration_batches(
-                str(self.args.data), int(self.args.imgsz), batch, split=split)
-        if hasattr(loader, "reset"):
-            loader.reset()
+            q = self.qat_settings.qat
+            used = max(q.repair_bn_batches if q.repair_curves else 0, q.mechanism_batches)
+            loader = self._repair_loaders[split] = ReplayLoader(
+                calibration_batches(str(self.args.data), int(self.args.imgsz), batch, split=split),
+                limit=(used or None) if split == "train" else None)
         return loader
 
     def _repair_bn_images(self) -> Iterator[torch.Tensor]:
