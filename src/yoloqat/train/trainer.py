@@ -171,7 +171,7 @@ class QATTrainer(FPTrainer):
         self.bnre_state: dict[str, torch.Tensor] | None = None  # BN stats of the last val_bnre
         self._bnre_loader: Any = None
         self._augmented_bn: list[torch.Tensor] | None = None  # qat.bn_images=augmented, drawn once
-        self._repair_loaders: dict[str, Any] = {}  # "bn" (training split) and "calib"
+        self._repair_loaders: dict[str, Any] = {}  # "train" (BN images, mechanism) and "calib", replayed
         self._repair_copies: Any = None  # the repair curves' scratch copies, made on first use
         self._val_replay: Any = None  # the validator's batches, replayed for the repair scores
         self.repair_seconds = 0.0  # wall time spent on the repair curves, for their cost
