@@ -62,15 +62,10 @@ def bake(model: nn.Module) -> nn.Module:
         gamma, beta = aff.gamma.detach(), aff.beta.detach()
         bias = q.bias.detach() if q.bias is not None else torch.zeros_like(gamma)
         weight = quant_weight_value(q) * gamma.view(-1, 1, 1, 1)
-        parent_name, _, child = name.rpartition(".")
-        parent = baked.get_submodule(parent_name) if parent_name else baked
-        setattr(parent, child, float_conv_like(q, weight, gamma * bias + beta))
+        baked.set_submodule(name, float_conv_like(q, weight, gamma * bias + beta))
     for name, q in list(quant_convs(baked)):
         bias = q.bias.detach() if q.bias is not None else None
-        conv = float_conv_like(q, quant_weight_value(q), bias)
-        parent_name, _, child = name.rpartition(".")
-        parent = baked.get_submodule(parent_name) if parent_name else baked
-        setattr(parent, child, conv)
+        baked.set_submodule(name, float_conv_like(q, quant_weight_value(q), bias))
     remove_fake_quant_mode(baked)
     if hasattr(baked, "quant_recipe"):
         del baked.quant_recipe

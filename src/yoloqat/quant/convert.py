@@ -284,10 +284,8 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
         (n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d and not _is_dfl(n)
     ]
     for name, conv in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         bits = recipe.edge_bits if name in edges else recipe.bits
-        setattr(parent, child, _make_quant_conv(conv, bits, recipe))
+        model.set_submodule(name, _make_quant_conv(conv, bits, recipe))
     materialize_scales(model)
     model.quant_recipe = recipe.to_dict()  # type: ignore[assignment]
     set_fake_quant_mode(model, "auto")

@@ -75,13 +75,11 @@ def wrap_convs(model: nn.Module, names: list[str]) -> list[ChannelAffine]:
     """Replace each named quantized conv by a :class:`CorrectedConv` around it."""
     added = []
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        conv = getattr(parent, child)
+        conv = model.get_submodule(name)
         if not isinstance(conv, QuantConv2d):
             raise TypeError(f"{name} is not a quantized conv ({type(conv).__name__})")
         wrapped = CorrectedConv(conv)
-        setattr(parent, child, wrapped)
+        model.set_submodule(name, wrapped)
         added.append(wrapped.correction)
     return added
 
@@ -104,9 +102,7 @@ def remove_correction(model: nn.Module) -> int:
     removed = 0
     for name, m in list(model.named_modules()):
         if isinstance(m, CorrectedConv):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, m.conv)
+            model.set_submodule(name, m.conv)
             removed += 1
     return removed
 

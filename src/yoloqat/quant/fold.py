@@ -133,9 +133,7 @@ def fold_quantized(
         conv, rec = (
             _fold_one(name, q.conv, None, q.correction) if isinstance(q, CorrectedConv) else _fold_one(name, q, None)
         )
-        parent_name, _, child = name.rpartition(".")
-        parent = deploy.get_submodule(parent_name) if parent_name else deploy
-        setattr(parent, child, conv)
+        deploy.set_submodule(name, conv)
         records[rec.name] = rec
     leftovers = [
         n for n, m in deploy.named_modules() if isinstance(m, (QuantConv2d, nn.BatchNorm2d))

@@ -37,6 +37,7 @@ from yoloqat.train.qat_setup import (
     move_to_group,
     snapshot_scales,
 )
+from yoloqat.train.repairs import ScratchCopies
 from yoloqat.train.rng import preserved_rng
 
 SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
@@ -172,7 +173,7 @@ class QATTrainer(FPTrainer):
         self._bnre_loader: Any = None
         self._augmented_bn: list[torch.Tensor] | None = None  # qat.bn_images=augmented, drawn once
         self._repair_loaders: dict[str, Any] = {}  # "train" (BN images, mechanism) and "calib", replayed
-        self._repair_copies: Any = None  # the repair curves' scratch copies, made on first use
+        self._repair_copies = ScratchCopies()  # the repair curves' copies, one per model and repair
         self._val_replay: Any = None  # the validator's batches, replayed for the repair scores
         self.repair_seconds = 0.0  # wall time spent on the repair curves, for their cost
         self._repairs_pending = False  # a validation ran whose repair curves are not scored yet
@@ -301,11 +302,9 @@ class QATTrainer(FPTrainer):
     def _validate_repairs(self) -> dict[str, dict[str, float | None]]:
         """The repair curves of this epoch (train/repairs.py), on copies of the live and EMA
         models, with the random state restored: training is unchanged."""
-        from yoloqat.train.repairs import RepairPlan, ScratchCopies, score_repairs
+        from yoloqat.train.repairs import RepairPlan, score_repairs
 
         s = self.qat_settings
-        if self._repair_copies is None:
-            self._repair_copies = ScratchCopies()
         plan = RepairPlan(s.qat.repair_curves, s.qat.repair_bn_batches, s.correction)
         inspect = self._measure_bnre_copy if self.mechanism is not None else None
         validator = self.validator
