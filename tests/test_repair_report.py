@@ -147,13 +147,21 @@ def test_cost_table_sets_a_run_without_repair_curves_beside_one_with_them():
     from yoloqat.analysis.records import ExpRecord
     from yoloqat.analysis.repair_report import cost_table
 
+    params = {"seed": 5, "qat.scale_weight_decay": 0.05}
     on = ExpRecord("on", "r1", "experiment", "done", metrics={"qat": {
         "epochs": 15, "seconds": 1200.0, "repair_seconds": 720.0, "repair_time_ratio": 2.5,
-        "mechanism_seconds": 30.1}})
-    off = ExpRecord("off", "r2", "experiment", "done", metrics={"qat": {"epochs": 15, "seconds": 510.4}})
+        "mechanism_seconds": 30.1}},
+        params={**params, "preset": "collapse_cpu", "qat.repair_curves": ["bnre", "qc"]})
+    off = ExpRecord("off", "r2", "experiment", "done", metrics={"qat": {"epochs": 15, "seconds": 480.0}},
+                    params={**params, "preset": "none", "qat.repair_curves": []})
+    # another seed without curves is no twin of `on`
+    other = ExpRecord("other-seed", "r4", "experiment", "done",
+                      metrics={"qat": {"epochs": 15, "seconds": 510.4}},
+                      params={**params, "seed": 6, "qat.repair_curves": []})
     untimed = ExpRecord("failed", "r3", "experiment", "failed")
-    rows = cost_table([on, off, untimed]).splitlines()[-3:]
-    assert rows == ["|---|---|---|---|---|---|",
-                    "| off | 15 | 510.4 | - | - | - |",
-                    "| on | 15 | 1200.0 | 720.0 | 2.5 | 30.1 |"]
-    assert cost_table([off, untimed]) == ""  # nothing to compare with
+    rows = cost_table([on, off, other, untimed]).splitlines()[-4:]
+    assert rows == ["|---|---|---|---|---|---|---|",
+                    "| off | 15 | 480.0 | - | - | - | - |",
+                    "| on | 15 | 1200.0 | 720.0 | 2.5 | 30.1 | 2.50 (off) |",
+                    "| other-seed | 15 | 510.4 | - | - | - | - |"]
+    assert cost_table([off, other, untimed]) == ""  # nothing to compare with

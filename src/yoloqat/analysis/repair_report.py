@@ -57,14 +57,29 @@ def repair_table(records: Sequence[ExpRecord]) -> str:
 
 
 COST_HEADER = ("| run | QAT epochs | qat stage (s) | repair curves (s) | repair_time_ratio "
-               "| mechanism metrics (s) |")
+               "| mechanism metrics (s) | side by side: over the run without curves |")
+
+# params that may differ between a run with repair curves and its twin without them: the curves
+# themselves, and the preset that filled them (the twin spells the preset's other keys out)
+_CURVE_SWITCHES = frozenset({"qat.repair_curves", "preset"})
+
+
+def _twins_without_curves(rec: ExpRecord, records: Sequence[ExpRecord]) -> list[ExpRecord]:
+    """Timed runs without repair curves whose resolved params equal ``rec``'s but for the
+    curves (and the preset that turned them on)."""
+    if not rec.params.get("qat.repair_curves"):
+        return []
+    def rest(r: ExpRecord) -> dict:
+        return {k: v for k, v in r.params.items() if k not in _CURVE_SWITCHES}
+    return [r for r in records if r is not rec and not r.params.get("qat.repair_curves")
+            and r.params and rest(r) == rest(rec) and "seconds" in r.metrics.get("qat", {})]
 
 
 def cost_table(records: Sequence[ExpRecord]) -> str:
     """Where each run's qat stage time went, from its ``metrics.json``: the repair curves'
     cost (the ratio is the stage's time over its time without them); a run without repair
-    curves shows its stage time alone, to set beside one with them.  Empty when no run timed
-    its repair curves."""
+    curves shows its stage time alone, and a run with them is divided by each such run of the
+    same resolved params (side by side).  Empty when no run timed its repair curves."""
     timed = [r for r in sorted(records, key=lambda r: r.name) if "seconds" in r.metrics.get("qat", {})]
     if not any("repair_seconds" in r.metrics["qat"] for r in timed):
         return ""
@@ -73,12 +88,16 @@ def cost_table(records: Sequence[ExpRecord]) -> str:
         q = rec.metrics["qat"]
         cells = [q.get(k) for k in ("epochs", "seconds", "repair_seconds", "repair_time_ratio",
                                     "mechanism_seconds")]
-        rows.append(f"| {rec.name} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+        twins = _twins_without_curves(rec, timed)
+        side = ", ".join(f"{q['seconds'] / t.metrics['qat']['seconds']:.2f} ({t.name})" for t in twins)
+        rows.append(f"| {rec.name} | " + " | ".join("-" if c is None else str(c) for c in cells)
+                    + f" | {side or '-'} |")
     return ("\n## QAT stage time\n\nEach run's `results/qat/metrics.json`: `seconds`, `repair_seconds` "
             "(scoring every repair curve of both models), `repair_time_ratio` (the stage's time over "
-            "its time without the repair curves) and `mechanism_seconds`.  Wall times of the machine "
-            "and load each run had.\n\n" + COST_HEADER + "\n|" + "---|" * 6 + "\n"
-            + "\n".join(rows) + "\n")
+            "its time without the repair curves) and `mechanism_seconds`; the last column divides "
+            "the stage's time by that of each run here with the same resolved params but no repair "
+            "curves.  Wall times of the machine and load each run had.\n\n" + COST_HEADER + "\n|"
+            + "---|" * 7 + "\n" + "\n".join(rows) + "\n")
 
 
 def table_from_archive(folder: str | Path) -> str:
