@@ -33,21 +33,15 @@ OPENVINO_LOCK := locks/cpu-dev-openvino.txt
 # The lock pins PyPI's torch (with its CUDA libraries), so TORCH_INDEX installs unlocked.
 TORCH_INDEX ?=
 
-# --no-compile: pip byte-compiles all ~12,000 .py files it installs, most of which the project
-# never imports; Python compiles the imported ones on first use instead (measured on the 2-core
-# machine: install 93.6 -> 58.6 s, the first import of the stack 5.1 -> 11.9 s;
-# docs/reproducibility.md). Set PIP_INSTALL_ARGS= to byte-compile everything at install.
-PIP_INSTALL_ARGS ?= --no-compile
-
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "make: installing the project and its dependencies into $(VENV) (a few minutes; torch is large)"
 ifeq ($(TORCH_INDEX),)
-	$(PY) -m pip install $(PIP_INSTALL_ARGS) -r $(LOCK)
+	$(PY) -m pip install -r $(LOCK)
 	$(PY) -m pip install --no-deps -e .
 else
-	$(PY) -m pip install $(PIP_INSTALL_ARGS) --extra-index-url $(TORCH_INDEX) -e '.[cpu,dev]'
+	$(PY) -m pip install --extra-index-url $(TORCH_INDEX) -e '.[cpu,dev]'
 endif
 	@touch $@
 
@@ -85,7 +79,7 @@ pipeline:
 OPENVINO_STAMP := $(VENV)/.yoloqat-openvino
 
 $(OPENVINO_STAMP): $(STAMP) $(OPENVINO_LOCK)
-	@$(PY) -m pip install --quiet $(PIP_INSTALL_ARGS) -r $(OPENVINO_LOCK) && touch $@ \
+	@$(PY) -m pip install --quiet -r $(OPENVINO_LOCK) && touch $@ \
 	  || echo "make: OpenVINO could not be installed; its tests will be skipped"
 
 # One pytest worker per CPU (pytest-xdist), each on one thread, a test file per worker (its
