@@ -151,9 +151,10 @@ def test_cost_table_sets_a_run_without_repair_curves_beside_one_with_them():
     on = ExpRecord("on", "r1", "experiment", "done", metrics={"qat": {
         "epochs": 15, "seconds": 1200.0, "repair_seconds": 720.0, "repair_time_ratio": 2.5,
         "mechanism_seconds": 30.1}},
-        params={**params, "preset": "collapse_cpu", "qat.repair_curves": ["bnre", "qc"]})
+        params={**params, "preset": "collapse_cpu", "qat.repair_curves": ["bnre", "qc"],
+                "qat.repair_every": 2})
     off = ExpRecord("off", "r2", "experiment", "done", metrics={"qat": {"epochs": 15, "seconds": 480.0}},
-                    params={**params, "preset": "none", "qat.repair_curves": []})
+                    params={**params, "preset": "none", "qat.repair_curves": [], "qat.repair_every": 1})
     # another seed without curves is no twin of `on`
     other = ExpRecord("other-seed", "r4", "experiment", "done",
                       metrics={"qat": {"epochs": 15, "seconds": 510.4}},

@@ -59,18 +59,19 @@ def repair_table(records: Sequence[ExpRecord]) -> str:
 COST_HEADER = ("| run | QAT epochs | qat stage (s) | repair curves (s) | repair_time_ratio "
                "| mechanism metrics (s) | side by side: over the run without curves |")
 
-# params that may differ between a run with repair curves and its twin without them: the curves
-# themselves, and the preset that filled them (the twin spells the preset's other keys out)
-_CURVE_SWITCHES = frozenset({"qat.repair_curves", "preset"})
+# params that may differ between a run with repair curves and its twin without them: those that
+# act on the curves alone, and the preset that filled them (the twin spells its other keys out)
+_REPAIR_ONLY_PARAMS = frozenset({"qat.repair_curves", "qat.repair_every", "qat.repair_bn_batches",
+                                 "preset"})
 
 
 def _twins_without_curves(rec: ExpRecord, records: Sequence[ExpRecord]) -> list[ExpRecord]:
     """Timed runs without repair curves whose resolved params equal ``rec``'s but for the
-    curves (and the preset that turned them on)."""
+    params of the curves (and the preset that turned them on)."""
     if not rec.params.get("qat.repair_curves"):
         return []
     def rest(r: ExpRecord) -> dict:
-        return {k: v for k, v in r.params.items() if k not in _CURVE_SWITCHES}
+        return {k: v for k, v in r.params.items() if k not in _REPAIR_ONLY_PARAMS}
     return [r for r in records if r is not rec and not r.params.get("qat.repair_curves")
             and r.params and rest(r) == rest(rec) and "seconds" in r.metrics.get("qat", {})]
 
@@ -96,7 +97,7 @@ def cost_table(records: Sequence[ExpRecord]) -> str:
             "(scoring every repair curve of both models), `repair_time_ratio` (the stage's time over "
             "its time without the repair curves) and `mechanism_seconds`; the last column divides "
             "the stage's time by that of each run here with the same resolved params but no repair "
-            "curves.  Wall times of the machine and load each run had.\n\n" + COST_HEADER + "\n|"
+            "curves (the curves' own params aside).  Wall times of the machine and load each run had.\n\n" + COST_HEADER + "\n|"
             + "---|" * 7 + "\n" + "\n".join(rows) + "\n")
 
 
