@@ -97,8 +97,8 @@ def cost_table(records: Sequence[ExpRecord]) -> str:
             "(scoring every repair curve of both models), `repair_time_ratio` (the stage's time over "
             "its time without the repair curves) and `mechanism_seconds`; the last column divides "
             "the stage's time by that of each run here with the same resolved params but no repair "
-            "curves (the curves' own params aside).  Wall times of the machine and load each run had.\n\n" + COST_HEADER + "\n|"
-            + "---|" * 7 + "\n" + "\n".join(rows) + "\n")
+            "curves (the curves' own params aside).  Wall times of the machine and load each run "
+            "had.\n\n" + COST_HEADER + "\n|" + "---|" * 7 + "\n" + "\n".join(rows) + "\n")
 
 
 def table_from_archive(folder: str | Path) -> str:
