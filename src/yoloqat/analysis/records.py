@@ -99,10 +99,8 @@ def resolved_params(params: dict[str, Any]) -> dict[str, Any]:
 # from before the param existed record none) or how the tools report it (evaluate.*, ladder.*).
 # Nor the measurements scored on copies beside training (repair curves, mechanism metrics): runs
 # with and without them train bit-identically (tests/test_trainer.py).
-NOT_SETTING = frozenset({
-    "device", "qat.fake_quant",
-    "qat.repair_curves", "qat.repair_every", "qat.repair_bn_batches", "qat.mechanism_batches",
-})
+REPAIR_CURVE_PARAMS = frozenset({"qat.repair_curves", "qat.repair_every", "qat.repair_bn_batches"})
+NOT_SETTING = frozenset({"device", "qat.fake_quant", "qat.mechanism_batches"}) | REPAIR_CURVE_PARAMS
 NOT_SETTING_PREFIXES = ("evaluate.", "ladder.")
 
 

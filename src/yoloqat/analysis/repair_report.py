@@ -16,7 +16,7 @@ from pathlib import Path
 from yoloqat.analysis.archive_reader import read_archive
 from yoloqat.analysis.endpoint_table import FP_CONTROL_ROW
 from yoloqat.analysis.exp_curves import fp_control_series, run_curves
-from yoloqat.analysis.records import ExpRecord
+from yoloqat.analysis.records import REPAIR_CURVE_PARAMS, ExpRecord
 from yoloqat.analysis.rejudge import current_label
 from yoloqat.curves.compare import CURVE_ROWS
 from yoloqat.curves.endpoints import endpoints, warmup_skip
@@ -59,21 +59,22 @@ def repair_table(records: Sequence[ExpRecord]) -> str:
 COST_HEADER = ("| run | QAT epochs | qat stage (s) | repair curves (s) | repair_time_ratio "
                "| mechanism metrics (s) | side by side: over the run without curves |")
 
-# params that may differ between a run with repair curves and its twin without them: those that
-# act on the curves alone, and the preset that filled them (the twin spells its other keys out)
-_REPAIR_ONLY_PARAMS = frozenset({"qat.repair_curves", "qat.repair_every", "qat.repair_bn_batches",
-                                 "preset"})
+# params that may differ between a run with repair curves and its twin without them: the curves'
+# own, and the preset that filled them (the twin spells its other keys out)
+_REPAIR_ONLY_PARAMS = REPAIR_CURVE_PARAMS | {"preset"}
 
 
-def _twins_without_curves(rec: ExpRecord, records: Sequence[ExpRecord]) -> list[ExpRecord]:
-    """Timed runs without repair curves whose resolved params equal ``rec``'s but for the
+def _twins_without_curves(rec: ExpRecord, runs: Sequence[ExpRecord]) -> list[ExpRecord]:
+    """The runs without repair curves whose resolved params equal ``rec``'s but for the
     params of the curves (and the preset that turned them on)."""
     if not rec.params.get("qat.repair_curves"):
         return []
+
     def rest(r: ExpRecord) -> dict:
         return {k: v for k, v in r.params.items() if k not in _REPAIR_ONLY_PARAMS}
-    return [r for r in records if r is not rec and not r.params.get("qat.repair_curves")
-            and r.params and rest(r) == rest(rec) and "seconds" in r.metrics.get("qat", {})]
+
+    mine = rest(rec)
+    return [r for r in runs if not r.params.get("qat.repair_curves") and r.params and rest(r) == mine]
 
 
 def cost_table(records: Sequence[ExpRecord]) -> str:

@@ -37,7 +37,7 @@ from yoloqat.train.qat_setup import (
     move_to_group,
     snapshot_scales,
 )
-from yoloqat.train.repairs import ScratchCopies
+from yoloqat.train.repairs import RepairPlan, ReplayLoader, ScratchCopies, score_repairs
 from yoloqat.train.rng import preserved_rng
 
 SETTINGS_ENV = "YOLOQAT_QAT_SETTINGS"
@@ -302,8 +302,6 @@ class QATTrainer(FPTrainer):
     def _validate_repairs(self) -> dict[str, dict[str, float | None]]:
         """The repair curves of this epoch (train/repairs.py), on copies of the live and EMA
         models, with the random state restored: training is unchanged."""
-        from yoloqat.train.repairs import RepairPlan, score_repairs
-
         s = self.qat_settings
         plan = RepairPlan(s.qat.repair_curves, s.qat.repair_bn_batches, s.correction)
         inspect = self._measure_bnre_copy if self.mechanism is not None else None
@@ -312,8 +310,6 @@ class QATTrainer(FPTrainer):
         with preserved_rng():
             # the validator's own batches, read once and replayed for the six repair scores
             if self._val_replay is None:
-                from yoloqat.train.repairs import ReplayLoader
-
                 self._val_replay = ReplayLoader(val_loader)
             validator.dataloader = self._val_replay
             try:
@@ -330,7 +326,6 @@ class QATTrainer(FPTrainer):
         without decoding them again; of the training split only as many as they use."""
         loader = self._repair_loaders.get(split)
         if loader is None:
-            from yoloqat.train.repairs import ReplayLoader
             from yoloqat.train.validation import calibration_batches
 
             q = self.qat_settings.qat
